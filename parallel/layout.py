@@ -1,0 +1,466 @@
+"""The parallel layout contract: records, packing, coordinates, labels, masks and shards.
+
+This is the single definition shared by the pipeline, the trainer, `plora inspect` and
+parallel generation. Everything else derives what it needs from here and never
+re-implements it. The functions are pure: they take plain values or arrays and return new
+ones.
+
+Words used throughout:
+
+- A *sequence* is one run of tokens that reads left to right: the trunk ("main") or one
+  branch. A *row* holds ``[trunk?, b_1, ..., b_K]``; ``branch_id`` is the index in that list.
+- Every token has a 2D coordinate ``(branch_id, time_id)``. The order of tokens inside a row
+  carries no meaning; rows are stored branch-contiguous (sorted by branch, then time).
+- Whether a row has a trunk is not stored: it follows from the coordinates (see
+  :func:`row_has_trunk`), so that visibility depends on ``(branch_id, time_id)`` only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+FORMAT_VERSION = 1
+IGNORE_INDEX = -100
+TOKEN_DTYPE = np.int32
+
+MaskMode = Literal["isolated", "columnar"]
+Align = Literal["left", "right"]
+MASK_MODES: tuple[str, ...] = ("isolated", "columnar")
+ALIGN_MODES: tuple[str, ...] = ("left", "right")
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+
+# Shard columns: per-token lists (equal length, in the row's stored order) ...
+TOKEN_COLUMNS: tuple[str, ...] = ("input_ids", "branch_id", "time_id", "labels")
+# ... and the row's packing metadata.
+META_COLUMNS: tuple[str, ...] = ("num_branches", "trunk_len", "num_tokens", "num_trained")
+
+# Original guide defaults.
+DEFAULT_BRANCHES = 8
+DEFAULT_MAX_SEQ_LEN = 512
+DEFAULT_STRIDE = 128
+DEFAULT_ROPE_2D_RATIO = 0.5
+
+
+# --------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------
+
+
+class RecordError(ValueError):
+    """A record does not follow the contract. The message says what was expected."""
+
+
+@dataclass(frozen=True)
+class TextRecord:
+    text: str
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class ChatRecord:
+    messages: tuple[Message, ...]
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A branch of a parallel record. ``prompt`` is context only; ``response`` is trained."""
+
+    response: str
+    prompt: str = ""
+
+
+@dataclass(frozen=True)
+class ParallelRecord:
+    main: str
+    branches: tuple[Branch, ...]
+
+
+Record = TextRecord | ChatRecord | ParallelRecord
+
+
+def _require_text(value: Any, what: str, *, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise RecordError(f"{what} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise RecordError(f"{what} is empty")
+    return value
+
+
+def parse_record(obj: Any) -> Record:
+    """Validate one canonical record (a decoded JSON object) and return it typed.
+
+    Raises :class:`RecordError` naming what was expected.
+    """
+    if not isinstance(obj, dict):
+        raise RecordError(f"expected a JSON object, got {type(obj).__name__}")
+    keys = set(obj)
+    if "branches" in keys or "main" in keys:
+        if "branches" not in keys:
+            raise RecordError("parallel record has 'main' but no 'branches' list")
+        main = _require_text(obj.get("main", ""), "'main'", allow_empty=True)
+        branches = obj["branches"]
+        if not isinstance(branches, list) or not branches:
+            raise RecordError("'branches' must be a non-empty list")
+        return ParallelRecord(main=main, branches=tuple(_parse_branch(b, i) for i, b in enumerate(branches)))
+    if "messages" in keys:
+        messages = obj["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise RecordError("'messages' must be a non-empty list")
+        parsed = tuple(_parse_message(m, i) for i, m in enumerate(messages))
+        if not any(m.role == "assistant" for m in parsed):
+            raise RecordError("chat has no assistant message, so nothing would be trained")
+        return ChatRecord(messages=parsed)
+    if "text" in keys:
+        return TextRecord(text=_require_text(obj["text"], "'text'"))
+    raise RecordError(
+        f"unknown record with keys {sorted(keys)}; expected 'text', 'messages', or 'main' + 'branches'"
+    )
+
+
+def _parse_branch(value: Any, index: int) -> Branch:
+    if isinstance(value, str):
+        return Branch(response=_require_text(value, f"branch {index}"))
+    if isinstance(value, dict) and set(value) <= {"prompt", "response"} and "response" in value:
+        prompt = _require_text(value.get("prompt", ""), f"branch {index} 'prompt'", allow_empty=True)
+        return Branch(response=_require_text(value["response"], f"branch {index} 'response'"), prompt=prompt)
+    raise RecordError(f"branch {index} must be a string or {{'prompt': str, 'response': str}}")
+
+
+def _parse_message(value: Any, index: int) -> Message:
+    if not isinstance(value, dict) or "role" not in value or "content" not in value:
+        raise RecordError(f"message {index} must be an object with 'role' and 'content'")
+    role = value["role"]
+    if role not in ROLES:
+        raise RecordError(f"message {index} has role {role!r}; expected one of {', '.join(ROLES)}")
+    return Message(role=role, content=_require_text(value["content"], f"message {index} 'content'"))
+
+
+def record_to_json(record: Record) -> dict[str, Any]:
+    """The canonical JSON object of a record (what `plora convert` writes)."""
+    if isinstance(record, TextRecord):
+        return {"text": record.text}
+    if isinstance(record, ChatRecord):
+        return {"messages": [{"role": m.role, "content": m.content} for m in record.messages]}
+    branches = [b.response if not b.prompt else {"prompt": b.prompt, "response": b.response} for b in record.branches]
+    return {"main": record.main, "branches": branches}
+
+
+def record_to_line(record: Record) -> str:
+    return json.dumps(record_to_json(record), ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------------------
+# Token sequences and labels
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenSequence:
+    """One sequence's tokens. ``trained[j]`` says whether token j is a training target."""
+
+    ids: np.ndarray
+    trained: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.ids.shape != self.trained.shape or self.ids.ndim != 1:
+            raise ValueError("ids and trained must be 1D arrays of the same length")
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    @staticmethod
+    def of(ids: Sequence[int] | np.ndarray, trained: Sequence[bool] | np.ndarray | bool) -> TokenSequence:
+        ids_arr = np.asarray(ids, dtype=TOKEN_DTYPE)
+        if isinstance(trained, bool):
+            trained_arr = np.full(ids_arr.shape, trained, dtype=bool)
+        else:
+            trained_arr = np.asarray(trained, dtype=bool)
+        return TokenSequence(ids_arr, trained_arr)
+
+
+def sequence_labels(seq: TokenSequence) -> np.ndarray:
+    """Label of token j = id of token j+1 when that token is trained; the last token has none."""
+    labels = np.full(len(seq), IGNORE_INDEX, dtype=TOKEN_DTYPE)
+    if len(seq) > 1:
+        labels[:-1] = np.where(seq.trained[1:], seq.ids[1:], IGNORE_INDEX)
+    return labels
+
+
+def split_sequence(seq: TokenSequence, max_len: int) -> list[TokenSequence]:
+    """Split a sequence longer than ``max_len`` into consecutive pieces; no token is lost."""
+    if max_len < 1:
+        raise ValueError("max_len must be at least 1")
+    if len(seq) <= max_len:
+        return [seq]
+    return [
+        TokenSequence(seq.ids[i : i + max_len], seq.trained[i : i + max_len]) for i in range(0, len(seq), max_len)
+    ]
+
+
+# --------------------------------------------------------------------------------------
+# Packing
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PackingOptions:
+    """How text/chat sequences are packed into rows. Every field is part of the shard fingerprint."""
+
+    branches: int = DEFAULT_BRANCHES
+    min_branches: int = 1
+    max_branches: int = 0  # > 0 turns on dynamic mode: K ~ uniform[min_branches, max_branches]
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
+    align: Align = "left"
+    seed: int = 0
+    train_trunk: bool = True
+
+    def __post_init__(self) -> None:
+        if self.align not in ALIGN_MODES:
+            raise ValueError(f"align must be one of {ALIGN_MODES}, got {self.align!r}")
+        if self.max_seq_len < 2:
+            raise ValueError("max_seq_len must be at least 2")
+        if self.dynamic:
+            if not 1 <= self.min_branches <= self.max_branches:
+                raise ValueError(
+                    f"need 1 <= min_branches <= max_branches, got {self.min_branches} and {self.max_branches}"
+                )
+        elif self.branches < 1:
+            raise ValueError("branches must be at least 1")
+
+    @property
+    def dynamic(self) -> bool:
+        return self.max_branches > 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "branches": self.branches,
+            "min_branches": self.min_branches,
+            "max_branches": self.max_branches,
+            "max_seq_len": self.max_seq_len,
+            "align": self.align,
+            "seed": self.seed,
+            "train_trunk": self.train_trunk,
+        }
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    eos_id: int
+    bos_id: int | None = None  # set only when the tokenizer starts sequences with BOS
+
+
+@dataclass(frozen=True)
+class PackedRow:
+    """One training sample, stored branch-contiguous."""
+
+    input_ids: np.ndarray
+    branch_id: np.ndarray
+    time_id: np.ndarray
+    labels: np.ndarray
+    num_branches: int
+    trunk_len: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_trained(self) -> int:
+        return int(np.count_nonzero(self.labels != IGNORE_INDEX))
+
+
+def branch_start_times(trunk_len: int, branch_lens: Sequence[int], align: Align) -> list[int]:
+    """The time of each branch's first token (the contract's ``time_id`` rule)."""
+    if align not in ALIGN_MODES:
+        raise ValueError(f"align must be one of {ALIGN_MODES}, got {align!r}")
+    if align == "left" or not branch_lens:
+        return [trunk_len] * len(branch_lens)
+    longest = max(branch_lens)
+    return [trunk_len + longest - n for n in branch_lens]
+
+
+def build_row(
+    trunk: TokenSequence | None, branches: Sequence[TokenSequence], align: Align, special: SpecialTokens
+) -> PackedRow:
+    """Lay out ``[trunk?, b_1..b_K]``: add BOS where a sequence starts at time 0, then compute
+    coordinates and labels. An empty trunk counts as no trunk."""
+    if not branches:
+        raise ValueError("a row needs at least one branch")
+    if trunk is not None and len(trunk) == 0:
+        trunk = None
+    bos = special.bos_id
+    if trunk is not None and bos is not None:
+        trunk = _with_bos(trunk, bos)
+    trunk_len = 0 if trunk is None else len(trunk)
+    lens = [len(b) for b in branches]
+    starts = branch_start_times(trunk_len, lens, align)
+    if bos is not None:
+        branches = [_with_bos(b, bos) if s == 0 else b for b, s in zip(branches, starts, strict=True)]
+        lens = [len(b) for b in branches]
+        starts = branch_start_times(trunk_len, lens, align)
+    sequences = ([trunk] if trunk is not None else []) + list(branches)
+    seq_starts = ([0] if trunk is not None else []) + starts
+    ids = np.concatenate([s.ids for s in sequences])
+    labels = np.concatenate([sequence_labels(s) for s in sequences])
+    branch_id = np.concatenate([np.full(len(s), i, dtype=TOKEN_DTYPE) for i, s in enumerate(sequences)])
+    time_id = np.concatenate(
+        [np.arange(t0, t0 + len(s), dtype=TOKEN_DTYPE) for s, t0 in zip(sequences, seq_starts, strict=True)]
+    )
+    return PackedRow(ids, branch_id, time_id, labels, num_branches=len(branches), trunk_len=trunk_len)
+
+
+def _with_bos(seq: TokenSequence, bos_id: int) -> TokenSequence:
+    if len(seq) and seq.ids[0] == bos_id:
+        return seq
+    return TokenSequence(np.concatenate([[bos_id], seq.ids]).astype(TOKEN_DTYPE), np.concatenate([[False], seq.trained]))
+
+
+@dataclass
+class BranchCounter:
+    """Draws K (branches per row) for text/chat rows: fixed, or uniform in [min, max] from a seeded RNG."""
+
+    options: PackingOptions
+    _rng: np.random.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._rng = np.random.default_rng(self.options.seed)
+
+    def next(self) -> int:
+        o = self.options
+        if not o.dynamic:
+            return o.branches
+        return int(self._rng.integers(o.min_branches, o.max_branches + 1))
+
+
+@dataclass(frozen=True)
+class PackItem:
+    """What the packer consumes: one tokenized record.
+
+    ``pieces`` are the text/chat sequence (already ending in EOS); for a parallel record,
+    ``trunk`` is set (possibly empty) and ``pieces`` are its branches.
+    """
+
+    pieces: tuple[TokenSequence, ...]
+    trunk: TokenSequence | None = None
+
+    @property
+    def is_parallel(self) -> bool:
+        return self.trunk is not None
+
+
+def pack_rows(items: Iterable[PackItem], options: PackingOptions, special: SpecialTokens) -> Iterator[PackedRow]:
+    """Pack tokenized records into rows per the contract.
+
+    Text/chat sequences are split to ``max_seq_len`` and packed K to a row in input order; the
+    last partial row is kept. A parallel record becomes one row of its own, emitted when it
+    is read; its long branches are split too. BOS (when the tokenizer uses one) is reserved
+    inside ``max_seq_len`` so no branch exceeds it.
+    """
+    piece_len = options.max_seq_len - (1 if special.bos_id is not None else 0)
+    counter = BranchCounter(options)
+    pending: list[TokenSequence] = []
+    target = counter.next()
+    for item in items:
+        pieces = [p for seq in item.pieces for p in split_sequence(seq, piece_len)]
+        if item.is_parallel:
+            yield build_row(item.trunk, pieces, options.align, special)
+            continue
+        for piece in pieces:
+            pending.append(piece)
+            if len(pending) == target:
+                yield build_row(None, pending, options.align, special)
+                pending = []
+                target = counter.next()
+    if pending:
+        yield build_row(None, pending, options.align, special)
+
+
+# --------------------------------------------------------------------------------------
+# RoPE coordinates
+# --------------------------------------------------------------------------------------
+
+
+def rope_positions(branch_id: Any, time_id: Any, stride: int = DEFAULT_STRIDE) -> tuple[Any, Any]:
+    """(branch position, time position) of each token; works on numpy arrays and torch tensors."""
+    return branch_id * stride, time_id
+
+
+def branch_pair_indices(num_pairs: int, ratio: float, pair_indices: Sequence[int] | None = None) -> list[int]:
+    """1-based indices of the rotary frequency pairs that rotate by the branch position.
+
+    ``round(ratio * num_pairs)`` pairs; by default the last ones (lowest frequencies).
+    Explicit ``pair_indices`` override ``ratio``.
+    """
+    if pair_indices is not None:
+        chosen = sorted(set(int(i) for i in pair_indices))
+        if chosen and (chosen[0] < 1 or chosen[-1] > num_pairs):
+            raise ValueError(f"pair_indices must lie in 1..{num_pairs}, got {list(pair_indices)}")
+        return chosen
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"rope_2d_ratio must lie in [0, 1], got {ratio}")
+    count = round(ratio * num_pairs)
+    return list(range(num_pairs - count + 1, num_pairs + 1))
+
+
+# --------------------------------------------------------------------------------------
+# Attention visibility
+# --------------------------------------------------------------------------------------
+
+
+def row_has_trunk(branch_id: Any, time_id: Any, valid: Any) -> Any:
+    """Whether each row (last axis = tokens) has a trunk, from coordinates alone.
+
+    Branch 0 is a trunk iff it ends before every other sequence starts: a trunk occupies
+    times ``0..M-1`` and every branch starts at ``M`` or later, while in a row without a trunk
+    the branches start together (left align) or end together (right align). A row holding a
+    single sequence gets True, which is harmless: there is no other branch to see it.
+    Works on numpy arrays and torch tensors alike.
+    """
+    xp = _namespace(time_id)
+    big = np.iinfo(np.int32).max
+    is_first = (branch_id == 0) & valid
+    first_end = xp.amax(xp.where(is_first, time_id, -1), -1)
+    others_start = xp.amin(xp.where(valid & (branch_id > 0), time_id, big), -1)
+    return first_end < others_start
+
+
+def visible(
+    mode: str, q_branch: Any, q_time: Any, k_branch: Any, k_time: Any, same_token: Any, has_trunk: Any
+) -> Any:
+    """The contract's visibility of key k to query q, elementwise over broadcastable arrays.
+
+    isolated: ``time(k) <= time(q)`` and (k in q's branch, or k in the trunk).
+    columnar: ``time(k) < time(q)`` or k is q.
+    Padding is handled by the caller (it neither sees nor is seen).
+    """
+    if mode == "isolated":
+        return (k_time <= q_time) & ((k_branch == q_branch) | ((k_branch == 0) & has_trunk))
+    if mode == "columnar":
+        return (k_time < q_time) | same_token
+    raise ValueError(f"mask mode must be one of {MASK_MODES}, got {mode!r}")
+
+
+def _namespace(array: Any) -> Any:
+    if isinstance(array, np.ndarray):
+        return np
+    import torch  # noqa: PLC0415 - torch only when torch tensors are passed
+
+    return torch
+
+
+# --------------------------------------------------------------------------------------
+# Shards
+# --------------------------------------------------------------------------------------
+
+MANIFEST_NAME = "manifest.json"
+SHARD_SUFFIX = ".arrow"

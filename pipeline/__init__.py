@@ -1,0 +1,1 @@
+"""Data pipeline: convert inputs to canonical records, tokenize and pack them into shards."""

@@ -1,0 +1,73 @@
+"""Bad input: one clear line naming file and line, or a counted reject."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TextIO
+
+OnError = Literal["raise", "skip"]
+
+
+class PloraError(Exception):
+    """An error the CLI reports as one line (no traceback) and exits non-zero."""
+
+
+class InputError(PloraError):
+    """Bad input at a known place: ``FILE:LINE: message``."""
+
+    def __init__(self, source: str, line: int | None, message: str) -> None:
+        self.source = source
+        self.line = line
+        self.message = message
+        where = f"{source}:{line}" if line is not None else source
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass
+class Rejects:
+    """Where bad records go. ``raise`` stops at the first one; ``skip`` writes each to a
+    JSONL rejects file (source, line, reason, raw text) and counts reasons."""
+
+    on_error: OnError = "raise"
+    path: Path | None = None
+    counts: Counter[str] = field(default_factory=Counter)
+    _file: TextIO | None = None
+
+    def reject(self, source: str, line: int | None, reason: str, raw: Any = None) -> None:
+        if self.on_error == "raise":
+            raise InputError(source, line, reason)
+        self.counts[_reason_kind(reason)] += 1
+        if self.path is not None:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            entry = {"source": source, "line": line, "reason": reason, "raw": _jsonable(raw)}
+            self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+
+def _reason_kind(reason: str) -> str:
+    """Group reasons for the summary: the message up to its first detail."""
+    return reason.split(";")[0].split(":")[0].strip()
+
+
+def _jsonable(raw: Any) -> Any:
+    if raw is None or isinstance(raw, (str, int, float, bool, list, dict)):
+        return raw
+    if isinstance(raw, bytes):
+        return raw.decode("utf-8", errors="replace")
+    return repr(raw)
