@@ -1,0 +1,140 @@
+"""Attention masks of packed rows, derived from ``(branch_id, time_id)`` via parallel.layout.
+
+Two forms of the same visibility (``layout.visible`` + ``layout.row_has_trunk``):
+
+- :func:`dense_mask`: a bool ``[B, 1, L, L]`` (True = may attend) for ``sdpa``/``eager``;
+- :func:`block_mask`: a FlexAttention ``BlockMask`` for ``flex_attention``. Rows are stored
+  branch-contiguous, so in isolated mode most 128x128 blocks are empty and skipped.
+
+Padding (``valid`` False) neither sees nor is seen, except that a padding query sees itself:
+an all-False row makes sdpa's softmax NaN, and a NaN in a padding token's output would reach
+real tokens in the next layer through ``0 * NaN`` in the attention product.
+
+``window`` adds a sliding window in time (``time(q) - time(k) < window``), for models whose
+layers use sliding-window attention: in a packed row the time coordinate is what a 1D
+sequence's position was, so this reproduces the model's own window on a single sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from parallel.layout import MASK_MODES, row_has_trunk, visible
+
+
+def _check(
+    branch_id: torch.Tensor, time_id: torch.Tensor, mode: str, valid: torch.Tensor | None
+) -> torch.Tensor:
+    if mode not in MASK_MODES:
+        raise ValueError(f"mask mode must be one of {MASK_MODES}, got {mode!r}")
+    if branch_id.ndim != 2 or branch_id.shape != time_id.shape:
+        raise ValueError(
+            f"branch_id and time_id must be [B, L] tensors of one shape, got {tuple(branch_id.shape)} "
+            f"and {tuple(time_id.shape)}"
+        )
+    if valid is None:
+        return torch.ones_like(branch_id, dtype=torch.bool)
+    if valid.shape != branch_id.shape:
+        raise ValueError(f"attention_mask must be [B, L] like the tokens, got {tuple(valid.shape)}")
+    return valid.to(device=branch_id.device, dtype=torch.bool)
+
+
+def _allowed(
+    mode: str,
+    qb: Any,
+    qt: Any,
+    kb: Any,
+    kt: Any,
+    same: Any,
+    has_trunk: Any,
+    vq: Any,
+    vk: Any,
+    window: int | None,
+) -> Any:
+    """Visibility with padding and the optional window; elementwise, shared by both mask forms."""
+    seen = visible(mode, qb, qt, kb, kt, same, has_trunk)
+    if window is not None:
+        seen = seen & (qt - kt < window)
+    return (seen & vq & vk) | (same & ~vq)
+
+
+def dense_mask(
+    branch_id: torch.Tensor,
+    time_id: torch.Tensor,
+    mode: str = "isolated",
+    valid: torch.Tensor | None = None,
+    *,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Bool ``[B, 1, L, L]``: entry ``[b, 0, q, k]`` says whether token q of row b may attend to k."""
+    valid = _check(branch_id, time_id, mode, valid)
+    has_trunk = row_has_trunk(branch_id, time_id, valid)
+    length = branch_id.shape[1]
+    same = torch.eye(length, dtype=torch.bool, device=branch_id.device)[None]
+    allowed = _allowed(
+        mode,
+        branch_id[:, :, None],
+        time_id[:, :, None],
+        branch_id[:, None, :],
+        time_id[:, None, :],
+        same,
+        has_trunk[:, None, None],
+        valid[:, :, None],
+        valid[:, None, :],
+        window,
+    )
+    return allowed[:, None]
+
+
+def mask_mod(
+    branch_id: torch.Tensor,
+    time_id: torch.Tensor,
+    mode: str = "isolated",
+    valid: torch.Tensor | None = None,
+    *,
+    window: int | None = None,
+) -> Any:
+    """The FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` of the same visibility."""
+    valid = _check(branch_id, time_id, mode, valid)
+    has_trunk = row_has_trunk(branch_id, time_id, valid)
+
+    def allowed(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return _allowed(
+            mode,
+            branch_id[b, q],
+            time_id[b, q],
+            branch_id[b, kv],
+            time_id[b, kv],
+            q == kv,
+            has_trunk[b],
+            valid[b, q],
+            valid[b, kv],
+            window,
+        )
+
+    return allowed
+
+
+def block_mask(
+    branch_id: torch.Tensor,
+    time_id: torch.Tensor,
+    mode: str = "isolated",
+    valid: torch.Tensor | None = None,
+    *,
+    window: int | None = None,
+) -> Any:
+    """FlexAttention ``BlockMask`` of the rows (compiled construction on CUDA, eager elsewhere)."""
+    from torch.nn.attention.flex_attention import create_block_mask  # noqa: PLC0415 - torch >= 2.5 only
+
+    batch, length = branch_id.shape
+    return create_block_mask(
+        mask_mod(branch_id, time_id, mode, valid, window=window),
+        B=batch,
+        H=None,
+        Q_LEN=length,
+        KV_LEN=length,
+        device=branch_id.device,
+        _compile=branch_id.is_cuda,
+    )
