@@ -45,8 +45,9 @@ class Rejects:
             if self._file is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
-            entry = {"source": source, "line": line, "reason": reason, "raw": _jsonable(raw)}
-            self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            entry = {"source": source, "line": line, "reason": reason, "raw": raw}
+            # default=str: table rows may carry dates, decimals or bytes.
+            self._file.write(json.dumps(entry, ensure_ascii=False, default=_text) + "\n")
 
     @property
     def total(self) -> int:
@@ -65,9 +66,7 @@ def _reason_kind(reason: str) -> str:
     return reason.split(";")[0].split(":")[0].strip()
 
 
-def _jsonable(raw: Any) -> Any:
-    if raw is None or isinstance(raw, (str, int, float, bool, list, dict)):
-        return raw
-    if isinstance(raw, bytes):
-        return raw.decode("utf-8", errors="replace")
-    return repr(raw)
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
