@@ -190,9 +190,15 @@ class TokenSequence:
 
 def sequence_labels(seq: TokenSequence) -> np.ndarray:
     """Label of token j = id of token j+1 when that token is trained; the last token has none."""
-    labels = np.full(len(seq), IGNORE_INDEX, dtype=TOKEN_DTYPE)
-    if len(seq) > 1:
-        labels[:-1] = np.where(seq.trained[1:], seq.ids[1:], IGNORE_INDEX)
+    return _labels(seq.ids, seq.trained, np.asarray([len(seq)]))
+
+
+def _labels(ids: np.ndarray, trained: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """:func:`sequence_labels` of sequences laid end to end (``lens`` tokens each), in one pass."""
+    labels = np.full(len(ids), IGNORE_INDEX, dtype=TOKEN_DTYPE)
+    if len(ids):
+        labels[:-1] = np.where(trained[1:], ids[1:], IGNORE_INDEX)
+        labels[np.cumsum(lens)[lens > 0] - 1] = IGNORE_INDEX  # nothing is learnt across a sequence's end
     return labels
 
 
@@ -202,9 +208,8 @@ def split_sequence(seq: TokenSequence, max_len: int) -> list[TokenSequence]:
         raise ValueError("max_len must be at least 1")
     if len(seq) <= max_len:
         return [seq]
-    return [
-        TokenSequence(seq.ids[i : i + max_len], seq.trained[i : i + max_len]) for i in range(0, len(seq), max_len)
-    ]
+    starts = range(0, len(seq), max_len)
+    return [TokenSequence(seq.ids[i : i + max_len], seq.trained[i : i + max_len]) for i in starts]
 
 
 # --------------------------------------------------------------------------------------
@@ -310,19 +315,21 @@ def build_row(
         starts = branch_start_times(trunk_len, lens, align)
     sequences = ([trunk] if trunk is not None else []) + list(branches)
     seq_starts = ([0] if trunk is not None else []) + starts
+    # Whole-row array operations rather than per-sequence ones: rows often hold many short sequences.
+    seq_lens = np.asarray([len(s) for s in sequences], dtype=np.int64)
     ids = np.concatenate([s.ids for s in sequences])
-    labels = np.concatenate([sequence_labels(s) for s in sequences])
-    branch_id = np.concatenate([np.full(len(s), i, dtype=TOKEN_DTYPE) for i, s in enumerate(sequences)])
-    time_id = np.concatenate(
-        [np.arange(t0, t0 + len(s), dtype=TOKEN_DTYPE) for s, t0 in zip(sequences, seq_starts, strict=True)]
-    )
+    labels = _labels(ids, np.concatenate([s.trained for s in sequences]), seq_lens)
+    branch_id = np.repeat(np.arange(len(sequences), dtype=TOKEN_DTYPE), seq_lens)
+    shift = np.asarray(seq_starts) - (np.cumsum(seq_lens) - seq_lens)  # time minus index of each first token
+    time_id = (np.arange(len(ids)) + np.repeat(shift, seq_lens)).astype(TOKEN_DTYPE)
     return PackedRow(ids, branch_id, time_id, labels, num_branches=len(branches), trunk_len=trunk_len)
 
 
 def _with_bos(seq: TokenSequence, bos_id: int) -> TokenSequence:
     if len(seq) and seq.ids[0] == bos_id:
         return seq
-    return TokenSequence(np.concatenate([[bos_id], seq.ids]).astype(TOKEN_DTYPE), np.concatenate([[False], seq.trained]))
+    ids = np.concatenate([[bos_id], seq.ids]).astype(TOKEN_DTYPE)
+    return TokenSequence(ids, np.concatenate([[False], seq.trained]))
 
 
 @dataclass
@@ -341,6 +348,15 @@ class BranchCounter:
             return o.branches
         return int(self._rng.integers(o.min_branches, o.max_branches + 1))
 
+    @property
+    def rng_state(self) -> dict[str, Any]:
+        """The RNG's state (plain JSON values), so an interrupted packing can continue exactly."""
+        return self._rng.bit_generator.state
+
+    @rng_state.setter
+    def rng_state(self, state: dict[str, Any]) -> None:
+        self._rng.bit_generator.state = state
+
 
 @dataclass(frozen=True)
 class PackItem:
@@ -358,31 +374,74 @@ class PackItem:
         return self.trunk is not None
 
 
-def pack_rows(items: Iterable[PackItem], options: PackingOptions, special: SpecialTokens) -> Iterator[PackedRow]:
-    """Pack tokenized records into rows per the contract.
+@dataclass(frozen=True)
+class PackerState:
+    """Everything a :class:`Packer` carries between items: the pieces waiting for a row, the
+    size of that row and the RNG that draws the next sizes."""
+
+    pending: tuple[TokenSequence, ...]
+    target: int
+    rng: dict[str, Any]
+
+
+class Packer:
+    """Packs tokenized records into rows per the contract, one item at a time.
 
     Text/chat sequences are split to ``max_seq_len`` and packed K to a row in input order; the
-    last partial row is kept. A parallel record becomes one row of its own, emitted when it
-    is read; its long branches are split too. BOS (when the tokenizer uses one) is reserved
-    inside ``max_seq_len`` so no branch exceeds it.
+    last partial row is kept (:meth:`finish`). A parallel record becomes one row of its own,
+    emitted when it is read; its long branches are split too. BOS (when the tokenizer uses one)
+    is reserved inside ``max_seq_len`` so no branch exceeds it. :meth:`state` snapshots the
+    packer between items and ``Packer(..., state=...)`` restores it, so an interrupted run can
+    resume exactly.
     """
-    piece_len = options.max_seq_len - (1 if special.bos_id is not None else 0)
-    counter = BranchCounter(options)
-    pending: list[TokenSequence] = []
-    target = counter.next()
-    for item in items:
-        pieces = [p for seq in item.pieces for p in split_sequence(seq, piece_len)]
+
+    def __init__(self, options: PackingOptions, special: SpecialTokens, state: PackerState | None = None):
+        self.options = options
+        self.special = special
+        self._piece_len = options.max_seq_len - (1 if special.bos_id is not None else 0)
+        self._counter = BranchCounter(options)
+        self._pending: list[TokenSequence] = []
+        self._target = self._counter.next()
+        if state is not None:
+            self._pending = list(state.pending)
+            self._target = state.target
+            self._counter.rng_state = state.rng
+
+    def add(self, item: PackItem) -> list[PackedRow]:
+        """Take one record; return the rows it completes (often none)."""
+        o = self.options
+        pieces = [p for seq in item.pieces for p in split_sequence(seq, self._piece_len)]
         if item.is_parallel:
-            yield build_row(item.trunk, pieces, options.align, special)
-            continue
+            return [build_row(item.trunk, pieces, o.align, self.special)]
+        rows = []
         for piece in pieces:
-            pending.append(piece)
-            if len(pending) == target:
-                yield build_row(None, pending, options.align, special)
-                pending = []
-                target = counter.next()
-    if pending:
-        yield build_row(None, pending, options.align, special)
+            self._pending.append(piece)
+            if len(self._pending) == self._target:
+                rows.append(build_row(None, self._pending, o.align, self.special))
+                self._pending = []
+                self._target = self._counter.next()
+        return rows
+
+    def finish(self) -> list[PackedRow]:
+        """The last, partial row (kept, never dropped), if any pieces are waiting."""
+        if not self._pending:
+            return []
+        row = build_row(None, self._pending, self.options.align, self.special)
+        self._pending = []
+        return [row]
+
+    def state(self) -> PackerState:
+        return PackerState(pending=tuple(self._pending), target=self._target, rng=self._counter.rng_state)
+
+
+def pack_rows(
+    items: Iterable[PackItem], options: PackingOptions, special: SpecialTokens
+) -> Iterator[PackedRow]:
+    """Pack tokenized records into rows per the contract (see :class:`Packer`)."""
+    packer = Packer(options, special)
+    for item in items:
+        yield from packer.add(item)
+    yield from packer.finish()
 
 
 # --------------------------------------------------------------------------------------

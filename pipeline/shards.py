@@ -1,0 +1,313 @@
+"""Shard directories: writing Arrow IPC shard files and reading them back, memory-mapped and verified.
+
+A shard directory holds ``shard-00000.arrow``, ``shard-00001.arrow``, ... (Arrow IPC *file* format,
+one record batch each, columns :data:`SCHEMA`) and ``manifest.json``, written last. The manifest is
+the directory's seal: without it the directory is incomplete and readers refuse it. Every file is
+written under a temporary name, fsynced and renamed, so a file that has its final name is whole.
+
+This module imports only numpy and pyarrow (plus :mod:`pipeline.fingerprint` lazily, to compare a
+tokenizer), so the trainer can read shards on a machine without the conversion dependencies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from parallel.layout import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    META_COLUMNS,
+    SHARD_SUFFIX,
+    TOKEN_COLUMNS,
+    PackedRow,
+)
+from pipeline.errors import PloraError
+
+# Where an unfinished `plora tokenize` keeps the state it resumes from (see pipeline.tokenize).
+JOURNAL_NAME = ".progress.npz"
+TMP_SUFFIX = ".tmp"
+
+SCHEMA = pa.schema(
+    [pa.field(name, pa.list_(pa.int32())) for name in TOKEN_COLUMNS]
+    + [pa.field(name, pa.int32()) for name in META_COLUMNS],
+    metadata={"plora_format_version": str(FORMAT_VERSION)},
+)
+
+MANIFEST_KEYS: tuple[str, ...] = (
+    "format_version",
+    "plora_version",
+    "tokenizer",
+    "special_tokens",
+    "packing",
+    "fingerprint",
+    "files",
+    "num_rows",
+    "num_tokens",
+    "num_trained",
+)
+
+
+class ShardError(PloraError):
+    """A shard directory that cannot be trusted: incomplete, corrupt, or built for another tokenizer."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}{SHARD_SUFFIX}"
+
+
+# --------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is either absent, the old file, or whole."""
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rows_to_batch(rows: Sequence[PackedRow]) -> pa.RecordBatch:
+    """One record batch of rows, built from flat arrays and offsets (no per-token Python work)."""
+    lengths = np.fromiter((r.num_tokens for r in rows), dtype=np.int64, count=len(rows))
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] > np.iinfo(np.int32).max:
+        raise ShardError(f"{offsets[-1]} tokens do not fit one shard; use a smaller --rows-per-shard")
+    offsets_arr = _int32_array(offsets)
+    columns = [
+        pa.ListArray.from_arrays(offsets_arr, _int32_array(np.concatenate([getattr(r, name) for r in rows])))
+        for name in TOKEN_COLUMNS
+    ]
+    meta = {
+        "num_branches": [r.num_branches for r in rows],
+        "trunk_len": [r.trunk_len for r in rows],
+        "num_tokens": lengths,
+        "num_trained": [r.num_trained for r in rows],
+    }
+    columns += [_int32_array(np.asarray(meta[name])) for name in META_COLUMNS]
+    return pa.RecordBatch.from_arrays(columns, schema=SCHEMA)
+
+
+def _int32_array(values: np.ndarray) -> pa.Array:
+    """An Arrow int32 array over the numpy buffer (``pa.array`` would first import pandas to
+    check for a Series, a noticeable start-up cost)."""
+    data = np.ascontiguousarray(values, dtype=np.int32)
+    return pa.Array.from_buffers(pa.int32(), len(data), [None, pa.py_buffer(data)])
+
+
+def write_shard(directory: Path, index: int, rows: Sequence[PackedRow]) -> dict[str, Any]:
+    """Write one shard file atomically; return its manifest entry (name, rows, tokens, bytes, sha256)."""
+    batch = rows_to_batch(rows)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, SCHEMA) as writer:
+        writer.write_batch(batch)
+    data = sink.getvalue()
+    name = shard_name(index)
+    atomic_write_bytes(directory / name, memoryview(data))
+    num_tokens = batch.column("num_tokens").to_numpy()
+    num_trained = batch.column("num_trained").to_numpy()
+    return {
+        "name": name,
+        "rows": len(rows),
+        "tokens": int(num_tokens.sum()),
+        "trained": int(num_trained.sum()),
+        "bytes": data.size,
+        "sha256": hashlib.sha256(memoryview(data)).hexdigest(),
+    }
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Seal the directory: after this, readers accept it."""
+    text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+    atomic_write_bytes(directory / MANIFEST_NAME, text.encode("utf-8"))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The manifest of a complete shard directory, checked for format and required keys."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ShardError(f"{directory}: no such shard directory (run plora tokenize first)")
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        started = (directory / JOURNAL_NAME).exists() or any(directory.glob(f"shard-*{SHARD_SUFFIX}*"))
+        if started:
+            raise ShardError(f"{directory}: incomplete (no {MANIFEST_NAME}): run plora tokenize --resume")
+        raise ShardError(f"{directory}: not a shard directory (no {MANIFEST_NAME}); run plora tokenize first")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ShardError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{path}: expected a JSON object")
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise ShardError(f"{path}: missing keys {', '.join(missing)}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise ShardError(
+            f"{path}: format_version {manifest['format_version']!r}, this plora reads {FORMAT_VERSION}; "
+            "re-run plora tokenize"
+        )
+    return manifest
+
+
+class _Batch:
+    """Numpy views of one record batch's columns (zero-copy into the memory map)."""
+
+    def __init__(self, batch: pa.RecordBatch):
+        self.num_rows = batch.num_rows
+        self.offsets: dict[str, np.ndarray] = {}
+        self.values: dict[str, np.ndarray] = {}
+        for name in TOKEN_COLUMNS:
+            column = batch.column(name)
+            self.offsets[name] = column.offsets.to_numpy()
+            self.values[name] = column.values.to_numpy(zero_copy_only=True)
+        self.meta = {name: batch.column(name).to_numpy(zero_copy_only=True) for name in META_COLUMNS}
+
+    def tokens(self, name: str, index: int) -> np.ndarray:
+        offsets = self.offsets[name]
+        return self.values[name][offsets[index] : offsets[index + 1]]
+
+
+class ShardSet:
+    """A verified, memory-mapped shard directory. ``row(i)`` copies only row i out of the map."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], *, verify: bool):
+        self.directory = directory
+        self.manifest = manifest
+        self._maps: list[pa.MemoryMappedFile] = []
+        self._batches: list[_Batch] = []
+        self._open(verify)
+        counts = np.fromiter((b.num_rows for b in self._batches), dtype=np.int64, count=len(self._batches))
+        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        if int(self._starts[-1]) != manifest["num_rows"]:
+            raise ShardError(
+                f"{directory}: the manifest says {manifest['num_rows']} rows, "
+                f"the files hold {int(self._starts[-1])}"
+            )
+
+    def _open(self, verify: bool) -> None:
+        for entry in self.manifest["files"]:
+            path = self.directory / entry["name"]
+            if not path.is_file():
+                raise ShardError(f"{path}: listed in {MANIFEST_NAME} but missing")
+            size = path.stat().st_size
+            if size != entry["bytes"]:
+                raise ShardError(
+                    f"{path}: {size} bytes, the manifest says {entry['bytes']} (corrupt or replaced)"
+                )
+            if verify and file_sha256(path) != entry["sha256"]:
+                raise ShardError(f"{path}: sha256 does not match the manifest (corrupt or replaced)")
+            mapped = pa.memory_map(str(path))
+            try:
+                reader = pa.ipc.open_file(mapped)
+            except pa.ArrowInvalid as err:
+                raise ShardError(f"{path}: not an Arrow IPC file ({err})") from None
+            if not reader.schema.remove_metadata().equals(SCHEMA.remove_metadata()):
+                raise ShardError(f"{path}: unexpected columns {reader.schema.names}; expected {SCHEMA.names}")
+            batches = [_Batch(reader.get_batch(i)) for i in range(reader.num_record_batches)]
+            rows = sum(b.num_rows for b in batches)
+            if rows != entry["rows"]:
+                raise ShardError(f"{path}: holds {rows} rows, the manifest says {entry['rows']}")
+            self._maps.append(mapped)
+            self._batches.extend(batches)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def row(self, index: int) -> PackedRow:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"row {index} out of range for {n} rows")
+        index %= n
+        b = int(np.searchsorted(self._starts, index, side="right")) - 1
+        batch, local = self._batches[b], index - int(self._starts[b])
+        ids, branch, time, labels = (batch.tokens(name, local).copy() for name in TOKEN_COLUMNS)
+        return PackedRow(
+            input_ids=ids,
+            branch_id=branch,
+            time_id=time,
+            labels=labels,
+            num_branches=int(batch.meta["num_branches"][local]),
+            trunk_len=int(batch.meta["trunk_len"][local]),
+        )
+
+    def metadata(self) -> dict[str, np.ndarray]:
+        """``num_branches``, ``trunk_len``, ``num_tokens``, ``num_trained`` of every row, in row order."""
+        return {
+            name: np.concatenate([b.meta[name] for b in self._batches] or [np.zeros(0, np.int32)])
+            for name in META_COLUMNS
+        }
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """Refuse a tokenizer other than the one the shards were built with."""
+        from pipeline.fingerprint import tokenizer_identity  # noqa: PLC0415 - hashing a tokenizer is rare
+
+        want = self.manifest["tokenizer"]
+        have = tokenizer_identity(tokenizer)
+        if have["sha256"] != want["sha256"] or have["vocab_size"] != want["vocab_size"]:
+            raise ShardError(
+                f"{self.directory}: shards were tokenized with {want['name_or_path']} "
+                f"(vocab {want['vocab_size']}, sha256 {want['sha256'][:12]}), but the tokenizer given is "
+                f"{have['name_or_path']} (vocab {have['vocab_size']}, sha256 {have['sha256'][:12]}); "
+                "re-run plora tokenize with this tokenizer"
+            )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Memory maps do not pickle (DataLoader workers): reopen them on the other side.
+        return {"directory": self.directory, "manifest": self.manifest}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["directory"], state["manifest"], verify=False)
+
+
+def open_shards(directory: str | Path, *, verify: bool = True) -> ShardSet:
+    """Open a complete shard directory. ``verify`` also checks every file's sha256 (reads all bytes)."""
+    directory = Path(directory)
+    return ShardSet(directory, read_manifest(directory), verify=verify)
+
+
+# added by TRAINER: the trainer gathers whole micro-batches with numpy fancy indexing, so it needs the
+# flat (zero-copy) value arrays and row offsets of each record batch rather than one row at a time.
+def flat_columns(shards: ShardSet) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """Per record batch, in row order: (row offsets ``[rows + 1]``, {token column: flat values})."""
+    out = []
+    for batch in shards._batches:
+        offsets = batch.offsets[TOKEN_COLUMNS[0]]
+        if any(not np.array_equal(batch.offsets[name], offsets) for name in TOKEN_COLUMNS[1:]):
+            raise ShardError(f"{shards.directory}: token columns of a row differ in length (corrupt shard)")
+        out.append((offsets, batch.values))
+    return out
