@@ -151,7 +151,9 @@ def record_to_json(record: Record) -> dict[str, Any]:
         return {"text": record.text}
     if isinstance(record, ChatRecord):
         return {"messages": [{"role": m.role, "content": m.content} for m in record.messages]}
-    branches = [b.response if not b.prompt else {"prompt": b.prompt, "response": b.response} for b in record.branches]
+    branches = [
+        {"prompt": b.prompt, "response": b.response} if b.prompt else b.response for b in record.branches
+    ]
     return {"main": record.main, "branches": branches}
 
 
