@@ -1,0 +1,222 @@
+"""`plora train` and `plora eval`. Options keep the original guide's underscore spellings as aliases.
+
+Several processes: launch the same command under torchrun, e.g.
+``torchrun --nproc_per_node 4 --no-python plora train --shards ... --base-model ...``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from cli.app import app
+from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE
+from pipeline.errors import PloraError
+from pipeline.shards import read_manifest
+from trainer.config import DEFAULT_LORA_NAME, TrainConfig
+
+
+def _pair_indices(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise PloraError(f"--pair-indices must be comma-separated integers, got {text!r}") from None
+
+
+@app.command("train")
+def train_command(
+    shards: Path = typer.Option(..., "--shards", help="Shard directory written by `plora tokenize`."),
+    base_model: str = typer.Option(..., "--base-model", "--base_model", help="Local HuggingFace causal LM."),
+    tokenizer_path: str | None = typer.Option(
+        None, "--tokenizer-path", "--tokenizer_path", help="Tokenizer directory (default: --base-model)."
+    ),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Run the model repo's own code."
+    ),
+    attn: str = typer.Option(
+        "auto", "--attn", help="auto | flex | sdpa | eager (auto: flex on CUDA, else sdpa)."
+    ),
+    lora_rank: int = typer.Option(8, "--lora-rank", "--lora_rank", help="LoRA rank."),
+    lora_alpha: float | None = typer.Option(
+        None, "--lora-alpha", help="LoRA alpha (default: the rank, scale 1)."
+    ),
+    lora_dropout: float = typer.Option(0.0, "--lora-dropout", help="Dropout on the LoRA input."),
+    lora_targets: str = typer.Option(
+        "all-linear", "--lora-targets", help="Comma-separated module names, or all-linear (never lm_head)."
+    ),
+    load_lora: str | None = typer.Option(
+        None, "--load-lora", "--load_lora", help="Continue training this adapter directory."
+    ),
+    lora_name: str = typer.Option(
+        DEFAULT_LORA_NAME, "--lora-name", "--lora_name", help="Adapter name: out/lora/<name>_step<N>, _final."
+    ),
+    patch_rope: bool = typer.Option(
+        True, "--patch-rope/--no-patch-rope", "--patch_rope/--no_patch_rope", help="Apply 2D RoPE."
+    ),
+    rope_2d_ratio: float = typer.Option(
+        DEFAULT_ROPE_2D_RATIO,
+        "--rope-2d-ratio",
+        "--rope_2d_ratio",
+        help="Share of frequency pairs for branches.",
+    ),
+    pair_indices: str | None = typer.Option(
+        None, "--pair-indices", help="1-based branch pairs, comma-separated (overrides --rope-2d-ratio)."
+    ),
+    stride: int = typer.Option(DEFAULT_STRIDE, "--stride", help="Branch position = branch_id * stride."),
+    mask: str = typer.Option("isolated", "--mask", help="Attention: isolated | columnar."),
+    epochs: int = typer.Option(1, "--epochs", help="Passes over the training rows."),
+    batch_size: int = typer.Option(
+        16, "--batch-size", "--batch_size", help="Rows per process per micro-step."
+    ),
+    learning_rate: float = typer.Option(1e-4, "--learning-rate", "--learning_rate", "--lr", help="Peak LR."),
+    accumulation_steps: int = typer.Option(
+        1, "--accumulation-steps", "--accumulation_steps", help="Micro-steps per optimizer step."
+    ),
+    grad_clip: float = typer.Option(1.0, "--grad-clip", "--grad_clip", help="Gradient norm clip (0: off)."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
+    warmup: int = typer.Option(0, "--warmup", help="Optimizer steps of linear LR warmup."),
+    schedule: str = typer.Option(
+        "cosine", "--schedule", help="LR decay after warmup: cosine | linear | constant."
+    ),
+    min_lr_ratio: float = typer.Option(0.1, "--min-lr-ratio", help="Final LR as a share of the peak."),
+    max_steps: int = typer.Option(
+        0, "--max-steps", help="Stop after this many optimizer steps (0: no limit)."
+    ),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="float32 | float16 | bfloat16 (autocast)."),
+    seed: int = typer.Option(42, "--seed", help="Seed of LoRA init, data order and dropout."),
+    group_by_length: bool = typer.Option(False, "--group-by-length", help="Batch rows of similar length."),
+    val_fraction: float = typer.Option(0.0, "--val-fraction", help="Share of rows held out for validation."),
+    eval_interval: int = typer.Option(0, "--eval-interval", help="Validate every N steps (0: at each save)."),
+    out_dir: Path = typer.Option(Path("out"), "--out-dir", "--out_dir", help="Output directory."),
+    log_interval: int = typer.Option(50, "--log-interval", "--log_interval", help="Log every N steps."),
+    save_interval: int = typer.Option(
+        500, "--save-interval", "--save_interval", help="Checkpoint every N steps."
+    ),
+    use_wandb: bool = typer.Option(False, "--use-wandb", "--use_wandb", help="Also log to Weights & Biases."),
+    wandb_project: str = typer.Option("plora", "--wandb-project", help="wandb project name."),
+    resume: str | None = typer.Option(
+        None,
+        "--resume",
+        help="Checkpoint directory to continue from exactly; 'latest': the newest in --out-dir, if any.",
+    ),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    ddp: bool = typer.Option(
+        False, "--ddp", hidden=True, help="Accepted for the original guide; torchrun's environment decides."
+    ),
+) -> None:
+    """Train LoRA adapters with 2D RoPE and branch-aware attention on shards (DDP under torchrun)."""
+    from trainer.loop import train  # noqa: PLC0415 - torch/transformers only when training
+
+    cfg = TrainConfig(
+        shards=str(shards),
+        base_model=base_model,
+        tokenizer_path=tokenizer_path,
+        trust_remote_code=trust_remote_code,
+        attn=attn,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        lora_targets=lora_targets,
+        load_lora=load_lora,
+        lora_name=lora_name,
+        patch_rope=patch_rope,
+        rope_2d_ratio=rope_2d_ratio,
+        pair_indices=_pair_indices(pair_indices),
+        stride=stride,
+        mask=mask,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        accumulation_steps=accumulation_steps,
+        grad_clip=grad_clip,
+        weight_decay=weight_decay,
+        warmup=warmup,
+        schedule=schedule,
+        min_lr_ratio=min_lr_ratio,
+        max_steps=max_steps,
+        dtype=dtype,
+        seed=seed,
+        group_by_length=group_by_length,
+        val_fraction=val_fraction,
+        eval_interval=eval_interval,
+        out_dir=str(out_dir),
+        log_interval=log_interval,
+        save_interval=save_interval,
+        use_wandb=use_wandb,
+        wandb_project=wandb_project,
+        resume=resume,
+        device=device,
+        progress=progress,
+    )
+    train(cfg)
+
+
+@app.command("eval")
+def eval_command(
+    shards: Path = typer.Option(..., "--shards", help="Shard directory written by `plora tokenize`."),
+    base_model: str = typer.Option(..., "--base-model", "--base_model", help="Local HuggingFace causal LM."),
+    adapter: str | None = typer.Option(
+        None, "--adapter", help="Adapter directory from `plora train` (default: the base model alone)."
+    ),
+    tokenizer_path: str | None = typer.Option(None, "--tokenizer-path", "--tokenizer_path"),
+    batch_size: int = typer.Option(16, "--batch-size", "--batch_size", help="Rows per forward."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 | bfloat16."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    attn: str = typer.Option("auto", "--attn", help="auto | flex | sdpa | eager."),
+    patch_rope: bool = typer.Option(
+        True,
+        "--patch-rope/--no-patch-rope",
+        "--patch_rope/--no_patch_rope",
+        help="Base model only: apply 2D RoPE (an adapter brings its settings in plora.json).",
+    ),
+    rope_2d_ratio: float = typer.Option(DEFAULT_ROPE_2D_RATIO, "--rope-2d-ratio", "--rope_2d_ratio"),
+    stride: int = typer.Option(DEFAULT_STRIDE, "--stride"),
+    mask: str = typer.Option("isolated", "--mask", help="Base model only: isolated | columnar."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
+) -> None:
+    """Mean loss per trained token (and per branch count) of a base model or an adapter on shards."""
+    from trainer.evaluate import EvalOptions, run_eval  # noqa: PLC0415 - torch only when evaluating
+
+    options = EvalOptions(
+        shards=str(shards),
+        base_model=base_model,
+        adapter=adapter,
+        tokenizer_path=tokenizer_path,
+        batch_size=batch_size,
+        dtype=dtype,
+        device=device,
+        attn=attn,
+        patch_rope=patch_rope,
+        rope_2d_ratio=rope_2d_ratio,
+        stride=stride,
+        mask=mask,
+        trust_remote_code=trust_remote_code,
+    )
+    total_rows = read_manifest(shards)["num_rows"]
+    columns = (TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
+        task = bar.add_task("eval", total=total_rows)
+        totals, described = run_eval(options, on_batch=lambda rows: bar.advance(task, rows))
+    if as_json:
+        typer.echo(json.dumps({**totals.to_json(), "model": described}, allow_nan=True))
+        return
+    who = f"adapter {adapter}" if adapter else f"base model {base_model}"
+    typer.echo(
+        f"{who} on {shards} (mask {described['mask']}, stride {described['stride']}, "
+        f"{len(described['pair_indices'])} branch pairs)"
+    )
+    typer.echo(f"{'branches':>8}  {'rows':>8}  {'tokens':>10}  {'loss':>8}")
+    for k, entry in totals.to_json()["by_branches"].items():
+        typer.echo(f"{k:>8}  {entry['rows']:>8}  {entry['tokens']:>10}  {entry['loss']:>8.4f}")
+    typer.echo(f"{'all':>8}  {totals.rows:>8}  {totals.tokens:>10}  {totals.mean:>8.4f}")
+    sys.stdout.flush()

@@ -1,0 +1,112 @@
+"""`plora train` / `plora eval` as a user runs them, and the original guide's script with its own flags."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from train_helpers import REPO_ROOT, build_shards, cli_args, subprocess_env
+
+from pipeline.shards import open_shards
+from trainer.checkpoint import final_checkpoint
+
+NAME = "hf_parallel_lora"
+
+
+@pytest.fixture(scope="module")
+def train_shards(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_shards(tmp_path_factory.getbasetemp() / "train-shards", tiny_model_dir)
+
+
+def _run(*args: str | Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    argv = [str(a) for a in args]
+    env = subprocess_env()
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--shards", "/nonexistent/shards"], "/nonexistent/shards: no such shard directory"),
+        (["--mask", "diagonal"], "--mask must be one of isolated, columnar, got 'diagonal'"),
+        (["--attn", "flash_attention_2"], "unknown attention implementation 'flash_attention_2'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_status_2(
+    extra: list[str], message: str, train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path
+) -> None:
+    done = _run(plora_bin, *cli_args(train_shards, tiny_model_dir, tmp_path / "out", *extra))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("plora: error: ") and message in lines[0], done.stderr
+    assert not (tmp_path / "out" / "lora").exists() or not any((tmp_path / "out" / "lora").iterdir())
+
+
+def test_guide_spellings_train_and_eval_reports_per_branch_count(
+    train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    guide_flags = [
+        "train", "--shards", train_shards, "--base_model", tiny_model_dir, "--out_dir", out,
+        "--batch_size", "4", "--learning_rate", "3e-3", "--lora_rank", "4", "--accumulation_steps", "1",
+        "--grad_clip", "1.0",
+        "--no_patch_rope", "--save_interval", "500", "--log_interval", "50", "--dtype", "float32",
+        "--max-steps", "6", "--no-progress",
+    ]  # fmt: skip
+    trained = _run(plora_bin, *guide_flags)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    adapter = final_checkpoint(out, NAME)
+    meta = json.loads((adapter / "plora.json").read_text())
+    assert meta["patch_rope"] is False and meta["pair_indices"] == [] and meta["stride"] == 0
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
+
+    evaluate = [plora_bin, "eval", "--shards", train_shards, "--base-model", tiny_model_dir]
+    report = _run(*evaluate, "--adapter", adapter, "--json")
+    assert report.returncode == 0, report.stderr[-3000:]
+    result = json.loads(report.stdout)
+    manifest = open_shards(train_shards).manifest
+    assert result["tokens"] == manifest["num_trained"] and result["rows"] == manifest["num_rows"]
+    assert result["model"]["pair_indices"] == [] and result["model"]["stride"] == 0
+    per_branch = result["by_branches"]
+    assert len(per_branch) >= 2  # text rows of 4 branches and parallel records of other sizes
+    assert sum(v["tokens"] for v in per_branch.values()) == result["tokens"]
+    weighted = sum(v["loss"] * v["tokens"] for v in per_branch.values()) / result["tokens"]
+    assert weighted == pytest.approx(result["loss"])
+
+    table = _run(*evaluate)
+    assert table.returncode == 0, table.stderr[-3000:]
+    last = table.stdout.strip().splitlines()[-1].split()
+    assert last[0] == "all" and int(last[2]) == manifest["num_trained"] and float(last[3]) > 0
+
+
+def test_guide_script_takes_jsonl_tokenizes_once_and_trains(tiny_model_dir: Path, tmp_path: Path) -> None:
+    script = REPO_ROOT / "trainer" / "train_hf_parallel_lora.py"
+    guide = [
+        sys.executable, script, "--base_model", tiny_model_dir,
+        "--data_path", REPO_ROOT / "data" / "sample_parallel.jsonl",
+        "--lora_rank", "8", "--rope_2d_ratio", "0.5", "--batch_size", "4", "--epochs", "1",
+        "--max_seq_len", "64", "--branches_per_sample", "4", "--out_dir", tmp_path, "--dtype", "float32",
+        "--ddp", "--max-steps", "2", "--no-progress",
+    ]  # fmt: skip
+    first = _run(*guide)
+    assert first.returncode == 0, first.stderr[-3000:]
+    caches = list((tmp_path / "shards").iterdir())
+    assert len(caches) == 1 and open_shards(caches[0]).manifest["packing"]["max_seq_len"] == 64
+    assert (final_checkpoint(tmp_path, NAME) / "adapter_model.safetensors").is_file()
+    again = _run(*guide)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "is up to date" in again.stderr
+    missing = _run(sys.executable, script, "--base_model", tiny_model_dir, "--out_dir", tmp_path)
+    assert missing.returncode == 2 and missing.stderr.strip().startswith("plora: error: no training data")
+
+
+def test_guide_import_of_auto_pair_indices(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from trainer.train_hf_parallel_lora import auto_pair_indices
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    assert auto_pair_indices(model, ratio=0.5) == [5, 6, 7, 8]

@@ -1,0 +1,200 @@
+"""Checkpoints: a standard PEFT adapter + plora.json + the trainer state, published atomically.
+
+Layout of ``out/lora/<name>_step<N>/`` and ``out/lora/<name>_final/``::
+
+    adapter_config.json, adapter_model.safetensors   # PEFT's own files (save_pretrained)
+    plora.json                                        # what inference needs to rebuild the exact model
+    trainer_state/optimizer.safetensors               # AdamW moments (tensors only)
+    trainer_state/state.json                          # step, data position, scaler, param groups, config
+
+A checkpoint is written into ``.<name>.tmp-<pid>`` next to its final place, every file fsynced, then
+renamed into place, so a directory with a final name is always whole; a killed run leaves at most a
+hidden temporary directory, removed by the next run. Nothing is ever unpickled: tensors are
+safetensors and everything else is JSON.
+
+There is no RNG state to save: the loop reseeds torch from (seed, step, rank) before every step and
+the data order is a function of (seed, epoch, step), so a resumed run draws exactly what an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.errors import PloraError
+
+CHECKPOINT_FORMAT = 1
+PLORA_JSON = "plora.json"
+STATE_DIR = "trainer_state"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def lora_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "lora"
+
+
+def step_checkpoint(out_dir: str | Path, name: str, step: int) -> Path:
+    return lora_dir(out_dir) / f"{name}_step{step}"
+
+
+def final_checkpoint(out_dir: str | Path, name: str) -> Path:
+    return lora_dir(out_dir) / f"{name}_final"
+
+
+def latest_checkpoint(out_dir: str | Path, name: str) -> Path | None:
+    """The checkpoint (step or final) with the highest step; every published directory is complete."""
+    pattern = re.compile(rf"{re.escape(name)}_step(\d+)")
+    found = [
+        (int(m.group(1)), p)
+        for p in lora_dir(out_dir).glob(f"{name}_step*")
+        if p.is_dir() and (m := pattern.fullmatch(p.name))
+    ]
+    final = final_checkpoint(out_dir, name)
+    if (final / STATE_DIR / STATE_FILE).is_file():
+        found.append((int(read_trainer_state(final)["step"]), final))
+    return max(found)[1] if found else None
+
+
+def remove_stale_temporaries(out_dir: str | Path, name: str) -> None:
+    """Temporary directories left by a killed run of this adapter name (never a published one)."""
+    for path in lora_dir(out_dir).glob(f".{name}_*.tmp-*"):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in lora_dir(out_dir).glob(f".{name}_*.old-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def check_writable(out_dir: str | Path) -> None:
+    """Fail before training if checkpoints could not be written."""
+    target = lora_dir(out_dir)
+    probe = target / f".write-probe-{os.getpid()}"
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise PloraError(
+            f"--out-dir {out_dir}: cannot write checkpoints there ({err.strerror or err})"
+        ) from None
+
+
+def save_checkpoint(
+    path: Path,
+    *,
+    model: nn.Module,
+    plora_meta: dict[str, Any],
+    state: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+) -> None:
+    """Write adapter, plora.json and trainer state under a temporary name, then publish at ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    _write_json(tmp / PLORA_JSON, plora_meta)
+    tensors, groups = _optimizer_to_flat(optimizer.state_dict())
+    (tmp / STATE_DIR).mkdir()
+    save_file(tensors, str(tmp / STATE_DIR / OPTIMIZER_FILE))
+    _write_json(tmp / STATE_DIR / STATE_FILE, {**state, "format": CHECKPOINT_FORMAT, "param_groups": groups})
+    _fsync_tree(tmp)
+    _publish(tmp, path)
+
+
+def read_plora_json(path: str | Path) -> dict[str, Any]:
+    file = Path(path) / PLORA_JSON
+    if not file.is_file():
+        raise PloraError(f"{path}: no {PLORA_JSON}; not an adapter written by plora train")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PloraError(f"{file}: not valid JSON ({err})") from None
+
+
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    """The scalars of a checkpoint's trainer state; one-line error if it is not a resumable checkpoint."""
+    file = Path(path) / STATE_DIR / STATE_FILE
+    missing = [name for name in (*ADAPTER_FILES, PLORA_JSON) if not (Path(path) / name).is_file()]
+    if not Path(path).is_dir() or missing or not file.is_file():
+        raise PloraError(
+            f"--resume {path}: not a plora checkpoint directory (adapter + {STATE_DIR}/{STATE_FILE})"
+        )
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PloraError(f"{file}: not valid JSON ({err})") from None
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise PloraError(
+            f"{file}: checkpoint format {state.get('format')!r}, this plora reads {CHECKPOINT_FORMAT}"
+        )
+    return state
+
+
+def load_optimizer(path: str | Path, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    tensors = load_file(str(Path(path) / STATE_DIR / OPTIMIZER_FILE))
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        per_param.setdefault(int(index), {})[name] = value
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in state["param_groups"]]
+    try:
+        optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    except (ValueError, KeyError) as err:
+        raise PloraError(f"--resume {path}: optimizer state does not fit this model ({err})") from None
+
+
+def _optimizer_to_flat(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    tensors = {
+        f"state.{index}.{name}": value.detach().contiguous().cpu()
+        for index, per_param in state_dict["state"].items()
+        for name, value in per_param.items()
+    }
+    groups = [
+        {k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in state_dict["param_groups"]
+    ]
+    return tensors, groups
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*"), reverse=True):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        else:
+            _fsync_dir(path)
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first (rename cannot replace a
+    non-empty directory), so ``final`` is only ever absent or whole."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)

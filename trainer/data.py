@@ -1,0 +1,197 @@
+"""Which rows each process trains on at each step, and how rows become padded tensors.
+
+Order: one permutation of the training rows per epoch, drawn from ``seed + epoch``, so any step's rows are
+known from (seed, epoch, step) alone; that is what makes ``--resume`` exact and lets every process agree
+on the whole global batch without talking to the others.
+
+Global batch: optimizer step ``s`` of an epoch trains rows ``order[s*G : (s+1)*G]`` with
+``G = batch_size * world_size * accumulation_steps``. Those rows are cut into ``accumulation_steps *
+world_size`` slices (micro-batches) of ``batch_size`` rows; process ``r`` takes slices ``m*W + r``. The last
+step of an epoch may be short: it is cut into equal slices as far as it goes (sizes differ by at most
+one) rather than dropped or padded with repeated rows, so every row is trained exactly once per epoch. A
+process whose slice is empty still runs a forward/backward on a weightless row (all labels ignored), so
+every process makes the same collective calls. Hence ``steps_per_epoch = ceil(rows / G)``, exactly.
+
+Loss weights: the number of trained tokens of the whole global batch is computed from the shard
+metadata by every process; each micro-batch's summed cross-entropy is divided by it. One process with
+batch size ``W*b`` and W processes with batch size ``b`` therefore get the same gradient.
+
+``group_by_length`` sorts each mega-batch (64 global batches) of the shuffled order by length, longest
+first, so the micro-batches hold rows of similar length and padding stays small.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from parallel.layout import IGNORE_INDEX, TOKEN_COLUMNS
+from pipeline.errors import PloraError
+from pipeline.shards import ShardSet, flat_columns
+
+MEGABATCH_GLOBAL_BATCHES = 64
+VALIDATION_SEED_OFFSET = 7919  # the validation split never depends on the training order's seed stream
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Padded [B, L] tensors of a micro-batch. ``labels`` are already the next token (-100: not trained)."""
+
+    input_ids: torch.Tensor
+    branch_id: torch.Tensor
+    time_id: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+    num_branches: torch.Tensor  # [B] branches per row (for per-branch-count evaluation)
+
+    def to(self, device: torch.device) -> Batch:
+        move = {name: getattr(self, name).to(device, non_blocking=True) for name in self.__dataclass_fields__}
+        return Batch(**move)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+class RowStore:
+    """Vectorised access to the token columns of memory-mapped shards.
+
+    Each shard file's list columns are held as flat numpy views (no copy) plus row offsets, so a batch is
+    gathered with a handful of fancy-indexing operations per file, never a loop over tokens.
+    """
+
+    def __init__(self, shards: ShardSet) -> None:
+        self.files = flat_columns(shards)
+        rows_per_file = np.array([len(offsets) - 1 for offsets, _ in self.files], dtype=np.int64)
+        self.file_starts = np.concatenate([[0], np.cumsum(rows_per_file)])
+        meta = shards.metadata()
+        self.num_tokens = np.asarray(meta["num_tokens"], dtype=np.int64)
+        self.num_trained = np.asarray(meta["num_trained"], dtype=np.int64)
+        self.num_branches = np.asarray(meta["num_branches"], dtype=np.int64)
+        if len(self.num_tokens) != self.file_starts[-1]:
+            raise PloraError(
+                f"{shards.directory}: metadata has {len(self.num_tokens)} rows, "
+                f"files hold {self.file_starts[-1]}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.file_starts[-1])
+
+    def collate(self, rows: np.ndarray) -> Batch:
+        """Pad the given rows to the longest of them: ids/coordinates 0, labels -100, attention_mask 0."""
+        rows = np.asarray(rows, dtype=np.int64)
+        lengths = self.num_tokens[rows]
+        width = int(lengths.max())
+        out = {name: np.zeros((len(rows), width), dtype=np.int64) for name in TOKEN_COLUMNS}
+        out["labels"].fill(IGNORE_INDEX)
+        file_of_row = np.searchsorted(self.file_starts, rows, side="right") - 1
+        for file_index in np.unique(file_of_row):
+            offsets, values = self.files[file_index]
+            batch_pos = np.nonzero(file_of_row == file_index)[0]
+            local = rows[batch_pos] - self.file_starts[file_index]
+            starts = offsets[local].astype(np.int64)
+            lens = offsets[local + 1].astype(np.int64) - starts
+            # Token t of the concatenation belongs to batch row dest_row[t], column dest_col[t].
+            dest_row = np.repeat(batch_pos, lens)
+            dest_col = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+            source = np.repeat(starts, lens) + dest_col
+            for name in TOKEN_COLUMNS:
+                out[name][dest_row, dest_col] = values[name][source]
+        attention_mask = np.arange(width)[None, :] < lengths[:, None]
+        return Batch(
+            input_ids=torch.from_numpy(out["input_ids"]),
+            branch_id=torch.from_numpy(out["branch_id"]),
+            time_id=torch.from_numpy(out["time_id"]),
+            labels=torch.from_numpy(out["labels"]),
+            attention_mask=torch.from_numpy(attention_mask.astype(np.int64)),
+            num_branches=torch.from_numpy(self.num_branches[rows]),
+        )
+
+    def weightless(self, row: int) -> Batch:
+        """One real row with every label ignored: a process with no rows left still joins the step."""
+        batch = self.collate(np.array([row]))
+        return Batch(**{**batch.__dict__, "labels": torch.full_like(batch.labels, IGNORE_INDEX)})
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """The training/validation split and the exact step counts, derived from the manifest's rows."""
+
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    batch_size: int
+    world_size: int
+    accumulation_steps: int
+    epochs: int
+    max_steps: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size * self.accumulation_steps
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train_rows) / self.global_batch)
+
+    @property
+    def total_steps(self) -> int:
+        planned = self.epochs * self.steps_per_epoch
+        return min(planned, self.max_steps) if self.max_steps > 0 else planned
+
+
+def make_plan(
+    num_rows: int,
+    *,
+    val_fraction: float,
+    seed: int,
+    batch_size: int,
+    world_size: int,
+    accumulation_steps: int,
+    epochs: int,
+    max_steps: int,
+) -> DataPlan:
+    """Split rows into training and validation (a seeded choice of ``round(val_fraction * rows)`` rows)."""
+    if num_rows == 0:
+        raise PloraError("the shards hold no rows to train on")
+    num_val = round(val_fraction * num_rows)
+    if val_fraction > 0 and num_val == 0:
+        num_val = 1
+    if num_val >= num_rows:
+        raise PloraError(f"--val-fraction {val_fraction} leaves no training rows out of {num_rows}")
+    chosen = np.random.default_rng(seed + VALIDATION_SEED_OFFSET).permutation(num_rows)
+    val_rows = np.sort(chosen[:num_val])
+    train_rows = np.sort(chosen[num_val:])
+    return DataPlan(train_rows, val_rows, batch_size, world_size, accumulation_steps, epochs, max_steps)
+
+
+def epoch_order(
+    plan: DataPlan, epoch: int, seed: int, lengths: np.ndarray, group_by_length: bool
+) -> np.ndarray:
+    """The training rows in the order epoch ``epoch`` visits them."""
+    order = plan.train_rows[np.random.default_rng(seed + epoch).permutation(len(plan.train_rows))]
+    if not group_by_length:
+        return order
+    mega = MEGABATCH_GLOBAL_BATCHES * plan.global_batch
+    groups = [order[i : i + mega] for i in range(0, len(order), mega)]
+    return np.concatenate([g[np.argsort(-lengths[g], kind="stable")] for g in groups])
+
+
+def step_rows(order: np.ndarray, plan: DataPlan, step_in_epoch: int) -> np.ndarray:
+    """The rows of one optimizer step (the global batch, all processes together)."""
+    start = step_in_epoch * plan.global_batch
+    return order[start : start + plan.global_batch]
+
+
+def micro_batches(global_rows: np.ndarray, plan: DataPlan, rank: int) -> list[np.ndarray]:
+    """This process's ``accumulation_steps`` slices of a global batch (some may be empty on a short step)."""
+    slices = np.array_split(global_rows, plan.accumulation_steps * plan.world_size)
+    return [slices[m * plan.world_size + rank] for m in range(plan.accumulation_steps)]
+
+
+def validation_batches(plan: DataPlan, rank: int) -> list[np.ndarray]:
+    """This process's share of the validation rows in batches of ``batch_size``."""
+    mine = np.array_split(plan.val_rows, plan.world_size)[rank]
+    return [mine[i : i + plan.batch_size] for i in range(0, len(mine), plan.batch_size)]

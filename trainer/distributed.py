@@ -1,0 +1,73 @@
+"""Process group setup the torchrun way: one process per device, gloo on CPU, nccl on CUDA.
+
+torchrun (or any launcher that sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT) starts
+the processes; a plain `plora train` is a world of one and never touches torch.distributed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pipeline.errors import PloraError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(option: str, local_rank: int) -> torch.device:
+    """``auto``: this process's GPU under CUDA, else the CPU."""
+    if option == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(option)
+    except RuntimeError as err:
+        raise PloraError(f"--device {option!r}: {err}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PloraError(f"--device {option}: CUDA is not available on this machine")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def init_distributed(device_option: str) -> DistEnv:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_option, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistEnv(rank, world_size, local_rank, device)
+
+
+def shutdown(env: DistEnv) -> None:
+    if env.is_distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_sum(values: list[float], env: DistEnv) -> list[float]:
+    """Element-wise sum over all processes (float64, so token counts stay exact)."""
+    if not env.is_distributed:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()

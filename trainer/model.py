@@ -1,0 +1,164 @@
+"""The trainable model: base causal LM -> 2D RoPE -> LoRA (PEFT), and the loss module that DDP wraps."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from parallel.forward import forward_packed, packed_loss, resolve_attn
+from parallel.rope2d import Rope2DConfig, patch_model_2d_rope
+from pipeline.errors import PloraError
+from trainer.config import TrainConfig
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class RopeSettings:
+    """What inference needs to rebuild the positions: the patch (None = plain 1D RoPE by time) and stride."""
+
+    rope: Rope2DConfig | None
+
+    @property
+    def stride(self) -> int:
+        # An unpatched model rotates by time only, so the branch must not enter its position ids.
+        return self.rope.stride if self.rope is not None else 0
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def load_base_model(
+    path: str, *, attn: str, device: torch.device, dtype: str, trust_remote_code: bool = False
+) -> nn.Module:
+    """The base causal LM with the attention implementation plora's masks need.
+
+    Frozen weights are kept in the training dtype on CUDA (memory) and in float32 on CPU (speed and
+    exactness); the LoRA weights PEFT adds are float32 either way and autocast does the rest.
+    """
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - slow import, only when training
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+    hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
+    implementation = resolve_attn(attn, device)
+    weights_dtype = TORCH_DTYPES[dtype] if device.type == "cuda" else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=weights_dtype, attn_implementation=implementation, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise PloraError(f"{path}: cannot load the base model: {_one_line(err)}") from None
+    return model.to(device)
+
+
+def check_vocabulary(model: nn.Module, vocab_size: int, path: str) -> None:
+    """Every token id of the shards must have an embedding row in the model."""
+    rows = model.get_input_embeddings().num_embeddings
+    if rows < vocab_size:
+        raise PloraError(
+            f"{path}: the model embeds {rows} token ids, but the shards' tokenizer has {vocab_size}; "
+            "use the base model the shards were tokenized for"
+        )
+
+
+def apply_rope(model: nn.Module, cfg: TrainConfig) -> RopeSettings:
+    """2D RoPE unless ``--no-patch-rope``; a model without RoPE or an impossible ratio is a one-line error."""
+    if not cfg.patch_rope:
+        return RopeSettings(None)
+    try:
+        rope = patch_model_2d_rope(
+            model, ratio=cfg.rope_2d_ratio, stride=cfg.stride, pair_indices=cfg.pair_indices
+        )
+    except ValueError as err:
+        raise PloraError(f"{cfg.base_model}: {_one_line(err)}") from None
+    return RopeSettings(rope)
+
+
+def add_lora(model: nn.Module, cfg: TrainConfig, adapter_dir: str | None) -> nn.Module:
+    """Wrap ``model`` in PEFT LoRA: fresh (seeded) adapters, or the trainable adapter in ``adapter_dir``."""
+    with warnings.catch_warnings():
+        # peft probes a deprecated transformers property; not ours to fix, and not the user's concern.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return _add_lora(model, cfg, adapter_dir)
+
+
+def _add_lora(model: nn.Module, cfg: TrainConfig, adapter_dir: str | None) -> nn.Module:
+    from peft import LoraConfig, PeftModel, get_peft_model  # noqa: PLC0415
+
+    if adapter_dir is not None:
+        if not (Path(adapter_dir) / "adapter_config.json").is_file():
+            raise PloraError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
+        try:
+            return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise PloraError(f"{adapter_dir}: cannot load the adapter: {_one_line(err)}") from None
+    lora = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.effective_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as err:
+        raise PloraError(f"--lora-targets {cfg.lora_targets!r}: {_one_line(err)}") from None
+
+
+class PackedLoss(nn.Module):
+    """Summed cross-entropy of a micro-batch's trained tokens, as one module so DDP sees one forward."""
+
+    def __init__(self, model: nn.Module, *, mask: str, stride: int) -> None:
+        super().__init__()
+        self.model = model
+        self.mask = mask
+        self.stride = stride
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        branch_id: torch.Tensor,
+        time_id: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> torch.Tensor:
+        logits = self.token_logits(input_ids, branch_id, time_id, attention_mask)
+        return packed_loss(logits, labels)[0]
+
+    def token_logits(
+        self,
+        input_ids: torch.Tensor,
+        branch_id: torch.Tensor,
+        time_id: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        return forward_packed(
+            self.model,
+            input_ids,
+            branch_id,
+            time_id,
+            mask=self.mask,
+            stride=self.stride,
+            attention_mask=attention_mask,
+        )
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def count_parameters(model: nn.Module) -> dict[str, Any]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}
