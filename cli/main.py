@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 
+try:  # recent typer carries its own copy of click; older ones use click itself
+    from typer._click import exceptions as click_exceptions
+except ImportError:
+    from click import exceptions as click_exceptions
+
+# Each command module registers itself on `app` when imported.
+import cli.convert  # noqa: F401
+import cli.generate  # noqa: F401
+import cli.inspect  # noqa: F401
+import cli.tinymodel  # noqa: F401
+import cli.tokenize  # noqa: F401
+import cli.train  # noqa: F401
 from cli.app import app
 from pipeline.errors import PloraError
 
-# Each command module registers itself on `app` when imported.
+# click < 8.2 prints the help itself on a bare `plora`; later ones raise this
+NO_ARGS_IS_HELP = getattr(click_exceptions, "NoArgsIsHelpError", ())
+
 
 def main() -> None:
     """Console entry point: known errors become one line on stderr and exit status 2."""
@@ -27,9 +40,13 @@ def main() -> None:
     except KeyboardInterrupt:
         print("plora: interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as err:  # click's usage errors and the like
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+    except NO_ARGS_IS_HELP as err:  # bare `plora`: the help is the answer
+        err.show()
+        sys.exit(err.exit_code)
+    except click_exceptions.ClickException as err:  # usage errors: one line too, with where to find help
+        message = " ".join(err.format_message().split())
+        ctx = getattr(err, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        print(f"plora: error: {message}{hint}", file=sys.stderr)
+        sys.exit(err.exit_code)
 

@@ -22,6 +22,10 @@ _EXPORTS = {
     "Rope2DConfig": "parallel.rope2d",
     "Rope2DError": "parallel.rope2d",
     "patch_model_with_interleaved_2d_rope": "parallel.columnar",
+    "generate": "parallel.generation",
+    "decode_parallel": "parallel.generation",
+    "load_parallel_model": "parallel.loading",
+    "export_model": "parallel.loading",
 }
 
 __all__ = sorted(_EXPORTS)

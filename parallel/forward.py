@@ -59,21 +59,26 @@ def build_attention_mask(
     mode: str,
     valid: torch.Tensor | None,
     attn: str | None = None,
+    *,
+    num_queries: int | None = None,
 ) -> Any:
-    """What to pass as ``attention_mask``: one mask, or a per-layer-type dict (sliding-window layers)."""
+    """What to pass as ``attention_mask``: one mask, or a per-layer-type dict (sliding-window layers).
+
+    ``num_queries``: only the last tokens are queries (KV-cached decoding; see parallel.masks).
+    """
     impl = _model_attn(model, attn, branch_id.device)
     config = model.config
     if impl == "flex_attention":
 
         def build(window: int | None) -> Any:
-            return block_mask(branch_id, time_id, mode, valid, window=window)
+            return block_mask(branch_id, time_id, mode, valid, window=window, num_queries=num_queries)
 
     else:
         # eager adds the mask to the scores, so it needs the additive form in the model's dtype.
         dtype = model.get_input_embeddings().weight.dtype
 
         def build(window: int | None) -> Any:
-            allowed = dense_mask(branch_id, time_id, mode, valid, window=window)
+            allowed = dense_mask(branch_id, time_id, mode, valid, window=window, num_queries=num_queries)
             if impl == "sdpa":
                 return allowed
             zero = torch.zeros((), dtype=dtype, device=allowed.device)

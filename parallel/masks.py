@@ -10,6 +10,11 @@ Padding (``valid`` False) neither sees nor is seen, except that a padding query 
 an all-False row makes sdpa's softmax NaN, and a NaN in a padding token's output would reach
 real tokens in the next layer through ``0 * NaN`` in the attention product.
 
+``num_queries`` restricts the queries to the last ``num_queries`` tokens of the row (the keys are
+still all of them), giving a ``[B, 1, num_queries, L]`` mask: KV-cached decoding feeds only the
+newest tokens while the earlier ones sit in the cache. The full square mask is the case
+``num_queries = L``.
+
 ``window`` adds a sliding window in time (``time(q) - time(k) < window``), for models whose
 layers use sliding-window attention: in a packed row the time coordinate is what a 1D
 sequence's position was, so this reproduces the model's own window on a single sequence.
@@ -41,6 +46,15 @@ def _check(
     return valid.to(device=branch_id.device, dtype=torch.bool)
 
 
+def _query_offset(length: int, num_queries: int | None) -> int:
+    """Index of the first query token: the queries are the last ``num_queries`` tokens."""
+    if num_queries is None:
+        return 0
+    if not 0 < num_queries <= length:
+        raise ValueError(f"num_queries must lie in 1..{length}, got {num_queries}")
+    return length - num_queries
+
+
 def _allowed(
     mode: str,
     qb: Any,
@@ -67,21 +81,27 @@ def dense_mask(
     valid: torch.Tensor | None = None,
     *,
     window: int | None = None,
+    num_queries: int | None = None,
 ) -> torch.Tensor:
-    """Bool ``[B, 1, L, L]``: entry ``[b, 0, q, k]`` says whether token q of row b may attend to k."""
+    """Bool ``[B, 1, Q, L]``: entry ``[b, 0, q, k]`` says whether query q of row b may attend to token k.
+
+    The queries are the last ``Q = num_queries`` tokens (default: all ``L``, the square mask).
+    """
     valid = _check(branch_id, time_id, mode, valid)
     has_trunk = row_has_trunk(branch_id, time_id, valid)
     length = branch_id.shape[1]
-    same = torch.eye(length, dtype=torch.bool, device=branch_id.device)[None]
+    first = _query_offset(length, num_queries)
+    keys = torch.arange(length, device=branch_id.device)
+    same = (keys[first:, None] == keys[None, :])[None]
     allowed = _allowed(
         mode,
-        branch_id[:, :, None],
-        time_id[:, :, None],
+        branch_id[:, first:, None],
+        time_id[:, first:, None],
         branch_id[:, None, :],
         time_id[:, None, :],
         same,
         has_trunk[:, None, None],
-        valid[:, :, None],
+        valid[:, first:, None],
         valid[:, None, :],
         window,
     )
@@ -95,12 +115,15 @@ def mask_mod(
     valid: torch.Tensor | None = None,
     *,
     window: int | None = None,
+    num_queries: int | None = None,
 ) -> Any:
-    """The FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` of the same visibility."""
+    """FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` of the same visibility (queries: see dense_mask)."""
     valid = _check(branch_id, time_id, mode, valid)
     has_trunk = row_has_trunk(branch_id, time_id, valid)
+    first = _query_offset(branch_id.shape[1], num_queries)
 
-    def allowed(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    def allowed(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        q = q_idx + first
         return _allowed(
             mode,
             branch_id[b, q],
@@ -124,16 +147,17 @@ def block_mask(
     valid: torch.Tensor | None = None,
     *,
     window: int | None = None,
+    num_queries: int | None = None,
 ) -> Any:
     """FlexAttention ``BlockMask`` of the rows (compiled construction on CUDA, eager elsewhere)."""
     from torch.nn.attention.flex_attention import create_block_mask  # noqa: PLC0415 - torch >= 2.5 only
 
     batch, length = branch_id.shape
     return create_block_mask(
-        mask_mod(branch_id, time_id, mode, valid, window=window),
+        mask_mod(branch_id, time_id, mode, valid, window=window, num_queries=num_queries),
         B=batch,
         H=None,
-        Q_LEN=length,
+        Q_LEN=length if num_queries is None else num_queries,
         KV_LEN=length,
         device=branch_id.device,
         _compile=branch_id.is_cuda,

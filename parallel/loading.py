@@ -1,0 +1,329 @@
+"""Load a model for parallel generation exactly as it was trained, and export it self-contained.
+
+:func:`load_parallel_model` rebuilds everything from the adapter's ``plora.json`` (written by
+``plora train``, see trainer/checkpoint.py): the 2D RoPE patch (stride and pair indices), the mask
+mode and the alignment, so the user never repeats those numbers. Before anything is trusted, the
+base model is checked against what the adapter was trained on: tokenizer identity, rotary size and,
+where plora.json records them, architecture and sizes. It loads three kinds of directory:
+
+- a base model plus an adapter directory (PEFT files + plora.json);
+- an exported directory (``plora export``): weights, tokenizer and plora.json in one place, the
+  adapter merged in or kept beside the base weights in ``adapter/``;
+- a bare base model with no adapter: 2D RoPE at the given ratio/stride, for comparison.
+
+Weights are read from safetensors only; trust_remote_code stays off unless asked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from parallel.forward import resolve_attn
+from parallel.generation import PLORA_CONFIG_ATTR
+from parallel.layout import ALIGN_MODES, DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE, MASK_MODES
+from parallel.rope2d import patch_model_2d_rope, restore_2d_rope
+from pipeline.errors import PloraError
+from trainer.model import TORCH_DTYPES
+
+EXPORT_ADAPTER_DIR = "adapter"
+# Architecture facts compared between an adapter's base and the model it is loaded on.
+MODEL_FACTS: tuple[str, ...] = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The parts of plora.json that loading and generation use; ``raw`` keeps every field."""
+
+    source: Path
+    base_model: str | None
+    patch_rope: bool
+    stride: int
+    pair_indices: tuple[int, ...]
+    num_pairs: int | None
+    mask: str
+    align: str
+    tokenizer: dict[str, Any] | None
+    model: dict[str, Any] | None
+    export: dict[str, Any] | None
+    raw: dict[str, Any]
+
+    @staticmethod
+    def read(directory: str | Path) -> AdapterConfig:
+        from trainer.checkpoint import PLORA_JSON, read_plora_json  # noqa: PLC0415 - the writer's own reader
+
+        obj = read_plora_json(directory)
+        where = Path(directory) / PLORA_JSON
+        required = ("patch_rope", "stride", "pair_indices", "mask", "align")
+        missing = [key for key in required if key not in obj]
+        if missing:
+            raise PloraError(f"{where}: missing {', '.join(missing)}; not a plora.json this version can read")
+        if obj["mask"] not in MASK_MODES or obj["align"] not in ALIGN_MODES:
+            raise PloraError(f"{where}: unknown mask {obj['mask']!r} or align {obj['align']!r}")
+        return AdapterConfig(
+            source=Path(directory),
+            base_model=obj.get("base_model"),
+            patch_rope=bool(obj["patch_rope"]),
+            stride=int(obj["stride"]),
+            pair_indices=tuple(int(i) for i in obj["pair_indices"]),
+            num_pairs=obj.get("num_pairs"),
+            mask=obj["mask"],
+            align=obj["align"],
+            tokenizer=obj.get("tokenizer"),
+            model=obj.get("model"),
+            export=obj.get("export"),
+            raw=obj,
+        )
+
+
+def model_facts(model: torch.nn.Module) -> dict[str, Any]:
+    """Architecture and sizes of a model, as compared against plora.json's ``model``."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    facts = {key: getattr(text, key, None) for key in MODEL_FACTS}
+    return {"architectures": getattr(config, "architectures", None), **facts, "model_type": config.model_type}
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _is_plora_dir(path: Path) -> bool:
+    from trainer.checkpoint import PLORA_JSON  # noqa: PLC0415
+
+    return (path / PLORA_JSON).is_file()
+
+
+def _is_export(path: Path) -> bool:
+    return _is_plora_dir(path) and AdapterConfig.read(path).export is not None
+
+
+def _resolve_base(base_model: str | Path | None, config: AdapterConfig) -> Path:
+    """The base model directory: given, or the one plora.json records (absolute, or relative to the cwd)."""
+    if base_model is not None:
+        path = Path(base_model)
+        if not path.is_dir():
+            raise PloraError(f"{path}: no such base model directory")
+        return path
+    if not config.base_model:
+        raise PloraError(f"{config.source}: plora.json records no base model; pass --base-model")
+    path = Path(config.base_model)
+    if not path.is_dir():
+        raise PloraError(
+            f"{config.source}: its base model {config.base_model} (from plora.json) is not a directory here; "
+            "pass --base-model"
+        )
+    return path
+
+
+def _load_tokenizer(path: Path, config: AdapterConfig | None) -> Any:
+    from pipeline.tokenize import load_tokenizer, tokenizer_identity  # noqa: PLC0415
+
+    tokenizer = load_tokenizer(path)
+    expected = (config.tokenizer or {}).get("sha256") if config is not None else None
+    if expected is not None and tokenizer_identity(tokenizer)["sha256"] != expected:
+        name = config.tokenizer.get("name_or_path", "?")  # type: ignore[union-attr]
+        raise PloraError(
+            f"{path}: its tokenizer is not the one the adapter {config.source} was trained with ({name}); "
+            "load the adapter on its own base model"
+        )
+    return tokenizer
+
+
+def _load_weights(path: Path, *, dtype: str, device: str, attn: str, trust_remote_code: bool) -> Any:
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - slow import
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+    if dtype not in TORCH_DTYPES:
+        raise PloraError(f"--dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path),
+            dtype=TORCH_DTYPES[dtype],
+            attn_implementation=resolve_attn(attn, device),
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+            local_files_only=True,
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise PloraError(f"{path}: cannot load the model: {_one_line(err)}") from None
+    return model.to(device).eval()
+
+
+def _recorded_facts(config: AdapterConfig) -> dict[str, Any]:
+    """The adapter's base architecture: plora.json's ``model`` when recorded, else the config.json of
+    the base model plora.json names, when that directory still exists."""
+    if config.model:
+        return config.model
+    if not config.base_model or not (Path(config.base_model) / "config.json").is_file():
+        return {}
+    try:
+        obj = json.loads((Path(config.base_model) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    text = obj.get("text_config", obj)  # multimodal configs nest the language model's
+    return {key: text.get(key, obj.get(key)) for key in MODEL_FACTS}
+
+
+def _check_facts(model: torch.nn.Module, config: AdapterConfig, base: Path) -> None:
+    recorded = _recorded_facts(config)
+    have = model_facts(model)
+    for key in MODEL_FACTS:
+        if recorded.get(key) is not None and recorded[key] != have[key]:
+            raise PloraError(
+                f"{base}: {key} is {have[key]!r}, but the adapter {config.source} was trained on a base with "
+                f"{recorded[key]!r}; load it on its own base model"
+            )
+
+
+def _apply_rope(model: torch.nn.Module, config: AdapterConfig, base: Path) -> None:
+    if not config.patch_rope:
+        return
+    rope = patch_model_2d_rope(model, stride=config.stride, pair_indices=config.pair_indices)
+    if config.num_pairs is not None and rope.num_pairs != config.num_pairs:
+        raise PloraError(
+            f"{base}: its RoPE has {rope.num_pairs} frequency pairs, but the adapter {config.source} was "
+            f"trained with {config.num_pairs}; load it on its own base model"
+        )
+
+
+def _attach_adapter(model: torch.nn.Module, adapter_dir: Path, base: Path) -> Any:
+    from peft import PeftModel  # noqa: PLC0415
+
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise PloraError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise PloraError(
+            f"{adapter_dir}: the adapter does not fit the base model {base}: {_one_line(err)}"
+        ) from None
+
+
+def load_parallel_model(
+    base_model: str | Path | None,
+    adapter_dir: str | Path | None = None,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    attn: str = "sdpa",
+    trust_remote_code: bool = False,
+    ratio: float = DEFAULT_ROPE_2D_RATIO,
+    stride: int = DEFAULT_STRIDE,
+) -> tuple[Any, Any, AdapterConfig | None]:
+    """(model, tokenizer, adapter config) ready for :func:`parallel.generation.generate`.
+
+    ``base_model`` may be None when plora.json names it; an exported model loads as ``base_model``
+    alone (or as ``adapter_dir`` with no base). ``ratio``/``stride`` apply only to a bare
+    base model (no adapter, not an export); an adapter's own settings always win. The returned
+    model carries the adapter config as ``model.plora_config`` so generation uses its mask and align.
+    """
+    if adapter_dir is not None and not Path(adapter_dir).is_dir():
+        raise PloraError(f"{adapter_dir}: no such adapter directory")
+    if adapter_dir is not None and base_model is None and _is_export(Path(adapter_dir)):
+        base_model, adapter_dir = adapter_dir, None  # an exported model given where an adapter goes
+    if adapter_dir is not None:
+        adapter = Path(adapter_dir)
+        config = AdapterConfig.read(adapter)
+        if config.export is not None:
+            raise PloraError(f"{adapter}: an exported model, not an adapter; load it without a base model")
+        base = _resolve_base(base_model, config)
+        weights_dir: Path | None = adapter
+    elif base_model is not None and _is_plora_dir(Path(base_model)):
+        base = Path(base_model)
+        config = AdapterConfig.read(base)
+        if config.export is None:
+            raise PloraError(f"{base}: an adapter directory, not a model; pass it as the adapter")
+        adapter_name = config.export.get("adapter")
+        weights_dir = base / adapter_name if adapter_name else None
+    elif base_model is not None:
+        base, config, weights_dir = Path(base_model), None, None
+        if not base.is_dir():
+            raise PloraError(f"{base}: no such model directory")
+    else:
+        raise PloraError("give a base model, an adapter directory or an exported model directory")
+
+    tokenizer = _load_tokenizer(base, config)
+    model = _load_weights(base, dtype=dtype, device=device, attn=attn, trust_remote_code=trust_remote_code)
+    if config is None:
+        patch_model_2d_rope(model, ratio=ratio, stride=stride)
+        return model, tokenizer, None
+    _check_facts(model, config, base)
+    if config.export is not None:
+        restore_2d_rope(model)  # the exported config.json records the patch
+    _apply_rope(model, config, base)
+    if weights_dir is not None:
+        model = _attach_adapter(model, weights_dir, base)
+    setattr(model, PLORA_CONFIG_ATTR, config)
+    return model, tokenizer, config
+
+
+def export_model(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    merge: bool = False,
+    base_model: str | Path | None = None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+) -> Path:
+    """Write a self-contained model directory that :func:`load_parallel_model` loads on its own.
+
+    With ``merge`` the LoRA weights are folded into the base weights; without, the base weights
+    and the adapter (in ``adapter/``) are kept apart. The 2D RoPE patch is recorded in config.json
+    and plora.json. Written under a temporary name and renamed into place.
+    """
+    from trainer.checkpoint import PLORA_JSON, _fsync_tree, _publish, _write_json  # noqa: PLC0415
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise PloraError(f"--out {out}: exists and is not a directory")
+    model, tokenizer, config = load_parallel_model(
+        base_model, adapter_dir, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code
+    )
+    assert config is not None
+    if config.export is not None:
+        raise PloraError(f"{adapter_dir}: already an exported model")
+    source_base = str(_resolve_base(base_model, config).resolve())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        if merge:
+            base = model.merge_and_unload()
+        else:
+            model.save_pretrained(str(tmp / EXPORT_ADAPTER_DIR), safe_serialization=True)
+            base = model.unload()
+        base.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        meta = {
+            **config.raw,
+            "base_model": None,
+            "model": model_facts(base),
+            "export": {
+                "merged": merge,
+                "adapter": None if merge else EXPORT_ADAPTER_DIR,
+                "source_adapter": str(Path(adapter_dir).resolve()),
+                "source_base_model": source_base,
+                "dtype": dtype,
+            },
+        }
+        _write_json(tmp / PLORA_JSON, meta)
+        _fsync_tree(tmp)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,192 @@
+"""Loading adapters for generation (settings from plora.json), export, and the loader's one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from parallel.forward import forward_packed
+from parallel.generation import generate
+from parallel.loading import load_parallel_model
+from parallel.rope2d import rope2d_config
+from pipeline.errors import PloraError
+from pipeline.shards import open_shards
+from pipeline.tinymodel import ensure_tiny_model
+from trainer.config import TrainConfig
+from trainer.model import PackedLoss, add_lora, apply_rope, load_base_model
+
+# Deliberately not the defaults, so a loader that ignored plora.json would build another model.
+TRAIN_FLAGS = {"--mask": "columnar", "--stride": "16", "--rope-2d-ratio": "0.25"}
+
+
+def run_plora(plora_bin: Path, *args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(plora_bin), *args], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir: Path, plora_bin: Path, sample_dir: Path) -> dict[str, Path]:
+    """A few steps of `plora train` on the sample parallel records (a high LR so the adapter matters)."""
+    work = tmp_path_factory.mktemp("trained")
+    records = work / "rec.jsonl"
+    run_plora(plora_bin, "convert", str(sample_dir / "sample_parallel.jsonl"), "--out", str(records))
+    run_plora(
+        plora_bin, "tokenize", str(records), "--tokenizer", str(tiny_model_dir),
+        "--out", str(work / "shards"), "--branches", "4", "--max-seq-len", "64",
+    )
+    flags = [part for item in TRAIN_FLAGS.items() for part in item]
+    run_plora(
+        plora_bin, "train", "--shards", str(work / "shards"), "--base-model", str(tiny_model_dir),
+        "--out-dir", str(work / "out"), "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2",
+        "--dtype", "float32", "--device", "cpu", *flags,
+    )
+    adapter = work / "out" / "lora" / "hf_parallel_lora_final"
+    return {"adapter": adapter, "shards": work / "shards", "work": work}
+
+
+def row_batch(shards: Path, index: int = 0) -> dict[str, torch.Tensor]:
+    row = open_shards(shards).row(index)
+    out = {
+        name: torch.from_numpy(getattr(row, name).astype(np.int64))[None]
+        for name in ("input_ids", "branch_id", "time_id")
+    }
+    return out
+
+
+def loaded_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], mask: str) -> torch.Tensor:
+    with torch.no_grad():
+        return forward_packed(model, batch["input_ids"], batch["branch_id"], batch["time_id"], mask=mask)
+
+
+def test_adapter_reproduces_training_time_logits(trained, tiny_model_dir: Path) -> None:
+    model, tokenizer, config = load_parallel_model(None, trained["adapter"])  # base model from plora.json
+    assert (config.mask, config.stride, len(config.pair_indices)) == ("columnar", 16, 2)
+    patch = rope2d_config(model)
+    assert patch is not None and patch.stride == 16 and patch.pair_indices == config.pair_indices
+
+    # The training-time model: the trainer's own code path, with the settings the run was given.
+    cfg = TrainConfig(
+        shards=str(trained["shards"]), base_model=str(tiny_model_dir), mask="columnar", stride=16,
+        rope_2d_ratio=0.25, attn="sdpa", device="cpu", dtype="float32",
+    )
+    base = load_base_model(cfg.base_model, attn="sdpa", device=torch.device("cpu"), dtype="float32")
+    rope = apply_rope(base, cfg)
+    train_model = add_lora(base, cfg, str(trained["adapter"])).eval()
+    loss_module = PackedLoss(train_model, mask=cfg.mask, stride=rope.stride)
+    for index in (0, 5):
+        batch = row_batch(trained["shards"], index)
+        with torch.no_grad():
+            expected = loss_module.token_logits(
+                batch["input_ids"], batch["branch_id"], batch["time_id"], torch.ones_like(batch["input_ids"])
+            )
+        torch.testing.assert_close(loaded_logits(model, batch, config.mask), expected, atol=1e-5, rtol=0)
+
+    # ... and the adapter is not a no-op: the bare base with the same 2D RoPE gives other logits.
+    bare, _, none = load_parallel_model(tiny_model_dir, ratio=0.25, stride=16)
+    assert none is None
+    batch = row_batch(trained["shards"])
+    difference = loaded_logits(bare, batch, "columnar") - loaded_logits(model, batch, "columnar")
+    assert difference.abs().max() > 1e-3
+
+    # Generation picks the adapter's mask: columnar decoding of this model reproduces it.
+    result = generate(model, tokenizer, "The river", branches=[" a", " b"], max_new_tokens=3)
+    again = generate(model, tokenizer, "The river", branches=[" a", " b"], max_new_tokens=3, mask="columnar")
+    assert result.texts == again.texts
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_export_loads_without_the_base_model(
+    trained, tiny_model_dir: Path, plora_bin: Path, merge: bool
+) -> None:
+    work = trained["work"]
+    base_copy = work / f"base-copy-{merge}"
+    shutil.copytree(tiny_model_dir, base_copy)
+    out = work / f"export-{merge}"
+    run_plora(
+        plora_bin, "export", "--adapter", str(trained["adapter"]), "--out", str(out), "--base-model",
+        str(base_copy), *(["--merge"] if merge else []),
+    )
+    shutil.rmtree(base_copy)  # the export must stand on its own
+    meta = json.loads((out / "plora.json").read_text())
+    assert meta["export"]["merged"] is merge and meta["mask"] == "columnar"
+    assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+    exported, _, config = load_parallel_model(out)
+    assert config is not None and config.stride == 16
+    reference, _, _ = load_parallel_model(tiny_model_dir, trained["adapter"])
+    batch = row_batch(trained["shards"])
+    expected = loaded_logits(reference, batch, "columnar")
+    torch.testing.assert_close(loaded_logits(exported, batch, config.mask), expected, atol=1e-5, rtol=0)
+
+
+def test_bare_base_model_gets_2d_rope(tiny_model_dir: Path) -> None:
+    model, tokenizer, config = load_parallel_model(tiny_model_dir)
+    patch = rope2d_config(model)
+    assert config is None and patch is not None and patch.stride == 128 and len(patch.pair_indices) == 4
+    assert tokenizer.eos_token == "<|im_end|>"
+
+
+def _copy_adapter(trained, tmp_path: Path, edit) -> Path:
+    copy = tmp_path / "adapter"
+    shutil.copytree(trained["adapter"], copy)
+    meta = json.loads((copy / "plora.json").read_text())
+    edit(meta)
+    (copy / "plora.json").write_text(json.dumps(meta))
+    return copy
+
+
+def test_foreign_tokenizer_is_refused(trained, tmp_path: Path) -> None:
+    adapter = _copy_adapter(trained, tmp_path, lambda m: m["tokenizer"].update(sha256="0" * 64))
+    with pytest.raises(PloraError, match="not the one the adapter .* was trained with"):
+        load_parallel_model(None, adapter)
+
+
+def test_foreign_architecture_is_refused(trained) -> None:
+    llama = ensure_tiny_model(arch="llama")  # same tokenizer and sizes, another architecture
+    with pytest.raises(PloraError, match="model_type is 'llama'"):
+        load_parallel_model(llama, trained["adapter"])
+
+
+def test_incomplete_plora_json_is_refused(trained, tmp_path: Path) -> None:
+    adapter = _copy_adapter(trained, tmp_path, lambda m: m.pop("stride"))
+    with pytest.raises(PloraError, match="missing stride"):
+        load_parallel_model(None, adapter)
+
+
+def test_non_rope_base_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=2000, n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2", safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, tmp_path / "gpt2" / name)
+    with pytest.raises(PloraError, match="no rotary embedding") as caught:
+        load_parallel_model(tmp_path / "gpt2")
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "--adapter", "{missing}", "--num-branches", "2", "--prompt", "x"], "no such adapter"),
+        (["generate", "--adapter", "{plain}", "--num-branches", "2", "--prompt", "x"], "no plora.json"),
+        (["export", "--adapter", "{missing}", "--out", "{out}"], "no such adapter"),
+    ],
+)
+def test_cli_loading_errors_are_one_line(
+    plora_bin: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    (tmp_path / "plain").mkdir()
+    names = {"missing": tmp_path / "missing", "plain": tmp_path / "plain", "out": tmp_path / "out"}
+    argv = [str(plora_bin), *(a.format(**names) for a in args)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2
+    assert done.stderr.startswith("plora: error: ") and done.stderr.count("\n") == 1
+    assert message in done.stderr
+    assert not (tmp_path / "out").exists()
