@@ -20,18 +20,12 @@ from rich.status import Status
 from rich.table import Table
 from rich.text import Text
 
+from cli import options
 from cli.app import app
-from parallel.layout import (
-    ALIGN_MODES,
-    DEFAULT_BRANCHES,
-    DEFAULT_MAX_SEQ_LEN,
-    PackedRow,
-    PackingOptions,
-)
+from parallel.layout import PackedRow, PackingOptions
 from pipeline.convert import ConvertOptions, iter_records
 from pipeline.draw import check_png_target, write_row_png
 from pipeline.errors import PloraError, Rejects
-from pipeline.formats import FORMATS, MODES
 from pipeline.inspect import (
     DEFAULT_BATCH_SIZE,
     Decode,
@@ -43,7 +37,6 @@ from pipeline.inspect import (
     token_texts,
     totals_facts,
 )
-from pipeline.readers import TXT_SPLITS
 from pipeline.shards import ShardError, open_shards
 from pipeline.tokenize import load_tokenizer, pack_records
 
@@ -61,33 +54,26 @@ def inspect_command(
     batch_size: int = typer.Option(
         DEFAULT_BATCH_SIZE, "--batch-size", min=1, help="Batch size for the padding-waste estimate."
     ),
-    tokenizer: Path | None = typer.Option(
-        None, "--tokenizer", help="Tokenizer dir for text (default: the manifest's, if on this machine)."
+    tokenizer: str | None = typer.Option(
+        None, "--tokenizer", help="Tokenizer dir or hub id for text (default: the manifest's, if here)."
     ),
-    chat_template: Path | None = typer.Option(
-        None, "--chat-template", help="Jinja chat template file replacing the tokenizer's own (as tokenize)."
-    ),
-    # A records file is packed exactly as `plora tokenize` would with the same flags.
-    branches: int = typer.Option(
-        DEFAULT_BRANCHES, "--branches", "--branches_per_sample", help="Records file: branches per row."
-    ),
-    min_branches: int = typer.Option(1, "--min-branches", help="Records file: dynamic mode's fewest."),
-    max_branches: int = typer.Option(
-        0, "--max-branches", "--max_branches_per_sample", help="Records file: > 0 draws K from min..max."
-    ),
-    max_seq_len: int = typer.Option(
-        DEFAULT_MAX_SEQ_LEN, "--max-seq-len", "--max_seq_len", help="Records file: longest branch."
-    ),
-    align: str = typer.Option("left", "--align", help=f"Records file: {' | '.join(ALIGN_MODES)}."),
-    seed: int = typer.Option(0, "--seed", help="Records file: seed of the dynamic-mode branch counts."),
-    no_train_trunk: bool = typer.Option(False, "--no-train-trunk", help="Records file: trunk not trained."),
-    fmt: str = typer.Option("auto", "--format", help=f"Records file: auto | {' | '.join(FORMATS)}."),
-    mode: str = typer.Option("sft", "--mode", help=f"Records file: {' | '.join(MODES)}."),
-    txt_split: str = typer.Option(
-        "blank", "--txt-split", help=f"Records file (.txt): one document per {' | '.join(TXT_SPLITS)} block."
-    ),
+    chat_template: Path | None = options.CHAT_TEMPLATE,
+    # A records file is read and packed exactly as `plora tokenize` would with the same flags.
+    branches: int = options.BRANCHES,
+    min_branches: int = options.MIN_BRANCHES,
+    max_branches: int = options.MAX_BRANCHES,
+    max_seq_len: int = options.MAX_SEQ_LEN,
+    align: str = options.ALIGN,
+    seed: int = options.SEED,
+    no_train_trunk: bool = options.NO_TRAIN_TRUNK,
+    fmt: str = options.FORMAT,
+    mode: str = options.MODE,
+    txt_split: str = options.TXT_SPLIT,
 ) -> None:
-    """Validate and describe shards (or a records file packed on the fly): totals, one row, its masks."""
+    """Validate and describe shards (or a records file packed on the fly): totals, one row, its masks.
+
+    A records file is read and packed with `plora tokenize`'s options (--branches ... --txt-split).
+    """
     err = Console(stderr=True)
     if not path.exists():
         raise PloraError(f"{path}: no such shard directory or records file")
@@ -99,18 +85,15 @@ def inspect_command(
     if path.is_dir():
         facts, packed, used = _inspect_shards(path, row, batch_size, given, chat_template, err)
     else:
-        try:
-            packing = PackingOptions(
-                branches=branches,
-                min_branches=min_branches,
-                max_branches=max_branches,
-                max_seq_len=max_seq_len,
-                align=align,  # type: ignore[arg-type] - validated by PackingOptions
-                seed=seed,
-                train_trunk=not no_train_trunk,
-            )
-        except ValueError as error:
-            raise PloraError(f"bad packing options: {error}") from None
+        packing = options.packing_options(
+            branches=branches,
+            min_branches=min_branches,
+            max_branches=max_branches,
+            max_seq_len=max_seq_len,
+            align=align,
+            seed=seed,
+            no_train_trunk=no_train_trunk,
+        )
         convert = ConvertOptions(fmt=fmt, mode=mode, txt_split=txt_split)
         facts, packed = _inspect_records(path, row, batch_size, given, packing, convert, err)
         used = given
@@ -236,8 +219,13 @@ def _print_manifest(console: Console, manifest: dict[str, Any]) -> None:
     table = Table(title="manifest", show_header=False, title_justify="left")
     tokenizer = manifest["tokenizer"]
     table.add_row("format / plora", f"v{manifest['format_version']} / {manifest['plora_version']}")
-    vocab = f"vocab {tokenizer['vocab_size']:,}, sha256 {tokenizer['sha256'][:12]}"
+    ids = (tokenizer.get("vocab_sha256") or "? (identity v1)")[:12]
+    vocab = f"vocab {tokenizer['vocab_size']:,}, vocab_sha256 {ids}"
     table.add_row("tokenizer", f"{tokenizer['name_or_path']} ({vocab})")
+    if manifest.get("chat_template") is not None:  # absent from manifests of older plora versions
+        template = manifest["chat_template"]
+        own = "the tokenizer's own" if template["template"] is not None else "none"
+        table.add_row("chat template", template["file"] or own)
     for part in ("packing", "convert"):
         if manifest[part]:
             table.add_row(part, ", ".join(f"{k}={v}" for k, v in manifest[part].items()))

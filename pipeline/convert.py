@@ -16,7 +16,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -26,7 +26,7 @@ from rich.progress import Progress, ProgressColumn, SpinnerColumn, Task, TextCol
 from rich.text import Text
 
 from parallel.layout import Record, RecordError, record_to_line
-from pipeline import formats
+from pipeline import atomic, formats
 from pipeline.errors import OnError, PloraError, Rejects
 from pipeline.readers import TXT_SPLITS, RawRecord, check_readable, hf_source, read_file, read_hf_dataset
 
@@ -280,24 +280,17 @@ def _output(out: Path | None) -> Iterator[Callable[[str], None]]:
             raise _write_error("stdout", err) from err
         return
     check_output_path(out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        f = open(tmp, "w", encoding="utf-8")  # noqa: SIM115 - closed below on every path
-    except OSError as err:
-        raise PloraError(f"{out}: cannot write: {err.strerror or err}") from err
-    try:
+    with ExitStack() as stack:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            f = stack.enter_context(atomic.open_atomic(out, "w"))
+        except OSError as err:
+            raise PloraError(f"{out}: cannot write: {err.strerror or err}") from err
         yield _checked_writer(f, str(out))
         try:
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-            os.replace(tmp, out)
+            stack.close()  # fsync, rename into place
         except OSError as err:
             raise _write_error(str(out), err) from err
-    finally:
-        f.close()
-        tmp.unlink(missing_ok=True)
 
 
 def _checked_writer(f: TextIO, name: str) -> Callable[[str], None]:

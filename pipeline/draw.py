@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from parallel.layout import MASK_MODES
+from pipeline import atomic
 from pipeline.errors import PloraError
 from pipeline.inspect import RowView, human_bytes, visibility
 
@@ -76,17 +77,11 @@ def write_row_png(
     """Draw the row of ``facts["row"]`` and write it as a PNG, atomically. Returns the path."""
     fig = row_figure(facts, view, tokens, title=title)
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as out:
+        with atomic.open_atomic(path, "wb") as out:
             fig.savefig(out, format="png", dpi=100, metadata={PNG_FACTS_KEY: json.dumps(facts["row"])})
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
     except OSError as err:
         raise PloraError(f"cannot write PNG {path}: {err.strerror or err}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

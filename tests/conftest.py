@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny offline model, the installed `plora` script, sample and third-party data."""
+"""Shared fixtures: the tiny offline model, the installed `plora` script, sample and third-party data,
+and the shards the trainer tests train on."""
 
 from __future__ import annotations
 
@@ -13,7 +14,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from parallel.layout import PackingOptions  # noqa: E402
+from pipeline.convert import ConvertOptions  # noqa: E402
+from pipeline.errors import Rejects  # noqa: E402
 from pipeline.tinymodel import ensure_tiny_model  # noqa: E402
+from pipeline.tokenize import TokenizeJob, tokenize_to_shards  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO_ROOT / "data"
@@ -24,6 +29,23 @@ SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 def tiny_model_dir() -> Path:
     """The cached tiny Qwen2-style model (built on first use). Read-only: copy it before changing it."""
     return ensure_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def train_shards(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real shards of the sample data for the tiny model: texts packed 4 to a row plus explicit
+    parallel records (with trunks), in several shard files. Built once per session; read-only."""
+    out = tmp_path_factory.mktemp("train") / "shards"
+    job = TokenizeJob(
+        inputs=(SAMPLE_DIR / "sample_text.txt", SAMPLE_DIR / "sample_parallel.jsonl"),
+        tokenizer=tiny_model_dir,
+        out=out,
+        packing=PackingOptions(branches=4, max_seq_len=48),
+        convert=ConvertOptions(),
+        rows_per_shard=8,
+    )
+    tokenize_to_shards(job, Rejects("raise"), progress=False)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cli_helpers import one_line_error, run_plora
 from inputs import read_jsonl
 
 OK = b'{"text": "fine"}\n'
@@ -96,15 +97,12 @@ BAD_RECORDS = [
 
 
 def plora(plora_bin: Path, cwd: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([plora_bin, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return run_plora(plora_bin, *args, cwd=cwd)
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess[str], start: str, expect: str) -> None:
-    assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr
-    assert done.stderr.count("\n") == 1 and done.stderr.endswith("\n"), done.stderr
-    assert done.stderr.startswith(f"plora: error: {start}"), done.stderr
-    assert expect in done.stderr
+    line = one_line_error(done)
+    assert line.startswith(f"plora: error: {start}") and expect in line, line
 
 
 def test_at_least_fifteen_distinct_cases() -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from train_helpers import (
-    build_shards,
     cli_args,
     max_adapter_difference,
     relative_adapter_difference,
@@ -22,11 +21,6 @@ from trainer.checkpoint import final_checkpoint
 from trainer.metrics import logs_dir, read_metrics
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-
-
-@pytest.fixture(scope="module")
-def train_shards(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_shards(tmp_path_factory.getbasetemp() / "train-shards", tiny_model_dir)
 
 
 def test_two_processes_match_one_with_the_same_global_batch(

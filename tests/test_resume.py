@@ -24,6 +24,7 @@ from parallel.layout import (
     TokenSequence,
     pack_rows,
 )
+from pipeline.atomic import temp_sibling
 from pipeline.errors import PloraError, Rejects
 from pipeline.shards import JOURNAL_NAME, ShardError, open_shards
 from pipeline.tokenize import TokenizeJob, tokenize_to_shards
@@ -116,7 +117,7 @@ def test_crash_before_the_first_journal_restarts_cleanly(
     out = tmp_path / "shards"
     out.mkdir()
     (out / "shard-00000.arrow").write_bytes((reference / "shard-00000.arrow").read_bytes())
-    (out / "shard-00001.arrow.tmp").write_bytes(b"half a shard")
+    temp_sibling(out / "shard-00001.arrow").write_bytes(b"half a shard")
     with pytest.raises(ShardError, match="incomplete"):
         open_shards(out)
     with pytest.raises(PloraError, match="interrupted run"):

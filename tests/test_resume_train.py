@@ -9,8 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-from train_helpers import build_shards, cli_args, max_adapter_difference, subprocess_env
+from train_helpers import cli_args, max_adapter_difference, subprocess_env
 
 from pipeline.shards import open_shards
 from trainer.checkpoint import final_checkpoint, lora_dir
@@ -23,11 +22,6 @@ FLAGS = [
     "--lora-dropout", "0.1", "--group-by-length", "--val-fraction", "0.1", "--save-interval", "2",
     "--log-interval", "1", "--warmup", "3",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def train_shards(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_shards(tmp_path_factory.getbasetemp() / "train-shards", tiny_model_dir)
 
 
 def _published(out: Path) -> list[Path]:

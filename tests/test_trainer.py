@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from train_helpers import build_shards, max_adapter_difference, quick_config
+from train_helpers import max_adapter_difference, quick_config
 
 from parallel.layout import IGNORE_INDEX
 from pipeline.errors import PloraError
@@ -26,12 +26,6 @@ from trainer.data import (
 from trainer.evaluate import EvalOptions, run_eval
 from trainer.loop import lr_at, train
 from trainer.metrics import logs_dir, read_metrics
-
-
-@pytest.fixture(scope="module")
-def train_shards(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_shards(tmp_path_factory.getbasetemp() / "train-shards", tiny_model_dir)
-
 
 # ---------------------------------------------------------------------------------------------------
 # Data plan: exact step counts, disjoint per-process slices, world-size independence
@@ -199,6 +193,11 @@ def test_short_run_lowers_the_loss_and_writes_a_complete_adapter(
     assert after.tokens == before.tokens == manifest["num_trained"]
     assert after.mean < before.mean - 0.03
     assert sum(n for _, n, _ in after.by_branches.values()) == after.tokens
+    other = Path(shutil.copytree(final, tmp_path / "other-vocabulary"))
+    meta["tokenizer"]["vocab_sha256"] = "0" * 64
+    (other / "plora.json").write_text(json.dumps(meta))
+    with pytest.raises(PloraError, match=r"^adapter .*: recorded tokenizer .* the tokenizer of the shards"):
+        run_eval(dataclasses.replace(options, adapter=str(other)))
 
 
 def test_accumulation_gives_the_same_adapter_as_one_bigger_batch(
@@ -283,7 +282,7 @@ BAD_CASES = {
     "missing shards": (lambda s, m, t: {"shards": str(t / "nowhere")}, "no such shard directory"),
     "mismatched tokenizer": (
         lambda s, m, t: {"tokenizer_path": str(_tokenizer_with_an_extra_token(m, t / "tok"))},
-        "shards were tokenized with",
+        "recorded tokenizer .* but the tokenizer given is",
     ),
     "corrupt shard": (
         lambda s, m, t: {"shards": str(_corrupt_copy(s, t / "corrupt"))},
@@ -339,3 +338,10 @@ def test_continuing_an_adapter_with_other_rope_settings_is_refused(
                            rope_2d_ratio=0.25, max_steps=1))  # fmt: skip
     with pytest.raises(PloraError, match="seed was 42, now 7"):
         train(quick_config(train_shards, tiny_model_dir, tmp_path / "a", resume=str(first.final_dir), seed=7))
+    # An adapter trained on another vocabulary's ids.
+    other = Path(shutil.copytree(first.final_dir, tmp_path / "other-vocabulary"))
+    meta = json.loads((other / "plora.json").read_text())
+    meta["tokenizer"]["vocab_sha256"] = "0" * 64
+    (other / "plora.json").write_text(json.dumps(meta))
+    with pytest.raises(PloraError, match=r"^adapter .*other-vocabulary: recorded tokenizer .* the shards in"):
+        train(quick_config(train_shards, tiny_model_dir, tmp_path / "c", load_lora=str(other), max_steps=1))

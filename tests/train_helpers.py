@@ -1,4 +1,4 @@
-"""Shared by the trainer tests: real shards of the sample data for the tiny model, configs, adapter checks."""
+"""Shared by the trainer tests: configs, command lines, adapter checks (shards: conftest.train_shards)."""
 
 from __future__ import annotations
 
@@ -9,33 +9,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from parallel.layout import PackingOptions
-from pipeline.convert import ConvertOptions
-from pipeline.errors import Rejects
-from pipeline.shards import MANIFEST_NAME
-from pipeline.tokenize import TokenizeJob, tokenize_to_shards
 from trainer.config import TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_INPUTS = (REPO_ROOT / "data" / "sample_text.txt", REPO_ROOT / "data" / "sample_parallel.jsonl")
-
-
-def build_shards(out: Path, model_dir: Path, *, rows_per_shard: int = 8) -> Path:
-    """Texts packed 4 to a row plus explicit parallel records (with trunks), in several shard files.
-
-    Built once per test session: every trainer test module's fixture passes the same ``out``."""
-    if (out / MANIFEST_NAME).is_file():
-        return out
-    job = TokenizeJob(
-        inputs=SAMPLE_INPUTS,
-        tokenizer=model_dir,
-        out=out,
-        packing=PackingOptions(branches=4, max_seq_len=48),
-        convert=ConvertOptions(),
-        rows_per_shard=rows_per_shard,
-    )
-    tokenize_to_shards(job, Rejects("raise"), progress=False)
-    return out
 
 
 def quick_config(shards: Path, base_model: Path, out_dir: Path, **overrides: Any) -> TrainConfig:

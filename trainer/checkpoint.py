@@ -7,10 +7,10 @@ Layout of ``out/lora/<name>_step<N>/`` and ``out/lora/<name>_final/``::
     trainer_state/optimizer.safetensors               # AdamW moments (tensors only)
     trainer_state/state.json                          # step, data position, scaler, param groups, config
 
-A checkpoint is written into ``.<name>.tmp-<pid>`` next to its final place, every file fsynced, then
-renamed into place, so a directory with a final name is always whole; a killed run leaves at most a
-hidden temporary directory, removed by the next run. Nothing is ever unpickled: tensors are
-safetensors and everything else is JSON.
+A checkpoint is written into a temporary directory next to its final place, every file fsynced, then
+renamed into place (:mod:`pipeline.atomic`), so a directory with a final name is always whole; a
+killed run leaves at most a hidden temporary directory, removed by the next run. Nothing is ever
+unpickled: tensors are safetensors and everything else is JSON.
 
 There is no RNG state to save: the loop reseeds torch from (seed, step, rank) before every step and
 the data order is a function of (seed, epoch, step), so a resumed run draws exactly what an
@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline import atomic
 from pipeline.errors import PloraError
 
 CHECKPOINT_FORMAT = 1
@@ -68,9 +69,7 @@ def latest_checkpoint(out_dir: str | Path, name: str) -> Path | None:
 
 def remove_stale_temporaries(out_dir: str | Path, name: str) -> None:
     """Temporary directories left by a killed run of this adapter name (never a published one)."""
-    for path in lora_dir(out_dir).glob(f".{name}_*.tmp-*"):
-        shutil.rmtree(path, ignore_errors=True)
-    for path in lora_dir(out_dir).glob(f".{name}_*.old-*"):
+    for path in atomic.temporaries(lora_dir(out_dir), f"{name}_*"):
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -97,17 +96,17 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
 ) -> None:
     """Write adapter, plora.json and trainer state under a temporary name, then publish at ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic.make_temp_dir(path)
     model.save_pretrained(str(tmp), safe_serialization=True)
-    _write_json(tmp / PLORA_JSON, plora_meta)
+    atomic.write_json(tmp / PLORA_JSON, plora_meta)
     tensors, groups = _optimizer_to_flat(optimizer.state_dict())
     (tmp / STATE_DIR).mkdir()
     save_file(tensors, str(tmp / STATE_DIR / OPTIMIZER_FILE))
-    _write_json(tmp / STATE_DIR / STATE_FILE, {**state, "format": CHECKPOINT_FORMAT, "param_groups": groups})
-    _fsync_tree(tmp)
-    _publish(tmp, path)
+    atomic.write_json(
+        tmp / STATE_DIR / STATE_FILE, {**state, "format": CHECKPOINT_FORMAT, "param_groups": groups}
+    )
+    atomic.publish_dir(tmp, path)
 
 
 def read_plora_json(path: str | Path) -> dict[str, Any]:
@@ -162,39 +161,3 @@ def _optimizer_to_flat(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tens
         {k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in state_dict["param_groups"]
     ]
     return tensors, groups
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _fsync_tree(directory: Path) -> None:
-    for path in sorted(directory.rglob("*"), reverse=True):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        else:
-            _fsync_dir(path)
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first (rename cannot replace a
-    non-empty directory), so ``final`` is only ever absent or whole."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(final.parent)

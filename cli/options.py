@@ -1,0 +1,106 @@
+"""Command-line options that several commands share, defined once.
+
+`plora convert`, `plora tokenize` and `plora inspect` (on a records file) read records the same way,
+tokenize and inspect pack them the same way, and train, eval, generate and export load models the
+same way, so these options must have the same names, aliases (the original guide's underscore
+spellings), defaults and help everywhere. Typer copies an option's
+definition for each command that uses it as a default value, so one object serves them all.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from parallel.layout import ALIGN_MODES, DEFAULT_BRANCHES, DEFAULT_MAX_SEQ_LEN, PackingOptions
+from pipeline.errors import PloraError
+from pipeline.formats import FORMATS, MODES
+from pipeline.readers import TXT_SPLITS
+
+# Reading records (convert, tokenize, inspect).
+FORMAT = typer.Option(
+    "auto", "--format", help=f"Record format: auto (detected per record) | {' | '.join(FORMATS)}."
+)
+MODE = typer.Option(
+    "sft", "--mode", help=f"{' | '.join(MODES)}: sft keeps chats as messages, pretrain makes them text."
+)
+TXT_SPLIT = typer.Option(
+    "blank", "--txt-split", help=f"Plain .txt: one document per {' | '.join(TXT_SPLITS)} block."
+)
+HF_DATASET = typer.Option(
+    None, "--hf-dataset", help="HuggingFace dataset: hub name, save_to_disk folder or data-file folder."
+)
+HF_SUBSET = typer.Option(None, "--hf-subset", help="Dataset configuration (subset) name.")
+HF_SPLIT = typer.Option("train", "--hf-split", help="Dataset split.")
+ON_ERROR = typer.Option(
+    "raise", "--on-error", help="raise: stop at the first bad record | skip: reject it and go on."
+)
+REJECTS = typer.Option(
+    None, "--rejects", help="Rejects file for --on-error skip. Default: <out>.rejects.jsonl beside --out."
+)
+
+# Packing records into rows (tokenize, inspect).
+BRANCHES = typer.Option(
+    DEFAULT_BRANCHES, "--branches", "--branches_per_sample", help="Branches per row (fixed mode)."
+)
+MIN_BRANCHES = typer.Option(1, "--min-branches", help="Dynamic mode: fewest branches per row.")
+MAX_BRANCHES = typer.Option(
+    0,
+    "--max-branches",
+    "--max_branches_per_sample",
+    help="Dynamic mode (when > 0): K per row drawn uniformly from [--min-branches, --max-branches].",
+)
+MAX_SEQ_LEN = typer.Option(
+    DEFAULT_MAX_SEQ_LEN, "--max-seq-len", "--max_seq_len", help="Longest branch; longer ones are split."
+)
+ALIGN = typer.Option("left", "--align", help=f"Branch time alignment: {' | '.join(ALIGN_MODES)}.")
+SEED = typer.Option(0, "--seed", help="Seed of the dynamic-mode branch counts.")
+NO_TRAIN_TRUNK = typer.Option(
+    False, "--no-train-trunk", help="Do not train the trunk ('main') of parallel records."
+)
+CHAT_TEMPLATE = typer.Option(
+    None, "--chat-template", help="Jinja chat template file replacing the tokenizer's own."
+)
+
+
+# Models and shards (train, eval, generate, export).
+SHARDS = typer.Option(..., "--shards", help="Shard directory written by `plora tokenize`.")
+BASE_MODEL = typer.Option(
+    ..., "--base-model", "--base_model", help="HuggingFace causal LM: local directory or hub id (org/name)."
+)
+TOKENIZER_PATH = typer.Option(
+    None,
+    "--tokenizer-path",
+    "--tokenizer_path",
+    help="Tokenizer directory or hub id (default: --base-model).",
+)
+ADAPTER_BASE_MODEL = typer.Option(
+    None, "--base-model", help="Base model directory or hub id (default: the one plora.json names)."
+)
+TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code", help="Run the model repo's own code.")
+DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
+
+
+def packing_options(
+    *,
+    branches: int,
+    min_branches: int,
+    max_branches: int,
+    max_seq_len: int,
+    align: str,
+    seed: int,
+    no_train_trunk: bool,
+) -> PackingOptions:
+    """The packing options of the flags above; a bad combination is a one-line error."""
+    try:
+        return PackingOptions(
+            branches=branches,
+            min_branches=min_branches,
+            max_branches=max_branches,
+            max_seq_len=max_seq_len,
+            align=align,  # type: ignore[arg-type] - validated by PackingOptions
+            seed=seed,
+            train_trunk=not no_train_trunk,
+        )
+    except ValueError as err:
+        raise PloraError(f"bad packing options: {err}") from None
+
