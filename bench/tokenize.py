@@ -6,25 +6,20 @@ alternate for ``--repeats`` rounds; the report gives the median tokens/s of each
 child's peak RSS. Times exclude interpreter start, imports and tokenizer loading, which both
 ways pay alike.
 
-    python bench/tokenize.py                      # Tiny Shakespeare from ../shared/data, else data/
-    python bench/tokenize.py --copies 8 --repeats 5
+    python -m bench.tokenize                      # Tiny Shakespeare from ../shared/data, else data/
+    python -m bench.tokenize --copies 8 --repeats 5
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
-# This file shares its name with the stdlib module `tokenize`, which other modules import:
-# keep its own folder off the import path.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -78,8 +73,8 @@ def child(way: str, texts_path: Path, tokenizer_dir: Path) -> None:
 
 def measure(way: str, texts_path: Path, tokenizer_dir: Path) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "true"}
-    cmd = [sys.executable, __file__, "--child", way, str(texts_path), str(tokenizer_dir)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    cmd = [sys.executable, "-m", "bench.tokenize", "--child", way, str(texts_path), str(tokenizer_dir)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=REPO).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -97,7 +92,6 @@ def main() -> None:
         child(way, Path(texts), Path(tok))
         return
 
-    sys.path.insert(0, str(REPO))
     from pipeline.tinymodel import ensure_tiny_model
 
     tokenizer_dir = args.tokenizer or ensure_tiny_model()
@@ -116,7 +110,7 @@ def main() -> None:
     raw, plora = rate("raw", "seconds"), rate("plora", "seconds")
     raw_cpu, plora_cpu = rate("raw", "cpu"), rate("plora", "cpu")
     cpu = platform.processor() or platform.machine()
-    print(f"bench/tokenize.py: {os.cpu_count()} CPUs ({cpu}), python {platform.python_version()}")
+    print(f"bench.tokenize: {os.cpu_count()} CPUs ({cpu}), python {platform.python_version()}")
     print(f"texts: {len(texts):,} blocks of {source} x{args.copies}; tokenizer {tokenizer_dir.name}; "
           f"median of {args.repeats} alternating runs, each in a fresh process")
     print(f"{'way':<28}{'tokens':>12}{'tokens/s wall':>16}{'tokens/s CPU':>15}{'peak RSS MB':>13}")

@@ -15,19 +15,11 @@ shared/data/alpaca_2k.json (or the project's data/ samples) packed 8 branches of
 3. mask memory for 8 rows x 1024 tokens: plora's bool mask (sdpa) and FlexAttention BlockMask against
    a dense float32 additive mask.
 
-    python bench/train.py                      # CPU, sdpa, one thread, CPU-time clock
-    python bench/train.py --device cuda --attn sdpa --dtype bfloat16 --rows 16 --clock wall
+    python -m bench.train                      # CPU, sdpa, one thread, CPU-time clock
+    python -m bench.train --device cuda --attn sdpa --dtype bfloat16 --rows 16 --clock wall
 """
 
-# ruff: noqa: E402 - the path fix below must run before the other imports
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-# Run as `python bench/train.py`: import from the repository root, not bench/ (whose tokenize.py would
-# shadow the standard library's tokenize module).
-sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
 import json
@@ -36,6 +28,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np

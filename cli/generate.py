@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from cli import options
 from cli.app import app
 from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE
 from pipeline.errors import InputError, PloraError
@@ -113,9 +114,7 @@ def generate_command(
     adapter: Path | None = typer.Option(
         None, "--adapter", help="Adapter directory (plora train) or exported model (plora export)."
     ),
-    base_model: Path | None = typer.Option(
-        None, "--base-model", help="Base model directory (default: the one plora.json names)."
-    ),
+    base_model: str | None = options.ADAPTER_BASE_MODEL,
     prompt: str | None = typer.Option(None, "--prompt", help="The trunk every branch continues."),
     chat: bool = typer.Option(False, "--chat", help="Wrap --prompt in the tokenizer's chat template."),
     branch: list[str] | None = typer.Option(None, "--branch", help="A branch prompt (repeatable)."),
@@ -133,12 +132,12 @@ def generate_command(
     stop: list[str] | None = typer.Option(None, "--stop", help="A branch stops at this text (repeatable)."),
     mask: str | None = typer.Option(None, "--mask", help="isolated | columnar (default: the adapter's)."),
     as_json: bool = typer.Option(False, "--json", help="JSON lines: one per token, then a summary."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    device: str = options.DEVICE,
     dtype: str = typer.Option(
         "auto", "--dtype", help="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16."
     ),
     attn: str = typer.Option("sdpa", "--attn", help="sdpa | eager | flex | auto."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repo's code."),
+    trust_remote_code: bool = options.TRUST_REMOTE_CODE,
     rope_2d_ratio: float = typer.Option(
         DEFAULT_ROPE_2D_RATIO, "--rope-2d-ratio", help="Bare base model only (an adapter brings its own)."
     ),
@@ -256,11 +255,9 @@ def export_command(
     adapter: Path = typer.Option(..., "--adapter", help="Adapter directory written by plora train."),
     out: Path = typer.Option(..., "--out", help="Directory to write the self-contained model to."),
     merge: bool = typer.Option(False, "--merge", help="Fold the LoRA weights into the base weights."),
-    base_model: Path | None = typer.Option(
-        None, "--base-model", help="Base model directory (default: the one plora.json names)."
-    ),
+    base_model: str | None = options.ADAPTER_BASE_MODEL,
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16 weights."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repo's code."),
+    trust_remote_code: bool = options.TRUST_REMOTE_CODE,
 ) -> None:
     """Write a model directory (weights, tokenizer, plora.json) that loads without the base model."""
     from parallel.loading import export_model  # noqa: PLC0415 - slow imports

@@ -6,12 +6,9 @@ from pathlib import Path
 
 import typer
 
+from cli import options
 from cli.app import app
-from parallel.layout import ALIGN_MODES, DEFAULT_BRANCHES, DEFAULT_MAX_SEQ_LEN, PackingOptions
 from pipeline.convert import ConvertOptions, open_rejects
-from pipeline.errors import PloraError
-from pipeline.formats import FORMATS, MODES
-from pipeline.readers import TXT_SPLITS
 from pipeline.tokenize import DEFAULT_ROWS_PER_SHARD, TokenizeJob, tokenize_to_shards
 
 
@@ -20,31 +17,18 @@ def tokenize_command(
     inputs: list[Path] = typer.Argument(
         None, metavar="INPUT...", help="Canonical records (JSONL/Parquet) or anything `plora convert` reads."
     ),
-    tokenizer: Path = typer.Option(
-        ..., "--tokenizer", help="Local HuggingFace model or tokenizer directory."
+    tokenizer: str = typer.Option(
+        ..., "--tokenizer", help="HuggingFace model or tokenizer: local directory or hub id (org/name)."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Shard directory to write."),
-    branches: int = typer.Option(
-        DEFAULT_BRANCHES, "--branches", "--branches_per_sample", help="Branches per row (fixed mode)."
-    ),
-    min_branches: int = typer.Option(1, "--min-branches", help="Dynamic mode: fewest branches per row."),
-    max_branches: int = typer.Option(
-        0,
-        "--max-branches",
-        "--max_branches_per_sample",
-        help="Dynamic mode (when > 0): K per row drawn uniformly from [--min-branches, --max-branches].",
-    ),
-    max_seq_len: int = typer.Option(
-        DEFAULT_MAX_SEQ_LEN, "--max-seq-len", "--max_seq_len", help="Longest branch; longer ones are split."
-    ),
-    align: str = typer.Option("left", "--align", help=f"Branch time alignment: {' | '.join(ALIGN_MODES)}."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the dynamic-mode branch counts."),
-    no_train_trunk: bool = typer.Option(
-        False, "--no-train-trunk", help="Do not train the trunk ('main') of parallel records."
-    ),
-    chat_template: Path | None = typer.Option(
-        None, "--chat-template", help="Jinja chat template file replacing the tokenizer's own."
-    ),
+    branches: int = options.BRANCHES,
+    min_branches: int = options.MIN_BRANCHES,
+    max_branches: int = options.MAX_BRANCHES,
+    max_seq_len: int = options.MAX_SEQ_LEN,
+    align: str = options.ALIGN,
+    seed: int = options.SEED,
+    no_train_trunk: bool = options.NO_TRAIN_TRUNK,
+    chat_template: Path | None = options.CHAT_TEMPLATE,
     num_proc: int = typer.Option(
         1, "--num-proc", help="Tokenizer processes (the shards do not depend on it)."
     ),
@@ -53,39 +37,28 @@ def tokenize_command(
     ),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards built from something else."),
-    fmt: str = typer.Option("auto", "--format", help=f"Record format: auto | {' | '.join(FORMATS)}."),
-    mode: str = typer.Option("sft", "--mode", help=f"{' | '.join(MODES)} (pretrain turns chats into text)."),
-    txt_split: str = typer.Option(
-        "blank", "--txt-split", help=f"Plain .txt: one document per {' | '.join(TXT_SPLITS)} block."
-    ),
-    hf_dataset: str | None = typer.Option(
-        None, "--hf-dataset", help="HuggingFace dataset: hub name, save_to_disk folder or data-file folder."
-    ),
-    hf_subset: str | None = typer.Option(None, "--hf-subset", help="Dataset configuration (subset) name."),
-    hf_split: str = typer.Option("train", "--hf-split", help="Dataset split."),
-    on_error: str = typer.Option(
-        "raise", "--on-error", help="raise: stop at the first bad record | skip: reject it and go on."
-    ),
-    rejects: Path | None = typer.Option(
-        None, "--rejects", help="Rejects file for --on-error skip. Default: <out>.rejects.jsonl beside --out."
-    ),
+    fmt: str = options.FORMAT,
+    mode: str = options.MODE,
+    txt_split: str = options.TXT_SPLIT,
+    hf_dataset: str | None = options.HF_DATASET,
+    hf_subset: str | None = options.HF_SUBSET,
+    hf_split: str = options.HF_SPLIT,
+    on_error: str = options.ON_ERROR,
+    rejects: Path | None = options.REJECTS,
     progress: bool | None = typer.Option(
         None, "--progress/--no-progress", help="Live progress on stderr. Default: when stderr is a terminal."
     ),
 ) -> None:
     """Tokenize records with the model's tokenizer, pack them into rows, write shards + manifest."""
-    try:
-        packing = PackingOptions(
-            branches=branches,
-            min_branches=min_branches,
-            max_branches=max_branches,
-            max_seq_len=max_seq_len,
-            align=align,  # type: ignore[arg-type] - validated by PackingOptions
-            seed=seed,
-            train_trunk=not no_train_trunk,
-        )
-    except ValueError as err:
-        raise PloraError(f"bad packing options: {err}") from None
+    packing = options.packing_options(
+        branches=branches,
+        min_branches=min_branches,
+        max_branches=max_branches,
+        max_seq_len=max_seq_len,
+        align=align,
+        seed=seed,
+        no_train_trunk=no_train_trunk,
+    )
     job = TokenizeJob(
         inputs=tuple(inputs or ()),
         tokenizer=tokenizer,

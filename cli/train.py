@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from cli import options
 from cli.app import app
 from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE
 from pipeline.errors import PloraError
@@ -32,14 +33,10 @@ def _pair_indices(text: str | None) -> list[int] | None:
 
 @app.command("train")
 def train_command(
-    shards: Path = typer.Option(..., "--shards", help="Shard directory written by `plora tokenize`."),
-    base_model: str = typer.Option(..., "--base-model", "--base_model", help="Local HuggingFace causal LM."),
-    tokenizer_path: str | None = typer.Option(
-        None, "--tokenizer-path", "--tokenizer_path", help="Tokenizer directory (default: --base-model)."
-    ),
-    trust_remote_code: bool = typer.Option(
-        False, "--trust-remote-code", help="Run the model repo's own code."
-    ),
+    shards: Path = options.SHARDS,
+    base_model: str = options.BASE_MODEL,
+    tokenizer_path: str | None = options.TOKENIZER_PATH,
+    trust_remote_code: bool = options.TRUST_REMOTE_CODE,
     attn: str = typer.Option(
         "auto", "--attn", help="auto | flex | sdpa | eager (auto: flex on CUDA, else sdpa)."
     ),
@@ -106,7 +103,7 @@ def train_command(
         "--resume",
         help="Checkpoint directory to continue from exactly; 'latest': the newest in --out-dir, if any.",
     ),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    device: str = options.DEVICE,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     ddp: bool = typer.Option(
         False, "--ddp", hidden=True, help="Accepted for the original guide; torchrun's environment decides."
@@ -161,15 +158,15 @@ def train_command(
 
 @app.command("eval")
 def eval_command(
-    shards: Path = typer.Option(..., "--shards", help="Shard directory written by `plora tokenize`."),
-    base_model: str = typer.Option(..., "--base-model", "--base_model", help="Local HuggingFace causal LM."),
+    shards: Path = options.SHARDS,
+    base_model: str = options.BASE_MODEL,
     adapter: str | None = typer.Option(
         None, "--adapter", help="Adapter directory from `plora train` (default: the base model alone)."
     ),
-    tokenizer_path: str | None = typer.Option(None, "--tokenizer-path", "--tokenizer_path"),
+    tokenizer_path: str | None = options.TOKENIZER_PATH,
     batch_size: int = typer.Option(16, "--batch-size", "--batch_size", help="Rows per forward."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 | bfloat16."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    device: str = options.DEVICE,
     attn: str = typer.Option("auto", "--attn", help="auto | flex | sdpa | eager."),
     patch_rope: bool = typer.Option(
         True,
@@ -180,14 +177,14 @@ def eval_command(
     rope_2d_ratio: float = typer.Option(DEFAULT_ROPE_2D_RATIO, "--rope-2d-ratio", "--rope_2d_ratio"),
     stride: int = typer.Option(DEFAULT_STRIDE, "--stride"),
     mask: str = typer.Option("isolated", "--mask", help="Base model only: isolated | columnar."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    trust_remote_code: bool = options.TRUST_REMOTE_CODE,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
 ) -> None:
     """Mean loss per trained token (and per branch count) of a base model or an adapter on shards."""
     from trainer.evaluate import EvalOptions, run_eval  # noqa: PLC0415 - torch only when evaluating
 
-    options = EvalOptions(
+    eval_options = EvalOptions(
         shards=str(shards),
         base_model=base_model,
         adapter=adapter,
@@ -206,7 +203,7 @@ def eval_command(
     columns = (TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
         task = bar.add_task("eval", total=total_rows)
-        totals, described = run_eval(options, on_batch=lambda rows: bar.advance(task, rows))
+        totals, described = run_eval(eval_options, on_batch=lambda rows: bar.advance(task, rows))
     if as_json:
         typer.echo(json.dumps({**totals.to_json(), "model": described}, allow_nan=True))
         return

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from parallel.layout import DEFAULT_STRIDE, IGNORE_INDEX
+from parallel.layout import IGNORE_INDEX
 from parallel.masks import block_mask, dense_mask
-from parallel.rope2d import encode_positions, rope2d_config
+from parallel.rope2d import encode_positions, model_stride
 from pipeline.errors import PloraError
 
 ATTN_CHOICES: tuple[str, ...] = ("auto", "flex", "sdpa", "eager")
@@ -114,8 +114,9 @@ def forward_packed(
 
     ``input_ids``, ``branch_id``, ``time_id`` are ``[B, L]`` as stored in the shards;
     ``attention_mask`` ``[B, L]`` (1 = real token, 0 = padding) marks padding. ``stride``
-    defaults to the stride the model was patched with (DEFAULT_STRIDE for an unpatched
-    model, whose RoPE ignores branch positions anyway). ``attn`` only asserts the model's
+    defaults to the stride the model was patched with, and to 0 for an unpatched model: its
+    plain RoPE would rotate by the whole encoded position (branch and time), so there the branch
+    is left out and tokens are placed by ``time_id`` alone. ``attn`` only asserts the model's
     attention implementation; the mask kind follows ``model.config._attn_implementation``.
     No loss here: shard labels are already the next token (see :func:`packed_loss`).
     """
@@ -129,8 +130,7 @@ def forward_packed(
     time_id = time_id.to(device)
     valid = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.bool)
     if stride is None:
-        patched = rope2d_config(model)
-        stride = patched.stride if patched is not None else DEFAULT_STRIDE
+        stride = model_stride(model)
     # Padding may hold any coordinates; zero them so they stay in the encodable range.
     if valid is not None:
         branch_id = torch.where(valid, branch_id, 0)

@@ -46,7 +46,7 @@ from parallel.layout import (
     branch_start_times,
     build_row,
 )
-from parallel.rope2d import encode_positions, rope2d_config
+from parallel.rope2d import encode_positions, model_stride
 from pipeline.errors import PloraError
 
 PLORA_CONFIG_ATTR = "plora_config"  # set by parallel.loading on the model it returns
@@ -164,12 +164,6 @@ def _cache_kwarg(model: torch.nn.Module) -> str:
     """transformers >= 5.x names the cache argument ``cache``; earlier versions ``past_key_values``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
-def model_stride(model: torch.nn.Module) -> int:
-    """The branch stride of the model's 2D RoPE; 0 for an unpatched model (its RoPE knows only time)."""
-    patched = rope2d_config(model)
-    return patched.stride if patched is not None else 0
 
 
 def _check_positions(model: torch.nn.Module, plan: Plan, max_new_tokens: int, stride: int) -> None:

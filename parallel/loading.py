@@ -4,9 +4,10 @@
 ``plora train``, see trainer/checkpoint.py): the 2D RoPE patch (stride and pair indices), the mask
 mode and the alignment, so the user never repeats those numbers. Before anything is trusted, the
 base model is checked against what the adapter was trained on: tokenizer identity, rotary size and,
-where plora.json records them, architecture and sizes. It loads three kinds of directory:
+where plora.json records them (``model``), architecture and sizes. It loads three kinds of directory:
 
-- a base model plus an adapter directory (PEFT files + plora.json);
+- a base model (a local directory or a hub id, see pipeline.pretrained) plus an adapter
+  directory (PEFT files + plora.json);
 - an exported directory (``plora export``): weights, tokenizer and plora.json in one place, the
   adapter merged in or kept beside the base weights in ``adapter/``;
 - a bare base model with no adapter: 2D RoPE at the given ratio/stride, for comparison.
@@ -16,8 +17,6 @@ Weights are read from safetensors only; trust_remote_code stays off unless asked
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -30,12 +29,22 @@ from parallel.forward import resolve_attn
 from parallel.generation import PLORA_CONFIG_ATTR
 from parallel.layout import ALIGN_MODES, DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE, MASK_MODES
 from parallel.rope2d import patch_model_2d_rope, restore_2d_rope
+from pipeline import atomic
 from pipeline.errors import PloraError
+from pipeline.pretrained import load_pretrained, resolve_pretrained
 from trainer.model import TORCH_DTYPES
 
 EXPORT_ADAPTER_DIR = "adapter"
-# Architecture facts compared between an adapter's base and the model it is loaded on.
-MODEL_FACTS: tuple[str, ...] = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+# What plora.json's ``model`` records of the base an adapter was trained on; a base model given at
+# load time must match every fact recorded.
+MODEL_FACTS: tuple[str, ...] = (
+    "model_type",
+    "architectures",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "vocab_size",
+)
 
 
 @dataclass(frozen=True)
@@ -84,11 +93,17 @@ class AdapterConfig:
 
 
 def model_facts(model: torch.nn.Module) -> dict[str, Any]:
-    """Architecture and sizes of a model, as compared against plora.json's ``model``."""
+    """Architecture and sizes of a model (its language model's, for a multimodal config), as
+    recorded in plora.json's ``model``."""
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    facts = {key: getattr(text, key, None) for key in MODEL_FACTS}
-    return {"architectures": getattr(config, "architectures", None), **facts, "model_type": config.model_type}
+    sizes = {key: getattr(text, key, None) for key in MODEL_FACTS}
+    architectures = getattr(config, "architectures", None)
+    return {
+        **sizes,
+        "model_type": config.model_type,
+        "architectures": list(architectures) if architectures else None,
+    }
 
 
 def _one_line(err: BaseException) -> str:
@@ -106,76 +121,60 @@ def _is_export(path: Path) -> bool:
     return _is_plora_dir(path) and AdapterConfig.read(path).export is not None
 
 
-def _resolve_base(base_model: str | Path | None, config: AdapterConfig) -> Path:
-    """The base model directory: given, or the one plora.json records (absolute, or relative to the cwd)."""
+def _resolve_base(base_model: str | Path | None, config: AdapterConfig) -> str:
+    """The base model (absolute directory or hub id): the one given, or the one plora.json records."""
     if base_model is not None:
-        path = Path(base_model)
-        if not path.is_dir():
-            raise PloraError(f"{path}: no such base model directory")
-        return path
+        return resolve_pretrained(base_model, what="base model").name
     if not config.base_model:
         raise PloraError(f"{config.source}: plora.json records no base model; pass --base-model")
-    path = Path(config.base_model)
-    if not path.is_dir():
+    try:
+        return resolve_pretrained(config.base_model, what="base model").name
+    except PloraError:
         raise PloraError(
             f"{config.source}: its base model {config.base_model} (from plora.json) is not a directory here; "
             "pass --base-model"
-        )
-    return path
+        ) from None
 
 
-def _load_tokenizer(path: Path, config: AdapterConfig | None) -> Any:
-    from pipeline.tokenize import load_tokenizer, tokenizer_identity  # noqa: PLC0415
+def _load_tokenizer(path: str, config: AdapterConfig | None) -> Any:
+    from pipeline.fingerprint import check_same_tokenizer  # noqa: PLC0415
+    from pipeline.tokenize import load_tokenizer  # noqa: PLC0415
 
     tokenizer = load_tokenizer(path)
-    expected = (config.tokenizer or {}).get("sha256") if config is not None else None
-    if expected is not None and tokenizer_identity(tokenizer)["sha256"] != expected:
-        name = config.tokenizer.get("name_or_path", "?")  # type: ignore[union-attr]
-        raise PloraError(
-            f"{path}: its tokenizer is not the one the adapter {config.source} was trained with ({name}); "
-            "load the adapter on its own base model"
+    if config is not None and config.tokenizer is not None:
+        check_same_tokenizer(
+            config.tokenizer,
+            tokenizer,
+            what=f"adapter {config.source}",
+            against=f"the tokenizer of {path}",
+            fix="load the adapter on its own base model",
         )
     return tokenizer
 
 
-def _load_weights(path: Path, *, dtype: str, device: str, attn: str, trust_remote_code: bool) -> Any:
+def _load_weights(name: str, *, dtype: str, device: str, attn: str, trust_remote_code: bool) -> Any:
     from transformers import AutoModelForCausalLM  # noqa: PLC0415 - slow import
     from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
     if dtype not in TORCH_DTYPES:
         raise PloraError(f"--dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
     hf_logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path),
-            dtype=TORCH_DTYPES[dtype],
-            attn_implementation=resolve_attn(attn, device),
-            trust_remote_code=trust_remote_code,
-            use_safetensors=True,
-            local_files_only=True,
-        )
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise PloraError(f"{path}: cannot load the model: {_one_line(err)}") from None
+    model = load_pretrained(
+        AutoModelForCausalLM,
+        name,
+        what="model",
+        dtype=TORCH_DTYPES[dtype],
+        attn_implementation=resolve_attn(attn, device),
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+    )
     return model.to(device).eval()
 
 
-def _recorded_facts(config: AdapterConfig) -> dict[str, Any]:
-    """The adapter's base architecture: plora.json's ``model`` when recorded, else the config.json of
-    the base model plora.json names, when that directory still exists."""
-    if config.model:
-        return config.model
-    if not config.base_model or not (Path(config.base_model) / "config.json").is_file():
-        return {}
-    try:
-        obj = json.loads((Path(config.base_model) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    text = obj.get("text_config", obj)  # multimodal configs nest the language model's
-    return {key: text.get(key, obj.get(key)) for key in MODEL_FACTS}
-
-
-def _check_facts(model: torch.nn.Module, config: AdapterConfig, base: Path) -> None:
-    recorded = _recorded_facts(config)
+def _check_facts(model: torch.nn.Module, config: AdapterConfig, base: str) -> None:
+    """The base given must be the architecture, and have the sizes, that plora.json records (an
+    adapter from before plora.json had ``model`` is checked by its tokenizer and RoPE alone)."""
+    recorded = config.model or {}
     have = model_facts(model)
     for key in MODEL_FACTS:
         if recorded.get(key) is not None and recorded[key] != have[key]:
@@ -185,7 +184,7 @@ def _check_facts(model: torch.nn.Module, config: AdapterConfig, base: Path) -> N
             )
 
 
-def _apply_rope(model: torch.nn.Module, config: AdapterConfig, base: Path) -> None:
+def _apply_rope(model: torch.nn.Module, config: AdapterConfig, base: str) -> None:
     if not config.patch_rope:
         return
     rope = patch_model_2d_rope(model, stride=config.stride, pair_indices=config.pair_indices)
@@ -196,7 +195,7 @@ def _apply_rope(model: torch.nn.Module, config: AdapterConfig, base: Path) -> No
         )
 
 
-def _attach_adapter(model: torch.nn.Module, adapter_dir: Path, base: Path) -> Any:
+def _attach_adapter(model: torch.nn.Module, adapter_dir: Path, base: str) -> Any:
     from peft import PeftModel  # noqa: PLC0415
 
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -241,16 +240,14 @@ def load_parallel_model(
         base = _resolve_base(base_model, config)
         weights_dir: Path | None = adapter
     elif base_model is not None and _is_plora_dir(Path(base_model)):
-        base = Path(base_model)
+        base = resolve_pretrained(base_model, what="model").name
         config = AdapterConfig.read(base)
         if config.export is None:
-            raise PloraError(f"{base}: an adapter directory, not a model; pass it as the adapter")
+            raise PloraError(f"{base_model}: an adapter directory, not a model; pass it as the adapter")
         adapter_name = config.export.get("adapter")
-        weights_dir = base / adapter_name if adapter_name else None
+        weights_dir = Path(base) / adapter_name if adapter_name else None
     elif base_model is not None:
-        base, config, weights_dir = Path(base_model), None, None
-        if not base.is_dir():
-            raise PloraError(f"{base}: no such model directory")
+        base, config, weights_dir = resolve_pretrained(base_model, what="model").name, None, None
     else:
         raise PloraError("give a base model, an adapter directory or an exported model directory")
 
@@ -284,7 +281,7 @@ def export_model(
     and the adapter (in ``adapter/``) are kept apart. The 2D RoPE patch is recorded in config.json
     and plora.json. Written under a temporary name and renamed into place.
     """
-    from trainer.checkpoint import PLORA_JSON, _fsync_tree, _publish, _write_json  # noqa: PLC0415
+    from trainer.checkpoint import PLORA_JSON  # noqa: PLC0415
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -295,11 +292,9 @@ def export_model(
     assert config is not None
     if config.export is not None:
         raise PloraError(f"{adapter_dir}: already an exported model")
-    source_base = str(_resolve_base(base_model, config).resolve())
+    source_base = _resolve_base(base_model, config)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = atomic.make_temp_dir(out)
     try:
         if merge:
             base = model.merge_and_unload()
@@ -320,9 +315,8 @@ def export_model(
                 "dtype": dtype,
             },
         }
-        _write_json(tmp / PLORA_JSON, meta)
-        _fsync_tree(tmp)
-        _publish(tmp, out)
+        atomic.write_json(tmp / PLORA_JSON, meta)
+        atomic.publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -179,6 +179,12 @@ def rope2d_config(model: nn.Module) -> Rope2DConfig | None:
     return None
 
 
+def model_stride(model: nn.Module) -> int:
+    """The branch stride of the model's 2D RoPE; 0 for an unpatched model (its RoPE knows only time)."""
+    patched = rope2d_config(model)
+    return patched.stride if patched is not None else 0
+
+
 def patch_model_2d_rope(
     model: nn.Module,
     *,

@@ -86,7 +86,10 @@ def manifest_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "format_version": manifest.get("format_version"),
         "plora_version": manifest.get("plora_version"),
-        "tokenizer": {k: tokenizer.get(k) for k in ("name_or_path", "vocab_size", "sha256")},
+        "tokenizer": {
+            k: tokenizer.get(k) for k in ("name_or_path", "vocab_size", "version", "vocab_sha256", "sha256")
+        },
+        "chat_template": manifest.get("chat_template"),
         "special_tokens": manifest.get("special_tokens"),
         "packing": manifest.get("packing"),
         "convert": manifest.get("convert"),

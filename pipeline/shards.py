@@ -3,7 +3,8 @@
 A shard directory holds ``shard-00000.arrow``, ``shard-00001.arrow``, ... (Arrow IPC *file* format,
 one record batch each, columns :data:`SCHEMA`) and ``manifest.json``, written last. The manifest is
 the directory's seal: without it the directory is incomplete and readers refuse it. Every file is
-written under a temporary name, fsynced and renamed, so a file that has its final name is whole.
+written under a temporary name, fsynced and renamed (:mod:`pipeline.atomic`), so a file that has
+its final name is whole.
 
 This module imports only numpy and pyarrow (plus :mod:`pipeline.fingerprint` lazily, to compare a
 tokenizer), so the trainer can read shards on a machine without the conversion dependencies.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,11 +29,11 @@ from parallel.layout import (
     TOKEN_COLUMNS,
     PackedRow,
 )
+from pipeline import atomic
 from pipeline.errors import PloraError
 
 # Where an unfinished `plora tokenize` keeps the state it resumes from (see pipeline.tokenize).
 JOURNAL_NAME = ".progress.npz"
-TMP_SUFFIX = ".tmp"
 
 SCHEMA = pa.schema(
     [pa.field(name, pa.list_(pa.int32())) for name in TOKEN_COLUMNS]
@@ -66,25 +66,6 @@ def shard_name(index: int) -> str:
 # --------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either absent, the old file, or whole."""
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rows_to_batch(rows: Sequence[PackedRow]) -> pa.RecordBatch:
@@ -124,7 +105,7 @@ def write_shard(directory: Path, index: int, rows: Sequence[PackedRow]) -> dict[
         writer.write_batch(batch)
     data = sink.getvalue()
     name = shard_name(index)
-    atomic_write_bytes(directory / name, memoryview(data))
+    atomic.write_bytes(directory / name, memoryview(data))
     num_tokens = batch.column("num_tokens").to_numpy()
     num_trained = batch.column("num_trained").to_numpy()
     return {
@@ -140,7 +121,7 @@ def write_shard(directory: Path, index: int, rows: Sequence[PackedRow]) -> dict[
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     """Seal the directory: after this, readers accept it."""
     text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-    atomic_write_bytes(directory / MANIFEST_NAME, text.encode("utf-8"))
+    atomic.write_bytes(directory / MANIFEST_NAME, text.encode("utf-8"))
 
 
 def file_sha256(path: Path) -> str:
@@ -273,18 +254,10 @@ class ShardSet:
         }
 
     def check_tokenizer(self, tokenizer: Any) -> None:
-        """Refuse a tokenizer other than the one the shards were built with."""
-        from pipeline.fingerprint import tokenizer_identity  # noqa: PLC0415 - hashing a tokenizer is rare
+        """Refuse a tokenizer that does not give the ids the shards were built with."""
+        from pipeline.fingerprint import check_same_tokenizer  # noqa: PLC0415 - hashing a tokenizer is rare
 
-        want = self.manifest["tokenizer"]
-        have = tokenizer_identity(tokenizer)
-        if have["sha256"] != want["sha256"] or have["vocab_size"] != want["vocab_size"]:
-            raise ShardError(
-                f"{self.directory}: shards were tokenized with {want['name_or_path']} "
-                f"(vocab {want['vocab_size']}, sha256 {want['sha256'][:12]}), but the tokenizer given is "
-                f"{have['name_or_path']} (vocab {have['vocab_size']}, sha256 {have['sha256'][:12]}); "
-                "re-run plora tokenize with this tokenizer"
-            )
+        check_same_tokenizer(self.manifest["tokenizer"], tokenizer, what=f"shards {self.directory}")
 
     def __getstate__(self) -> dict[str, Any]:
         # Memory maps do not pickle (DataLoader workers): reopen them on the other side.

@@ -64,6 +64,7 @@ from parallel.layout import (
     TextRecord,
     TokenSequence,
 )
+from pipeline import atomic
 from pipeline.convert import (
     ConvertOptions,
     ConvertSummary,
@@ -73,11 +74,10 @@ from pipeline.convert import (
 )
 from pipeline.errors import PloraError, Rejects
 from pipeline.fingerprint import plora_version, run_fingerprint, tokenizer_identity
+from pipeline.pretrained import load_pretrained
 from pipeline.shards import (
     JOURNAL_NAME,
-    TMP_SUFFIX,
     ShardError,
-    atomic_write_bytes,
     file_sha256,
     open_shards,
     read_manifest,
@@ -111,28 +111,14 @@ BATCHES_IN_FLIGHT_PER_WORKER = 2
 # --------------------------------------------------------------------------------------
 
 
-def _tokenizer_dir(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.is_dir():
-        raise PloraError(
-            f"{path}: no such tokenizer directory (expected a local HuggingFace model or tokenizer dir)"
-        )
-    return path
-
-
 def load_tokenizer(path: str | Path, chat_template: str | Path | None = None) -> PreTrainedTokenizerFast:
-    """A fast tokenizer from a local directory (never the hub, never remote code).
+    """A fast tokenizer from a local directory or a hub id (see pipeline.pretrained), never remote code.
 
     ``chat_template`` is a Jinja template file that replaces the tokenizer's own.
     """
-    path = _tokenizer_dir(path)
     from transformers import AutoTokenizer  # noqa: PLC0415 - slow import, only when tokenizing
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
-    except Exception as err:  # noqa: BLE001 - transformers raises many kinds; all mean "cannot load"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PloraError(f"{path}: cannot load a tokenizer: {first}") from None
+    tokenizer = load_pretrained(AutoTokenizer, path, what="tokenizer", trust_remote_code=False)
     if not getattr(tokenizer, "is_fast", False):
         raise PloraError(f"{path}: needs a fast (tokenizers-backed) tokenizer with a tokenizer.json")
     if chat_template is not None:
@@ -379,7 +365,7 @@ class TokenizeJob:
     """Everything `plora tokenize` was asked to do."""
 
     inputs: tuple[Path, ...]
-    tokenizer: Path
+    tokenizer: str | Path  # a local directory or a hub id (see pipeline.pretrained)
     out: Path
     packing: PackingOptions = field(default_factory=PackingOptions)
     convert: ConvertOptions = field(default_factory=ConvertOptions)
@@ -523,13 +509,12 @@ def _concat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
 def _own_files(directory: Path) -> list[Path]:
     """Files `plora tokenize` writes in a shard directory, manifest first (so that removing them
     in this order never leaves a sealed directory with missing shards)."""
-    names = [MANIFEST_NAME, MANIFEST_NAME + TMP_SUFFIX, JOURNAL_NAME, JOURNAL_NAME + TMP_SUFFIX]
-    fixed = [directory / n for n in names if (directory / n).exists()]
-    return (
-        fixed
-        + sorted(directory.glob(f"shard-*{SHARD_SUFFIX}"))
-        + sorted(directory.glob(f"shard-*{SHARD_SUFFIX}{TMP_SUFFIX}"))
-    )
+    found: list[Path] = []
+    for name in (MANIFEST_NAME, JOURNAL_NAME):
+        found += [directory / name] if (directory / name).exists() else []
+        found += atomic.temporaries(directory, name)
+    shards = f"shard-*{SHARD_SUFFIX}"
+    return found + sorted(directory.glob(shards)) + atomic.temporaries(directory, shards)
 
 
 def _prepare_out(out: Path) -> None:
@@ -614,9 +599,8 @@ def tokenize_to_shards(
         raise PloraError("--num-proc must be at least 1")
     if not job.inputs and job.hf_dataset is None:
         raise PloraError("no input: give INPUT files")
-    _tokenizer_dir(job.tokenizer)  # fail before anything is created
+    tokenizer = load_tokenizer(job.tokenizer, job.chat_template)  # fail before anything is created
     _prepare_out(job.out)
-    tokenizer = load_tokenizer(job.tokenizer, job.chat_template)
     # transformers brings torch's millions of long-lived objects; keep them out of every garbage
     # collection of the many small objects tokenizing makes (a large share of the time otherwise).
     gc.freeze()
@@ -648,7 +632,7 @@ def tokenize_to_shards(
 
     def save_journal() -> None:
         state = _Journal(fingerprint["digest"], files, consumed, packer.state(), buffer, encode_rejects)
-        atomic_write_bytes(job.out / JOURNAL_NAME, state.to_bytes())
+        atomic.write_bytes(job.out / JOURNAL_NAME, state.to_bytes())
 
     def flush(final: bool) -> None:
         nonlocal buffer
@@ -694,6 +678,11 @@ def tokenize_to_shards(
         "format_version": FORMAT_VERSION,
         "plora_version": plora_version(),
         "tokenizer": identity,
+        # What rendered the chats (file None: the tokenizer's own); readers never need it to read ids.
+        "chat_template": {
+            "file": str(Path(job.chat_template).resolve()) if job.chat_template is not None else None,
+            "template": tokenizer.chat_template,
+        },
         "special_tokens": {"eos_id": encoder.special.eos_id, "bos_id": encoder.special.bos_id},
         "packing": job.packing.to_json(),
         "convert": job.options_json()["convert"],

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The plora demo on the project's own sample data, offline, on CPU, in well under a minute:
+# The plora demo on the project's own sample data, offline, on CPU, in a minute or two:
 # build the tiny model, convert SFT chats and plain text to canonical records, tokenize them into shards
-# (fixed and dynamic branch counts), and inspect the shards (summary, one row, a picture, JSON).
+# (fixed and dynamic branch counts), inspect the shards (summary, one row, a picture, JSON), train LoRA
+# adapters with 2D RoPE on them, evaluate base vs adapter, and generate four branches in parallel.
 #
 # Usage: scripts/demo.sh PY DEMO_DIR     (PY: the project's python; `plora` lives beside it)
 # Re-running is cheap: every step finds its output up to date or rewrites it atomically.
@@ -55,8 +56,24 @@ run "$PLORA" inspect "$DEMO/shards/fixed" --row 1 --json > "$DEMO/inspect/fixed-
 "$PY" -c 'import json, sys; facts = json.load(open(sys.argv[1])); print("JSON keys:", ", ".join(facts))' \
     "$DEMO/inspect/fixed-row1.json"
 
+step "7. Train LoRA adapters on the fixed shards (2D RoPE, isolated mask); the loss falls"
+run "$PLORA" train --shards "$DEMO/shards/fixed" --base-model "$DEMO/tiny-model" --out-dir "$DEMO/out" \
+    --epochs 8 --batch-size 4 --learning-rate 2e-2 --lora-alpha 32 --warmup 4 --dtype float32 \
+    --val-fraction 0.1 --log-interval 16 --save-interval 48 --no-progress
+
+step "8. Evaluate: mean loss per trained token, base model vs the trained adapter"
+run "$PLORA" eval --shards "$DEMO/shards/fixed" --base-model "$DEMO/tiny-model"
+run "$PLORA" eval --shards "$DEMO/shards/fixed" --base-model "$DEMO/tiny-model" \
+    --adapter "$DEMO/out/lora/hf_parallel_lora_final"
+
+step "9. Generate four branches at once from one trunk (one sequence, one KV cache)"
+run "$PLORA" generate --adapter "$DEMO/out/lora/hf_parallel_lora_final" \
+    --prompt "Four ways to spend a rainy afternoon:" --num-branches 4 \
+    --max-new-tokens 24 --temperature 0.8 --top-p 0.95 --seed 0
+
 step "Done"
 echo "model:   $DEMO/tiny-model"
 echo "records: $DEMO/records/{sft,text}.jsonl"
 echo "shards:  $DEMO/shards/{fixed,dynamic}"
 echo "picture: $DEMO/inspect/dynamic-row3.png"
+echo "adapter: $DEMO/out/lora/hf_parallel_lora_final (metrics in $DEMO/out/logs)"

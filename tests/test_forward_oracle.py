@@ -44,6 +44,29 @@ def test_a_ratio_zero_single_branch_is_the_unpatched_model(arch: str) -> None:
     assert diff <= TOL
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_unpatched_model_places_tokens_by_time_alone(arch: str) -> None:
+    """With no 2D RoPE patch and no stride given, the branch must not enter the positions: a
+    one-branch row is the plain HF forward, and in a packed row trunk + each branch is the plain
+    forward of that text (its time ids are 0..n-1)."""
+    model = tiny_model(arch)
+    ids = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(2))
+    row = collate([random_row(np.random.default_rng(3), 4, [5, 3, 7])])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        got = forward_packed(model, ids, torch.zeros_like(ids), torch.arange(9)[None])
+        worst = max_diff(got, want)
+        packed = forward_packed(model, row["input_ids"], row["branch_id"], row["time_id"])
+        branch, time = row["branch_id"][0], row["time_id"][0]
+        for k in (1, 2, 3):
+            keep = (branch == 0) | (branch == k)
+            assert time[keep].tolist() == list(range(int(keep.sum())))
+            alone = model(input_ids=row["input_ids"][0, keep][None]).logits
+            worst = max(worst, max_diff(packed[0, keep], alone[0]))
+    print(f"unpatched {arch}: max abs diff {worst:.2e}")
+    assert worst <= TOL
+
+
 TRUNKS = (True, False, True)  # which rows of packed_batch have a trunk
 
 

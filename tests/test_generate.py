@@ -9,6 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from cli_helpers import one_line_error, run_plora
 from models import tiny_model
 
 import parallel
@@ -282,13 +283,10 @@ def test_generate_command_json_and_table(tiny_model_dir, plora_bin) -> None:
     assert table.returncode == 0, table.stderr
     assert "branch 3" in table.stdout and "tokens/s" in table.stdout
 
-    missing = subprocess.run(
-        [str(plora_bin), "generate", "--adapter", "/nonexistent/adapter", "--prompt", "x",
-         "--num-branches", "2"],
-        capture_output=True, text=True, timeout=120, check=False,
+    missing = run_plora(
+        plora_bin, "generate", "--adapter", "/nonexistent/adapter", "--prompt", "x", "--num-branches", "2"
     )
-    assert missing.returncode == 2
-    assert missing.stderr.strip().count("\n") == 0 and "no such adapter directory" in missing.stderr
+    assert "no such adapter directory" in one_line_error(missing)
 
 
 @pytest.mark.parametrize(
@@ -306,12 +304,8 @@ def test_generate_command_bad_input_is_one_line(
 ) -> None:
     (tmp_path / "bad.json").write_text("[\"a\", ")
     names = {"missing": tmp_path / "missing.txt", "bad_json": tmp_path / "bad.json"}
-    argv = [str(plora_bin), "generate", "--base-model", str(tiny_model_dir)]
-    argv += [a.format(**names) for a in args]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 2
-    assert done.stderr.startswith("plora: error: ") and done.stderr.count("\n") == 1
-    assert message in done.stderr
+    argv = ["generate", "--base-model", tiny_model_dir, *(a.format(**names) for a in args)]
+    assert message in one_line_error(run_plora(plora_bin, *argv))
 
 
 def test_branches_file_forms(tmp_path) -> None:

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
+from cli_helpers import one_line_error, run_plora
 from PIL import Image
 
 from parallel.layout import (
@@ -282,19 +281,6 @@ RECORDS = [
 PACKING_FLAGS = ["--branches", "2", "--max-seq-len", "12", "--align", "right"]
 
 
-def plora(plora_bin: Path, *args: object) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200"}  # rich tables as wide as a roomy terminal: no wrapped lines
-    command = [str(plora_bin), *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
-
-
-def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("plora: error: "), result.stderr
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
 def records_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("inspect") / "records.jsonl"
@@ -306,7 +292,7 @@ def records_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def shard_dir(plora_bin: Path, tiny_model_dir: Path, records_file: Path) -> Path:
     out = records_file.parent / "shards"
     args = ["tokenize", records_file, "--tokenizer", tiny_model_dir, "--out", out, *PACKING_FLAGS]
-    result = plora(plora_bin, *args, "--rows-per-shard", "2")
+    result = run_plora(plora_bin, *args, "--rows-per-shard", "2")
     assert result.returncode == 0, result.stderr
     return out
 
@@ -333,7 +319,9 @@ def shown(plora_bin: Path, shard_dir: Path) -> dict:
     """`plora inspect --json --png` of the row that holds the parallel record."""
     png = shard_dir.parent / "row.png"
     index = trunk_row_index(shard_dir)
-    result = plora(plora_bin, "inspect", shard_dir, "--row", index, "--json", "--png", png, "--batch-size", 2)
+    result = run_plora(
+        plora_bin, "inspect", shard_dir, "--row", index, "--json", "--png", png, "--batch-size", 2
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)  # stdout is exactly one JSON document
 
@@ -376,10 +364,12 @@ def test_cli_json_and_png_agree_with_the_shards(tiny_model_dir: Path, shard_dir:
 
 
 def test_cli_terminal_tables_show_the_facts(plora_bin: Path, shard_dir: Path, shown: dict) -> None:
-    result = plora(plora_bin, "inspect", shard_dir, "--row", shown["row"]["index"])
+    result = run_plora(plora_bin, "inspect", shard_dir, "--row", shown["row"]["index"])
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "sha256 of every file verified" in out
+    assert shown["manifest"]["chat_template"]["file"] is None  # shard_dir used the tokenizer's own
+    assert "chat template" in out and "the tokenizer's own" in out
     assert f"{shown['totals']['tokens']:,}, trained {shown['totals']['trained_tokens']:,}" in out
     for m in shown["row"]["masks"].values():
         assert f"{m['visible_pairs']:,}" in out
@@ -393,7 +383,7 @@ def test_cli_records_file_is_packed_like_tokenize(
 ) -> None:
     index = shown["row"]["index"]
     args = ["inspect", records_file, "--tokenizer", tiny_model_dir, *PACKING_FLAGS, "--row", index]
-    result = plora(plora_bin, *args, "--json", "--batch-size", 2)
+    result = run_plora(plora_bin, *args, "--json", "--batch-size", 2)
     assert result.returncode == 0, result.stderr
     from_records = json.loads(result.stdout)
     assert from_records["source"]["kind"] == "records" and from_records["manifest"] is None
@@ -409,30 +399,42 @@ def test_cli_corrupt_shard_is_a_one_line_error(plora_bin: Path, shard_dir: Path,
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
-    line = one_line_error(plora(plora_bin, "inspect", broken))
+    line = one_line_error(run_plora(plora_bin, "inspect", broken))
     assert "shard-00001.arrow" in line and "sha256" in line
 
 
-def test_cli_mismatched_tokenizer_is_a_one_line_error(
+def test_cli_tokenizer_must_give_the_shards_ids(
     plora_bin: Path, tiny_model_dir: Path, shard_dir: Path, tmp_path: Path
 ) -> None:
-    other = tmp_path / "other-tokenizer"
-    shutil.copytree(tiny_model_dir, other)
-    config = json.loads((other / "tokenizer_config.json").read_text())
+    from transformers import AutoTokenizer
+
+    # Another chat template gives the same ids (inspect never renders a chat): accepted.
+    templated = tmp_path / "templated-tokenizer"
+    shutil.copytree(tiny_model_dir, templated)
+    config = json.loads((templated / "tokenizer_config.json").read_text())
     config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    (other / "tokenizer_config.json").write_text(json.dumps(config))
-    for leftover in other.glob("chat_template.*"):
+    (templated / "tokenizer_config.json").write_text(json.dumps(config))
+    for leftover in templated.glob("chat_template.*"):
         leftover.unlink()
-    line = one_line_error(plora(plora_bin, "inspect", shard_dir, "--tokenizer", other))
-    assert "tokenized with" in line
+    result = run_plora(plora_bin, "inspect", shard_dir, "--tokenizer", templated, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["source"]["tokenizer"] == str(templated)
+    # One more token is another vocabulary: refused.
+    grown = tmp_path / "grown-tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    tokenizer.add_tokens(["<extra-token>"])
+    tokenizer.save_pretrained(str(grown))
+    line = one_line_error(run_plora(plora_bin, "inspect", shard_dir, "--tokenizer", grown))
+    want = json.loads((shard_dir / "manifest.json").read_text())["tokenizer"]["vocab_sha256"][:12]
+    assert "recorded tokenizer" in line and want in line and "re-run plora tokenize" in line
 
 
 def test_cli_bad_requests_are_one_line_errors(
     plora_bin: Path, shard_dir: Path, records_file: Path, tmp_path: Path
 ) -> None:
     rows = json.loads((shard_dir / "manifest.json").read_text())["num_rows"]
-    assert "out of range" in one_line_error(plora(plora_bin, "inspect", shard_dir, "--row", rows))
-    assert "no such" in one_line_error(plora(plora_bin, "inspect", tmp_path / "absent"))
-    assert "--tokenizer" in one_line_error(plora(plora_bin, "inspect", records_file))
+    assert "out of range" in one_line_error(run_plora(plora_bin, "inspect", shard_dir, "--row", rows))
+    assert "no such" in one_line_error(run_plora(plora_bin, "inspect", tmp_path / "absent"))
+    assert "--tokenizer" in one_line_error(run_plora(plora_bin, "inspect", records_file))
     png = tmp_path / "missing-dir" / "row.png"
-    assert "cannot write PNG" in one_line_error(plora(plora_bin, "inspect", shard_dir, "--png", png))
+    assert "cannot write PNG" in one_line_error(run_plora(plora_bin, "inspect", shard_dir, "--png", png))

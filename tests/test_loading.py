@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import one_line_error, run_plora
 
 from parallel.forward import forward_packed
 from parallel.generation import generate
-from parallel.loading import load_parallel_model
+from parallel.loading import MODEL_FACTS, load_parallel_model
 from parallel.rope2d import rope2d_config
+from pipeline.atomic import temporaries
 from pipeline.errors import PloraError
 from pipeline.shards import open_shards
 from pipeline.tinymodel import ensure_tiny_model
@@ -25,8 +28,8 @@ from trainer.model import PackedLoss, add_lora, apply_rope, load_base_model
 TRAIN_FLAGS = {"--mask": "columnar", "--stride": "16", "--rope-2d-ratio": "0.25"}
 
 
-def run_plora(plora_bin: Path, *args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([str(plora_bin), *args], capture_output=True, text=True, timeout=300, check=False)
+def run_ok(plora_bin: Path, *args: str) -> subprocess.CompletedProcess:
+    done = run_plora(plora_bin, *args, timeout=300)
     assert done.returncode == 0, done.stderr
     return done
 
@@ -36,13 +39,13 @@ def trained(tmp_path_factory, tiny_model_dir: Path, plora_bin: Path, sample_dir:
     """A few steps of `plora train` on the sample parallel records (a high LR so the adapter matters)."""
     work = tmp_path_factory.mktemp("trained")
     records = work / "rec.jsonl"
-    run_plora(plora_bin, "convert", str(sample_dir / "sample_parallel.jsonl"), "--out", str(records))
-    run_plora(
+    run_ok(plora_bin, "convert", str(sample_dir / "sample_parallel.jsonl"), "--out", str(records))
+    run_ok(
         plora_bin, "tokenize", str(records), "--tokenizer", str(tiny_model_dir),
         "--out", str(work / "shards"), "--branches", "4", "--max-seq-len", "64",
     )
     flags = [part for item in TRAIN_FLAGS.items() for part in item]
-    run_plora(
+    run_ok(
         plora_bin, "train", "--shards", str(work / "shards"), "--base-model", str(tiny_model_dir),
         "--out-dir", str(work / "out"), "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2",
         "--dtype", "float32", "--device", "cpu", *flags,
@@ -109,14 +112,16 @@ def test_export_loads_without_the_base_model(
     base_copy = work / f"base-copy-{merge}"
     shutil.copytree(tiny_model_dir, base_copy)
     out = work / f"export-{merge}"
-    run_plora(
+    run_ok(
         plora_bin, "export", "--adapter", str(trained["adapter"]), "--out", str(out), "--base-model",
         str(base_copy), *(["--merge"] if merge else []),
     )
     shutil.rmtree(base_copy)  # the export must stand on its own
     meta = json.loads((out / "plora.json").read_text())
     assert meta["export"]["merged"] is merge and meta["mask"] == "columnar"
-    assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+    assert meta["model"] == json.loads((trained["adapter"] / "plora.json").read_text())["model"]
+    assert meta["export"]["source_base_model"] == str(base_copy.absolute())
+    assert not temporaries(out.parent, out.name)
     exported, _, config = load_parallel_model(out)
     assert config is not None and config.stride == 16
     reference, _, _ = load_parallel_model(tiny_model_dir, trained["adapter"])
@@ -142,15 +147,44 @@ def _copy_adapter(trained, tmp_path: Path, edit) -> Path:
 
 
 def test_foreign_tokenizer_is_refused(trained, tmp_path: Path) -> None:
-    adapter = _copy_adapter(trained, tmp_path, lambda m: m["tokenizer"].update(sha256="0" * 64))
-    with pytest.raises(PloraError, match="not the one the adapter .* was trained with"):
+    adapter = _copy_adapter(trained, tmp_path, lambda m: m["tokenizer"].update(vocab_sha256="0" * 64))
+    foreign = r"^adapter .*: recorded tokenizer .* but the tokenizer of .* own base model$"
+    with pytest.raises(PloraError, match=foreign):
         load_parallel_model(None, adapter)
 
 
-def test_foreign_architecture_is_refused(trained) -> None:
+def test_adapter_of_an_older_identity_version_says_so(trained, tmp_path: Path) -> None:
+    adapter = _copy_adapter(trained, tmp_path, lambda m: m["tokenizer"].pop("version"))
+    with pytest.raises(PloraError, match="identity version 1, this plora computes version 2"):
+        load_parallel_model(None, adapter)
+
+
+def test_plora_json_records_the_base_model(trained, tiny_model_dir: Path) -> None:
+    meta = json.loads((trained["adapter"] / "plora.json").read_text())
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert meta["model"] == {key: config[key] for key in MODEL_FACTS}
+    assert meta["model"]["architectures"] == ["Qwen2ForCausalLM"]
+    assert meta["base_model"] == os.path.abspath(tiny_model_dir)
+
+
+def test_foreign_architecture_is_refused(trained, tmp_path: Path) -> None:
+    # plora.json's facts decide, not the config.json of the base it names (gone here).
+    adapter = _copy_adapter(trained, tmp_path, lambda m: m.update(base_model=str(tmp_path / "gone")))
     llama = ensure_tiny_model(arch="llama")  # same tokenizer and sizes, another architecture
-    with pytest.raises(PloraError, match="model_type is 'llama'"):
-        load_parallel_model(llama, trained["adapter"])
+    with pytest.raises(PloraError, match=r"model_type is 'llama', but the adapter .* with 'qwen2'"):
+        load_parallel_model(llama, adapter)
+
+
+@pytest.mark.parametrize(("fact", "recorded"), [("hidden_size", 96), ("architectures", ["LlamaForCausalLM"])])
+def test_base_model_other_than_the_recorded_facts_is_refused(
+    trained, tiny_model_dir: Path, tmp_path: Path, fact: str, recorded: object
+) -> None:
+    adapter = _copy_adapter(trained, tmp_path, lambda m: m["model"].update({fact: recorded}))
+    with pytest.raises(PloraError) as caught:
+        load_parallel_model(tiny_model_dir, adapter)
+    message = str(caught.value)
+    assert message.startswith(f"{os.path.abspath(tiny_model_dir)}: {fact} is ") and "\n" not in message
+    assert f"{recorded!r}; load it on its own base model" in message
 
 
 def test_incomplete_plora_json_is_refused(trained, tmp_path: Path) -> None:
@@ -184,9 +218,5 @@ def test_cli_loading_errors_are_one_line(
 ) -> None:
     (tmp_path / "plain").mkdir()
     names = {"missing": tmp_path / "missing", "plain": tmp_path / "plain", "out": tmp_path / "out"}
-    argv = [str(plora_bin), *(a.format(**names) for a in args)]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 2
-    assert done.stderr.startswith("plora: error: ") and done.stderr.count("\n") == 1
-    assert message in done.stderr
+    assert message in one_line_error(run_plora(plora_bin, *(a.format(**names) for a in args)))
     assert not (tmp_path / "out").exists()

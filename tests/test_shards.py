@@ -13,6 +13,7 @@ import pytest
 
 from parallel.layout import META_COLUMNS, TOKEN_COLUMNS, PackingOptions
 from pipeline.errors import Rejects
+from pipeline.fingerprint import TokenizerMismatch, check_same_tokenizer, tokenizer_identity
 from pipeline.shards import ShardError, open_shards
 from pipeline.tokenize import TokenizeJob, load_tokenizer, tokenize_to_shards
 
@@ -143,17 +144,59 @@ def test_manifest_that_is_not_json_is_refused(copy: Path) -> None:
         open_shards(copy)
 
 
-def test_check_tokenizer_refuses_another_tokenizer(
+def test_check_tokenizer_compares_the_ids_not_the_chat_template(
     shard_dir: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    shards = open_shards(shard_dir)
-    shards.check_tokenizer(load_tokenizer(tiny_model_dir))
-    # Same vocabulary, other chat template: the chat tokens in the shards would be wrong for it.
     template = tmp_path / "other.jinja"
-    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
-    with pytest.raises(ShardError) as caught:
-        shards.check_tokenizer(load_tokenizer(tiny_model_dir, template))
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")
+    # Shards tokenized with --chat-template FILE are read (trained on) with the plain tokenizer:
+    # training never renders a chat, so only the ids matter.
+    job = TokenizeJob(
+        (shard_dir.parent / "records.jsonl",),
+        tiny_model_dir,
+        tmp_path / "templated",
+        packing=PackingOptions(branches=2, max_seq_len=16),
+        chat_template=template,
+    )
+    tokenize_to_shards(job, Rejects(), progress=False)
+    templated = open_shards(tmp_path / "templated")
+    recorded = {"file": str(template.resolve()), "template": template.read_text()}
+    assert templated.manifest["chat_template"] == recorded
+    plain, other = load_tokenizer(tiny_model_dir), load_tokenizer(tiny_model_dir, template)
+    for shards in (open_shards(shard_dir), templated):
+        shards.check_tokenizer(plain)
+        shards.check_tokenizer(other)
+    # The template still decides how chats are tokenized: it is part of the run fingerprint.
+    ours = open_shards(shard_dir).manifest
+    assert templated.manifest["tokenizer"]["vocab_sha256"] == ours["tokenizer"]["vocab_sha256"]
+    assert templated.manifest["tokenizer"]["sha256"] != ours["tokenizer"]["sha256"]
+    assert templated.manifest["fingerprint"]["digest"] != ours["fingerprint"]["digest"]
+
+
+def test_check_tokenizer_refuses_another_vocabulary(shard_dir: Path, tiny_model_dir: Path) -> None:
+    grown = load_tokenizer(tiny_model_dir)
+    grown.add_tokens(["<extra-token>"])
+    with pytest.raises(TokenizerMismatch) as caught:
+        open_shards(shard_dir).check_tokenizer(grown)
     message = str(caught.value)
-    assert "\n" not in message and str(tiny_model_dir) in message and "re-run plora tokenize" in message
-    want = shards.manifest["tokenizer"]["sha256"][:12]
-    assert want in message and message.count("sha256") == 2
+    want = open_shards(shard_dir).manifest["tokenizer"]["vocab_sha256"][:12]
+    assert "\n" not in message and str(shard_dir) in message and "re-run plora tokenize" in message
+    assert want in message and message.count("vocab_sha256") == 2
+
+
+def test_identity_of_another_version_is_named_not_called_foreign(
+    shard_dir: Path, tiny_model_dir: Path
+) -> None:
+    shards = open_shards(shard_dir)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    # What plora wrote before identities had a version: one digest over vocabulary and template.
+    old = {"name_or_path": "x", "vocab_size": 1, "sha256": "0" * 64}
+    shards.manifest = {**shards.manifest, "tokenizer": old}
+    stale = r"identity version 1, this plora computes version 2: re-run plora tokenize"
+    with pytest.raises(TokenizerMismatch, match=stale):
+        shards.check_tokenizer(tokenizer)
+    with pytest.raises(TokenizerMismatch, match=r"^adapter a: recorded with tokenizer identity version 7"):
+        check_same_tokenizer({"version": 7}, tokenizer, what="adapter a")
+    with pytest.raises(TokenizerMismatch, match=r"^the shards: recorded with tokenizer identity version 1"):
+        check_same_tokenizer(tokenizer_identity(tokenizer), {}, what="adapter a", against="the shards")
+    check_same_tokenizer(tokenizer_identity(tokenizer), tokenizer, what="adapter a")

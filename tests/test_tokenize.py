@@ -4,19 +4,20 @@ tokenizer identity and fingerprint, and the command's behaviour on good and bad 
 from __future__ import annotations
 
 import json
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from cli_helpers import one_line_error, run_plora
 from contract_check import check_rows
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from parallel.layout import IGNORE_INDEX, PackingOptions, parse_record, record_to_json
 from pipeline.convert import ConvertOptions, SourcedRecord, iter_records
 from pipeline.errors import InputError, PloraError, Rejects
+from pipeline.fingerprint import IDENTITY_VERSION
 from pipeline.shards import open_shards
 from pipeline.tokenize import (
     TokenizeJob,
@@ -245,10 +246,14 @@ def test_tokenizer_identity_follows_the_tokenizer(
     tiny = tokenizer_identity(load_tokenizer(tiny_model_dir))
     assert tiny == tokenizer_identity(load_tokenizer(tiny_model_dir))
     assert tiny["vocab_size"] == len(load_tokenizer(tiny_model_dir))
-    assert tiny["sha256"] != tokenizer_identity(load_tokenizer(bos_tokenizer_dir))["sha256"]
+    assert tiny["version"] == IDENTITY_VERSION
+    bos = tokenizer_identity(load_tokenizer(bos_tokenizer_dir))
+    assert tiny["vocab_sha256"] != bos["vocab_sha256"] and tiny["sha256"] != bos["sha256"]
+    # Another chat template: the same ids (vocab_sha256), another rendering of chats (sha256).
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    assert tiny["sha256"] != tokenizer_identity(load_tokenizer(tiny_model_dir, template))["sha256"]
+    templated = tokenizer_identity(load_tokenizer(tiny_model_dir, template))
+    assert tiny["vocab_sha256"] == templated["vocab_sha256"] and tiny["sha256"] != templated["sha256"]
 
 
 def test_num_proc_gives_the_same_shards(
@@ -273,28 +278,17 @@ def test_num_proc_gives_the_same_shards(
 # --------------------------------------------------------------------------------------
 
 
-def plora(plora_bin: Path, *args: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(plora_bin), *map(str, args)], capture_output=True, text=True, timeout=120)
-
-
-def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("plora: error: "), result.stderr
-    return lines[0]
-
-
 def test_cli_aliases_and_changed_options(
     plora_bin: Path, tiny_model_dir: Path, own_input: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "shards"
     args = [own_input, "--tokenizer", tiny_model_dir, "--out", out]
-    first = plora(plora_bin, "tokenize", *args, "--branches_per_sample", 3, "--max_seq_len", 32)
+    first = run_plora(plora_bin, "tokenize", *args, "--branches_per_sample", 3, "--max_seq_len", 32)
     assert first.returncode == 0, first.stderr
     assert "records in" in first.stderr and "tokens/s" in first.stderr
     packing = open_shards(out).manifest["packing"]
     assert (packing["branches"], packing["max_seq_len"]) == (3, 32)
-    other = one_line_error(plora(plora_bin, "tokenize", *args, "--max_branches_per_sample", 4))
+    other = one_line_error(run_plora(plora_bin, "tokenize", *args, "--max_branches_per_sample", 4))
     assert "options" in other and "--overwrite" in other
 
 
@@ -335,7 +329,7 @@ def test_cli_tokenizer_without_chat_template(
     assert load_tokenizer(bare).chat_template is None
 
     args = [own_input, "--tokenizer", bare, "--out", tmp_path / "shards"]
-    error = one_line_error(plora(plora_bin, "tokenize", *args))
+    error = one_line_error(run_plora(plora_bin, "tokenize", *args))
     assert f"{own_input}:3:" in error and "no chat template" in error and "--chat-template" in error
 
     template = tmp_path / "chatml.jinja"
@@ -349,7 +343,7 @@ def test_cli_bad_tokenizer_and_out(
 ) -> None:
     missing = tmp_path / "no-such-model"
     error = one_line_error(
-        plora(plora_bin, "tokenize", own_input, "--tokenizer", missing, "--out", tmp_path / "o")
+        run_plora(plora_bin, "tokenize", own_input, "--tokenizer", missing, "--out", tmp_path / "o")
     )
     assert str(missing) in error and "tokenizer" in error
     assert not (tmp_path / "o").exists()
@@ -358,7 +352,7 @@ def test_cli_bad_tokenizer_and_out(
     blocker.write_text("not a directory")
     out = blocker / "shards"
     error = one_line_error(
-        plora(plora_bin, "tokenize", own_input, "--tokenizer", tiny_model_dir, "--out", out)
+        run_plora(plora_bin, "tokenize", own_input, "--tokenizer", tiny_model_dir, "--out", out)
     )
     assert str(out) in error and "cannot write" in error
 

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from train_helpers import REPO_ROOT, build_shards, cli_args, subprocess_env
+from cli_helpers import one_line_error
+from train_helpers import REPO_ROOT, cli_args, subprocess_env
 
 from pipeline.shards import open_shards
 from trainer.checkpoint import final_checkpoint
 
 NAME = "hf_parallel_lora"
-
-
-@pytest.fixture(scope="module")
-def train_shards(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_shards(tmp_path_factory.getbasetemp() / "train-shards", tiny_model_dir)
 
 
 def _run(*args: str | Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
@@ -39,9 +36,7 @@ def test_bad_input_is_one_line_and_exit_status_2(
     extra: list[str], message: str, train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path
 ) -> None:
     done = _run(plora_bin, *cli_args(train_shards, tiny_model_dir, tmp_path / "out", *extra))
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("plora: error: ") and message in lines[0], done.stderr
+    assert message in one_line_error(done)
     assert not (tmp_path / "out" / "lora").exists() or not any((tmp_path / "out" / "lora").iterdir())
 
 
@@ -49,8 +44,9 @@ def test_guide_spellings_train_and_eval_reports_per_branch_count(
     train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
+    relative = os.path.relpath(tiny_model_dir, REPO_ROOT)  # _run's working directory
     guide_flags = [
-        "train", "--shards", train_shards, "--base_model", tiny_model_dir, "--out_dir", out,
+        "train", "--shards", train_shards, "--base_model", relative, "--out_dir", out,
         "--batch_size", "4", "--learning_rate", "3e-3", "--lora_rank", "4", "--accumulation_steps", "1",
         "--grad_clip", "1.0",
         "--no_patch_rope", "--save_interval", "500", "--log_interval", "50", "--dtype", "float32",
@@ -61,6 +57,7 @@ def test_guide_spellings_train_and_eval_reports_per_branch_count(
     adapter = final_checkpoint(out, NAME)
     meta = json.loads((adapter / "plora.json").read_text())
     assert meta["patch_rope"] is False and meta["pair_indices"] == [] and meta["stride"] == 0
+    assert meta["base_model"] == os.path.abspath(tiny_model_dir)  # usable from any working directory
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
 
     evaluate = [plora_bin, "eval", "--shards", train_shards, "--base-model", tiny_model_dir]

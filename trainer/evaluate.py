@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from parallel.forward import token_losses
-from pipeline.errors import PloraError
+from pipeline.fingerprint import check_same_tokenizer
 from pipeline.shards import open_shards
 from trainer.checkpoint import read_plora_json
 from trainer.config import TrainConfig
@@ -138,12 +138,13 @@ def run_eval(options: EvalOptions, on_batch: Callable[[int], None] | None = None
     }
     if options.adapter is not None:
         meta = read_plora_json(options.adapter)
-        trained_with, shards_with = meta["tokenizer"], shards.manifest["tokenizer"]
-        if trained_with["sha256"] != shards_with["sha256"]:
-            raise PloraError(
-                f"{options.adapter}: trained with tokenizer {trained_with['name_or_path']}, but the "
-                f"shards in {options.shards} were tokenized with {shards_with['name_or_path']}"
-            )
+        check_same_tokenizer(
+            meta["tokenizer"],
+            shards.manifest["tokenizer"],
+            what=f"adapter {options.adapter}",
+            against=f"the tokenizer of the shards in {options.shards}",
+            fix="evaluate it on shards tokenized for its base model",
+        )
         settings = {key: meta[key] for key in settings}
     cfg = TrainConfig(
         shards=options.shards,

@@ -21,8 +21,10 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from parallel.loading import model_facts
 from pipeline.errors import PloraError
-from pipeline.fingerprint import plora_version
+from pipeline.fingerprint import check_same_tokenizer, plora_version
+from pipeline.pretrained import resolve_pretrained
 from pipeline.shards import open_shards
 from trainer.checkpoint import (
     check_writable,
@@ -166,7 +168,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     rope = apply_rope(base, cfg)
     adapter_source = str(resume_dir) if resume_dir is not None else cfg.load_lora
     if adapter_source is not None:
-        _check_adapter_rope(adapter_source, rope)
+        _check_adapter(adapter_source, rope, manifest, cfg.shards)
     model = add_lora(base, cfg, adapter_source).to(env.device)
     model.train()
     loss_module = PackedLoss(model, mask=cfg.mask, stride=rope.stride)
@@ -185,7 +187,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         start_step = resumed["step"]
     total_steps = plan.total_steps
     metrics = MetricsLog(cfg, enabled=env.is_main, start_step=start_step)
-    plora_meta = _plora_metadata(cfg, rope, manifest)
+    plora_meta = _plora_metadata(cfg, rope, manifest, base)
     if env.is_main:
         sizes = count_parameters(model)
         metrics.announce(
@@ -300,12 +302,19 @@ def _validate(loss_module: PackedLoss, store: RowStore, plan: DataPlan, env: Dis
     return loss_sum / tokens if tokens else float("nan")
 
 
-def _check_adapter_rope(adapter_dir: str, rope: RopeSettings) -> None:
-    """An adapter continues only on the positions it was trained with."""
+def _check_adapter(adapter_dir: str, rope: RopeSettings, manifest: dict[str, Any], shards: str) -> None:
+    """An adapter continues only on the token ids and positions it was trained with."""
     path = Path(adapter_dir)
     if not (path / "plora.json").is_file():
         return  # a plain PEFT adapter: nothing recorded to compare
     meta = read_plora_json(path)
+    check_same_tokenizer(
+        meta["tokenizer"],
+        manifest["tokenizer"],
+        what=f"adapter {adapter_dir}",
+        against=f"the tokenizer of the shards in {shards}",
+        fix="continue it on shards tokenized for its base model",
+    )
     have = list(rope.rope.pair_indices) if rope.rope is not None else []
     if meta["pair_indices"] != have or meta["stride"] != rope.stride:
         raise PloraError(
@@ -314,12 +323,17 @@ def _check_adapter_rope(adapter_dir: str, rope: RopeSettings) -> None:
         )
 
 
-def _plora_metadata(cfg: TrainConfig, rope: RopeSettings, manifest: dict[str, Any]) -> dict[str, Any]:
-    """plora.json: everything inference needs to rebuild the exact model and inputs."""
+def _plora_metadata(
+    cfg: TrainConfig, rope: RopeSettings, manifest: dict[str, Any], base: torch.nn.Module
+) -> dict[str, Any]:
+    """plora.json: everything inference needs to rebuild the exact model and inputs, and the facts a
+    base model given at load time is checked against."""
     return {
         "format_version": 1,
         "plora_version": plora_version(),
-        "base_model": cfg.base_model,
+        # Absolute for a local directory (the adapter may be loaded from another working directory).
+        "base_model": resolve_pretrained(cfg.base_model, what="base model").name,
+        "model": model_facts(base),
         "tokenizer": manifest["tokenizer"],
         "special_tokens": manifest["special_tokens"],
         "patch_rope": rope.rope is not None,

@@ -13,6 +13,7 @@ from torch import nn
 from parallel.forward import forward_packed, packed_loss, resolve_attn
 from parallel.rope2d import Rope2DConfig, patch_model_2d_rope
 from pipeline.errors import PloraError
+from pipeline.pretrained import load_pretrained
 from trainer.config import TrainConfig
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -42,7 +43,8 @@ def _one_line(err: BaseException) -> str:
 def load_base_model(
     path: str, *, attn: str, device: torch.device, dtype: str, trust_remote_code: bool = False
 ) -> nn.Module:
-    """The base causal LM with the attention implementation plora's masks need.
+    """The base causal LM (a local directory or a hub id) with the attention implementation plora's
+    masks need; weights from safetensors only.
 
     Frozen weights are kept in the training dtype on CUDA (memory) and in float32 on CPU (speed and
     exactness); the LoRA weights PEFT adds are float32 either way and autocast does the rest.
@@ -53,12 +55,15 @@ def load_base_model(
     hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
     implementation = resolve_attn(attn, device)
     weights_dtype = TORCH_DTYPES[dtype] if device.type == "cuda" else torch.float32
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=weights_dtype, attn_implementation=implementation, trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError, KeyError) as err:
-        raise PloraError(f"{path}: cannot load the base model: {_one_line(err)}") from None
+    model = load_pretrained(
+        AutoModelForCausalLM,
+        path,
+        what="base model",
+        dtype=weights_dtype,
+        attn_implementation=implementation,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+    )
     return model.to(device)
 
 

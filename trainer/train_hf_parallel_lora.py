@@ -51,12 +51,13 @@ def guide_data_parser() -> argparse.ArgumentParser:
 
 def cache_dir(args: argparse.Namespace, packing: PackingOptions) -> Path:
     from pipeline.convert import ConvertOptions, input_fingerprint_parts  # noqa: PLC0415
+    from pipeline.pretrained import resolve_pretrained  # noqa: PLC0415
 
     options = ConvertOptions(hf_subset=args.hf_subset, hf_split=args.hf_split, streaming=args.use_streaming)
     inputs = [args.data_path] if args.data_path else []
     parts = {
         "inputs": input_fingerprint_parts(inputs, args.hf_dataset, options=options),
-        "tokenizer": str(Path(args.tokenizer_path or args.base_model).resolve()),
+        "tokenizer": resolve_pretrained(args.tokenizer_path or args.base_model, what="tokenizer").name,
         "packing": packing.to_json(),
     }
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
@@ -82,7 +83,7 @@ def tokenize_guide_data(args: argparse.Namespace, out: Path, packing: PackingOpt
 
     job = TokenizeJob(
         inputs=(Path(args.data_path),) if args.data_path else (),
-        tokenizer=Path(args.tokenizer_path or args.base_model),
+        tokenizer=args.tokenizer_path or args.base_model,
         out=out,
         packing=packing,
         convert=ConvertOptions(

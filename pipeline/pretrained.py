@@ -1,0 +1,96 @@
+"""Where a tokenizer or model comes from: a local directory or a HuggingFace hub id.
+
+The original guide's users pass ``--base_model Qwen/Qwen2.5-0.5B-Instruct``, so every loader
+(tokenizer, training base model, generation/export base model) accepts both, decided here once:
+
+- a local path: anything that exists on disk, is absolute, or starts with ``./``, ``../`` or
+  ``~``. It must be a directory; it is used as an absolute path (so plora.json records where it
+  was) and read with ``local_files_only``.
+- a hub id: ``name`` or ``org/name`` (the hub's own spelling rules) that is not a local path.
+  transformers resolves it from the HuggingFace cache first, without the network; only when it is
+  not cached, and ``HF_HUB_OFFLINE`` is not set, from the hub itself.
+
+Anything else is a one-line "no such directory". Remote code stays off unless the caller asks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PloraError
+
+# The hub's repo id rules: one or two parts of letters, digits, '-', '_', '.', no '--' or '..', at most 96.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+_HUB_ID_MAX = 96
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """A resolved ``from_pretrained`` source: an absolute local directory or a hub id."""
+
+    name: str
+    local: bool
+
+
+def _is_hub_id(text: str) -> bool:
+    return (
+        _HUB_ID.fullmatch(text) is not None
+        and len(text) <= _HUB_ID_MAX
+        and "--" not in text
+        and ".." not in text
+        and not text.endswith(".")
+    )
+
+
+def resolve_pretrained(name: str | Path, *, what: str) -> Pretrained:
+    """Decide whether ``name`` is a local directory or a hub id (see the module docstring).
+
+    ``what`` names the thing in errors ("tokenizer", "base model").
+    """
+    text = str(name)
+    path = Path(text).expanduser()
+    path_like = path.is_absolute() or text.startswith(("./", "../", "~")) or text in (".", "..")
+    if path.exists() or path_like or not _is_hub_id(text):
+        if not path.is_dir():
+            problem = "not a directory" if path.exists() else f"no such {what} directory"
+            raise PloraError(
+                f"{text}: {problem} (expected a local HuggingFace {what} directory or a hub id "
+                "such as org/name)"
+            )
+        return Pretrained(os.path.abspath(path), local=True)
+    return Pretrained(text, local=False)
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants  # noqa: PLC0415 - comes with transformers
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def load_pretrained(loader: Any, name: str | Path, *, what: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained(...)`` (AutoTokenizer, AutoModelForCausalLM) for a local directory or
+    a hub id; whatever goes wrong is one line naming ``name`` and where it was looked for."""
+    source = resolve_pretrained(name, what=what)
+    # A hub id: the cache first, so that a cached model never touches the network.
+    attempts = [True] if source.local or _hub_offline() else [True, False]
+    for local_files_only in attempts:
+        try:
+            return loader.from_pretrained(source.name, local_files_only=local_files_only, **kwargs)
+        except Exception as err:  # noqa: BLE001 - transformers raises many kinds; all mean "cannot load"
+            error = err
+    if source.local:
+        where = "local directory"
+    elif len(attempts) == 1:
+        where = "HuggingFace cache only: HF_HUB_OFFLINE is set"
+    else:
+        where = "HuggingFace cache and hub"
+    raise PloraError(f"{source.name}: cannot load the {what} ({where}): {_first_line(error)}") from None
