@@ -19,7 +19,8 @@ unpatched model; at ratio > 0 the branch pairs rotate by 0.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,9 +99,43 @@ class Rope2DEmbedding(nn.Module):
         cos_t, sin_t = self.rotary(x, time_pos, *args, **kwargs)
         if not self.plora.pair_indices:
             return cos_t, sin_t
-        cos_b, sin_b = self.rotary(x, branch_pos, *args, **kwargs)
+        with _state_kept(self.rotary):
+            cos_b, sin_b = self.rotary(x, branch_pos, *args, **kwargs)
         dims = self.branch_dims.to(cos_t.device)
         return torch.where(dims, cos_b, cos_t), torch.where(dims, sin_b, sin_t)
+
+
+def _updates_itself(rotary: nn.Module) -> bool:
+    """Whether the rotary recomputes its frequencies from each call's positions (dynamic NTK, longrope)."""
+    rope_type = getattr(rotary, "rope_type", "default")
+    types = rope_type.values() if isinstance(rope_type, dict) else [rope_type]
+    return any("dynamic" in t or t == "longrope" for t in types)
+
+
+@contextlib.contextmanager
+def _state_kept(rotary: nn.Module) -> Iterator[None]:
+    """Undo what a call does to a self-updating rotary's frequencies, so that the branch positions
+    (branch_id * stride, far beyond any sequence length) never leak into the time rotation of this
+    or a later call: after the forward the rotary is as an unpatched model would have left it."""
+    if not _updates_itself(rotary):
+        yield
+        return
+    attributes = {k: v for k, v in vars(rotary).items() if not k.startswith("_")}
+    buffers = {k: None if v is None else v.clone() for k, v in rotary._buffers.items()}
+    try:
+        yield
+    finally:
+        for name in set(rotary._buffers) - set(buffers):
+            del rotary._buffers[name]
+        for name, saved in buffers.items():
+            current = rotary._buffers.get(name)
+            if current is not None and saved is not None and current.shape == saved.shape:
+                current.copy_(saved)  # in place: the buffer keeps its address (CUDA graphs replay from it)
+            else:
+                rotary._buffers[name] = saved
+        for name in [k for k in vars(rotary) if not k.startswith("_") and k not in attributes]:
+            delattr(rotary, name)
+        rotary.__dict__.update(attributes)
 
 
 def _architecture(model: nn.Module) -> str:

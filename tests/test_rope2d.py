@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from models import ARCHS, INTERLEAVED_ROTARY, tiny_model
+from models import ARCHS, INTERLEAVED_ROTARY, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from parallel import forward_packed, patch_model_2d_rope
@@ -97,6 +99,35 @@ def test_no_state_survives_a_call() -> None:
             return forward_packed(model, ids, branch, torch.arange(9)[None])
 
     assert (as_branch(1) - as_branch(3))[:, 4:].abs().max() > 1e-5  # fp32 noise is ~1e-7
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "dynamic", "factor": 2.0},
+        {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8, "factor": 4.0},
+    ],
+    ids=["dynamic", "longrope"],
+)
+def test_self_updating_rope_keeps_no_branch_state(rope: dict) -> None:
+    """Dynamic NTK and longrope recompute their frequencies from each call's positions; the branch
+    positions (branch_id * stride, far past max_position_embeddings) must not leak into the time
+    rotation of the same or a later call."""
+    config = tiny_config("llama")
+    config.max_position_embeddings = 64
+    config.rope_parameters = {"rope_theta": 10000.0, "original_max_position_embeddings": 64, **rope}
+    torch.manual_seed(0)
+    fresh = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    used = copy.deepcopy(fresh)
+    for model in (fresh, used):
+        patch_model_2d_rope(model, ratio=0.5, stride=128)
+    ids = torch.randint(3, 100, (1, 100))
+    one_branch = (torch.zeros_like(ids), torch.arange(100)[None])
+    with torch.no_grad():
+        forward_packed(used, ids, torch.arange(100)[None] // 25, (torch.arange(100) % 25)[None])
+        want = forward_packed(fresh, ids, *one_branch)
+        have = forward_packed(used, ids, *one_branch)
+    assert torch.equal(want, have)
 
 
 def test_patch_twice_is_idempotent_or_refused() -> None:
