@@ -40,6 +40,10 @@ def main() -> None:
     except KeyboardInterrupt:
         print("plora: interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as err:  # the system refused (disk full, permissions, ...): say what and where
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"plora: error: {where}{err.strerror or err}", file=sys.stderr)
+        sys.exit(1)
     except NO_ARGS_IS_HELP as err:  # bare `plora`: the help is the answer
         err.show()
         sys.exit(err.exit_code)
