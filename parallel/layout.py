@@ -33,6 +33,12 @@ Align = Literal["left", "right"]
 MASK_MODES: tuple[str, ...] = ("isolated", "columnar")
 ALIGN_MODES: tuple[str, ...] = ("left", "right")
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
+# The keys of each kind of canonical record (SPEC "Records"); a record has the keys of one kind only.
+RECORD_KEYS: dict[str, frozenset[str]] = {
+    "text": frozenset({"text"}),
+    "messages": frozenset({"messages"}),
+    "parallel": frozenset({"main", "branches"}),
+}
 
 # Shard columns: per-token lists (equal length, in the row's stored order) ...
 TOKEN_COLUMNS: tuple[str, ...] = ("input_ids", "branch_id", "time_id", "labels")
@@ -104,6 +110,14 @@ def parse_record(obj: Any) -> Record:
     if not isinstance(obj, dict):
         raise RecordError(f"expected a JSON object, got {type(obj).__name__}")
     keys = set(obj)
+    kinds = record_kinds(keys)
+    one_of = "a record is one of {'text'}, {'messages'}, {'main', 'branches'}"
+    if len(kinds) > 1:
+        mixed = sorted(keys & frozenset().union(*(RECORD_KEYS[kind] for kind in kinds)))
+        raise RecordError(f"keys {mixed} mix {' and '.join(kinds)} records; {one_of}")
+    unexpected = sorted(keys - RECORD_KEYS[kinds[0]]) if kinds else []
+    if unexpected:
+        raise RecordError(f"unexpected keys {unexpected}; {one_of}")
     if "branches" in keys or "main" in keys:
         if "branches" not in keys:
             raise RecordError("parallel record has 'main' but no 'branches' list")
@@ -125,6 +139,12 @@ def parse_record(obj: Any) -> Record:
     raise RecordError(
         f"unknown record with keys {sorted(keys)}; expected 'text', 'messages', or 'main' + 'branches'"
     )
+
+
+def record_kinds(keys: Iterable[str]) -> list[str]:
+    """The kinds of canonical record (keys of :data:`RECORD_KEYS`) whose keys are among ``keys``."""
+    present = set(keys)
+    return [kind for kind, own in RECORD_KEYS.items() if own & present]
 
 
 def _parse_branch(value: Any, index: int) -> Branch:

@@ -17,7 +17,9 @@ Chat turns accept either key style (``role``/``content`` or ``from``/``value``) 
 ``messages`` and ``conversations``. Roles are matched case-insensitively through
 :data:`ROLE_ALIASES`; any other role rejects the record. Empty system turns (common in ShareGPT
 dumps) carry nothing and are left out; any other empty text rejects the record. Keys a format
-does not use (ids, metadata) are ignored.
+does not use (ids, metadata) are ignored, in canonical records too (only the contract's fields
+are read). ``auto`` refuses an object holding the keys of two canonical record kinds
+(``text`` and ``messages``, say): a forced ``--format`` says which one to read.
 
 Modes: ``sft`` keeps chats as ``messages``; ``pretrain`` turns chats (and Alpaca and
 prompt/response records) into ``text``: the turns' contents joined by blank lines, system
@@ -29,8 +31,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from parallel.layout import ChatRecord, Record, RecordError, TextRecord, parse_record
+from parallel.layout import (
+    RECORD_KEYS,
+    ChatRecord,
+    Record,
+    RecordError,
+    TextRecord,
+    parse_record,
+    record_kinds,
+)
 
+CANONICAL_KEYS: frozenset[str] = frozenset().union(*RECORD_KEYS.values())
 FORMATS: tuple[str, ...] = ("alpaca", "sharegpt", "messages", "prompt-response", "text", "canonical")
 MODES: tuple[str, ...] = ("sft", "pretrain")
 
@@ -58,8 +69,8 @@ PRETRAIN_SEPARATOR = "\n\n"
 
 def detect(obj: Any) -> str | None:
     """The format of a raw record, or None when no format fits."""
-    if not isinstance(obj, dict):
-        return None
+    if not isinstance(obj, dict) or len(record_kinds(obj)) > 1:
+        return None  # {"text", "messages"}: which one is the record is not for us to guess
     if "main" in obj or "branches" in obj:
         return "canonical"
     if "messages" in obj:
@@ -82,7 +93,7 @@ def normalise(obj: Any, fmt: str, mode: str = "sft") -> Record:
     if not isinstance(obj, dict):
         raise RecordError(unknown_format_reason(obj))
     if fmt == "canonical":
-        canonical = obj
+        canonical = {key: value for key, value in obj.items() if key in CANONICAL_KEYS}
     elif fmt in CHAT_KEYS:
         canonical = {"messages": _chat(obj, fmt)}
     elif fmt == "alpaca":
@@ -106,6 +117,12 @@ def unknown_format_reason(obj: Any) -> str:
     """Why :func:`detect` found no format, saying what was expected."""
     if not isinstance(obj, dict):
         return f"not an object: got a JSON {_json_type(obj)}; expected a JSON object"
+    kinds = record_kinds(obj)
+    if len(kinds) > 1:
+        return (
+            f"ambiguous record: keys {sorted(obj)} hold {' and '.join(kinds)} records at once; "
+            "pass --format to say which one to read"
+        )
     return (
         f"unknown format: keys {sorted(obj)}; expected one of text, messages, conversations, "
         "instruction+output, prompt+response, main+branches"

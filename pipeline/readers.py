@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pipeline.errors import PloraError
+from pipeline.formats import detect
 
 UTF8_BOM = b"\xef\xbb\xbf"
 JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
@@ -184,7 +185,12 @@ def _json_document(source: str, text: str) -> Iterator[RawRecord]:
             raise json.JSONDecodeError("Extra data", text, end)
         return
     value = json.loads(text)
-    if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list):
+    if (
+        isinstance(value, dict)
+        and len(value) == 1
+        and isinstance(next(iter(value.values())), list)
+        and detect(value) is None  # {"messages": [...]} is one record, not a wrapper of several
+    ):
         # {"data": [...]}: walk to the list so that each element keeps its own line
         del value
         pos = JSON_WHITESPACE.match(text, start + 1).end()
@@ -344,7 +350,10 @@ def read_hf_dataset(
     data files (.jsonl/.json/.parquet/.csv, loaded by the matching ``datasets`` builder), or
     a hub name (needs the network). ``line`` is the row number; the source reads
     ``NAME[SPLIT]``. Never runs remote code."""
-    import datasets  # noqa: PLC0415 - heavy, and absent on the training machine
+    try:
+        import datasets  # noqa: PLC0415 - heavy, and absent on the training machine
+    except ImportError:
+        raise PloraError("--hf-dataset needs the datasets package: pip install datasets") from None
 
     source = hf_source(name, split)
     try:

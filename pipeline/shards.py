@@ -41,18 +41,37 @@ SCHEMA = pa.schema(
     metadata={"plora_format_version": str(FORMAT_VERSION)},
 )
 
-MANIFEST_KEYS: tuple[str, ...] = (
-    "format_version",
-    "plora_version",
-    "tokenizer",
-    "special_tokens",
-    "packing",
-    "fingerprint",
-    "files",
-    "num_rows",
-    "num_tokens",
-    "num_trained",
-)
+# What readers (open_shards, plora inspect, plora train) take from a manifest, with its JSON type:
+# checked on reading, so that a damaged manifest is a one-line error, not a KeyError deep inside.
+MANIFEST_SHAPE: dict[str, type] = {
+    "format_version": int,
+    "plora_version": str,
+    "tokenizer": dict,
+    "special_tokens": dict,
+    "packing": dict,
+    "convert": dict,
+    "fingerprint": dict,
+    "files": list,
+    "num_rows": int,
+    "num_tokens": int,
+    "num_trained": int,
+}
+MANIFEST_KEYS: tuple[str, ...] = tuple(MANIFEST_SHAPE)
+NESTED_SHAPE: dict[str, dict[str, type]] = {
+    "tokenizer": {"name_or_path": str, "vocab_size": int},
+    "special_tokens": {"eos_id": int},
+    "packing": {"align": str},
+    "fingerprint": {"digest": str},
+}
+FILE_SHAPE: dict[str, type] = {
+    "name": str,
+    "bytes": int,
+    "sha256": str,
+    "rows": int,
+    "tokens": int,
+    "trained": int,
+}
+_TYPE_NAMES = {int: "an integer", str: "a string", dict: "an object", list: "a list"}
 
 
 class ShardError(PloraError):
@@ -162,7 +181,50 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
             f"{path}: format_version {manifest['format_version']!r}, this plora reads {FORMAT_VERSION}; "
             "re-run plora tokenize"
         )
+    problem = _shape_problem(manifest)
+    if problem:
+        raise ShardError(f"{path}: damaged manifest: {problem}; re-run plora tokenize --overwrite")
     return manifest
+
+
+def _shape_problem(manifest: dict[str, Any]) -> str | None:
+    """What is wrong with the shape of a manifest (see MANIFEST_SHAPE), or None."""
+    problem = _fields_problem(manifest, MANIFEST_SHAPE, "")
+    for key, shape in NESTED_SHAPE.items():
+        problem = problem or _fields_problem(manifest[key], shape, f"{key}.")
+    template = manifest.get("chat_template")  # absent from manifests of older plora versions
+    if problem is None and template is not None and not isinstance(template, dict):
+        problem = f"chat_template is {_json_type(template)}, expected an object or null"
+    for i, entry in enumerate(manifest["files"]):
+        if problem is not None:
+            break
+        if not isinstance(entry, dict):
+            problem = f"files[{i}] is {_json_type(entry)}, expected an object"
+            continue
+        problem = _fields_problem(entry, FILE_SHAPE, f"files[{i}].")
+        name = entry.get("name")
+        if problem is None and (Path(name).name != name or name in ("", ".", "..")):
+            problem = f"files[{i}].name {entry['name']!r} is not a file name in the directory"
+    return problem
+
+
+def _fields_problem(values: dict[str, Any], shape: dict[str, type], prefix: str) -> str | None:
+    for key, kind in shape.items():
+        if key not in values:
+            return f"{prefix}{key} is missing"
+        value = values[key]
+        # bool is an int to Python, not to JSON; counts and ids are never negative.
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+        if ok and kind is int and value < 0:
+            return f"{prefix}{key} is {value}, expected a count (>= 0)"
+        if not ok:
+            return f"{prefix}{key} is {_json_type(value)}, expected {_TYPE_NAMES[kind]}"
+    return None
+
+
+def _json_type(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 class _Batch:

@@ -7,12 +7,15 @@ with ``add_special_tokens=False`` and BOS, where the tokenizer uses one, is adde
 - text: ``ids(text) + [eos]``, all trained.
 - chat: the tokenizer's chat template renders the whole chat once; each assistant turn's span
   is found by rendering prefixes (``messages[:i]`` with the generation prompt, and
-  ``messages[:i+1]``), which the full render must start with (else the template is not
-  prefix-stable and the record is rejected). The span runs from the assistant content through
-  its closing end-of-turn token, trailing whitespace excluded; the tokens overlapping a span are
-  trained. When no trained token is the EOS (a template whose turns end with another marker), an
-  EOS is appended after the render, trained, so generation still learns to stop; a template
-  that closes the assistant turn with EOS (ChatML with EOS ``<|im_end|>``) gets none extra.
+  ``messages[:i+1]``), which the full render must start with. A template that is not
+  prefix-stable (Qwen3's drops the reasoning of earlier assistant turns) has each assistant
+  content searched for in the full render instead, in message order, the span running through
+  the end-of-turn marker that follows it; a chat whose assistant content is not rendered verbatim
+  is rejected. The span runs from the assistant content through its closing end-of-turn token,
+  trailing whitespace excluded; the tokens overlapping a span are trained. When no trained
+  token is the EOS (a template whose turns end with another marker), an EOS is appended after
+  the render, trained, so generation still learns to stop; a template that closes the assistant
+  turn with EOS (ChatML with EOS ``<|im_end|>``) gets none extra.
 - parallel: the trunk is ``ids(main)`` with no EOS, trained iff ``train_trunk``; a branch is
   ``ids(prompt) + ids(response) + [eos]`` with the response and EOS trained.
 
@@ -266,20 +269,63 @@ class RecordEncoder:
             return out
 
         full = render(messages, False)
-        spans = []
+        befores, throughs = [], []
         for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            before = render(messages[:i], True)
-            through = render(messages[: i + 1], False).rstrip()
-            if not (full.startswith(before) and full.startswith(through) and len(through) >= len(before)):
-                raise ValueError(
-                    f"the chat template is not prefix-stable: rendering the chat up to assistant message {i} "
-                    "does not give a prefix of the whole chat's rendering, so its tokens cannot be located; "
-                    "use --chat-template with a template that renders earlier turns unchanged"
-                )
-            spans.append((len(before), len(through)))
+            if message["role"] == "assistant":
+                befores.append(render(messages[:i], True))
+                throughs.append(render(messages[: i + 1], False).rstrip())
+        prefix_stable = all(
+            full.startswith(before) and full.startswith(through) and len(through) >= len(before)
+            for before, through in zip(befores, throughs, strict=True)
+        )
+        if not prefix_stable:
+            return full, self._search_spans(full, messages, throughs)
+        contents = [m["content"] for m in messages if m["role"] == "assistant"]
+        spans = []
+        for before, through, content in zip(befores, throughs, contents, strict=True):
+            # From the content on: what a template puts between the generation prompt and the
+            # content (Qwen3's empty <think> block of a last turn) is not the assistant's text.
+            at = full.find(content, len(before), len(through))
+            spans.append((at if at >= 0 else len(before), len(through)))
         return full, spans
+
+    def _search_spans(
+        self, full: str, messages: list[dict[str, str]], throughs: list[str]
+    ) -> list[tuple[int, int]]:
+        """Assistant spans of a template that is not prefix-stable (Qwen3's drops the reasoning of
+        earlier assistant turns): each content is searched for in the full render after the previous
+        message's, and its span runs through the end-of-turn marker that follows it there, that
+        marker being what the template puts right after the content when that turn is the last
+        (or the EOS text)."""
+        eos_text = self.tokenizer.eos_token or ""
+        spans = []
+        cursor = 0
+        assistant = 0
+        for i, message in enumerate(messages):
+            content = message["content"]
+            at = full.find(content, cursor)
+            if message["role"] != "assistant":
+                # Not trained: a template may rewrite or drop it, but where it is found it bounds the search.
+                cursor = at + len(content) if at >= 0 else cursor
+                continue
+            through = throughs[assistant]
+            assistant += 1
+            if at < 0:
+                raise ValueError(
+                    f"the chat template is not prefix-stable and does not render assistant message {i}'s "
+                    "content verbatim, so its tokens cannot be located; use --chat-template with a "
+                    "template that renders earlier turns unchanged"
+                )
+            end = at + len(content)
+            own = through.rfind(content)
+            marker = through[own + len(content) :] if own >= 0 else ""
+            for candidate in (marker, eos_text):
+                if candidate and full.startswith(candidate, end):
+                    end += len(candidate)
+                    break
+            spans.append((at, end))
+            cursor = end
+        return spans
 
 
 def _raise_or_reject(result: Rejected, rejects: Rejects) -> None:

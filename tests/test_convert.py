@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cli_helpers import one_line_error, run_plora
 from inputs import (
     CONTAINERS,
     DETECTED,
@@ -20,7 +21,14 @@ from inputs import (
     write_parquet,
 )
 
-from parallel.layout import ChatRecord, ParallelRecord, RecordError, TextRecord, record_to_json
+from parallel.layout import (
+    ChatRecord,
+    ParallelRecord,
+    RecordError,
+    TextRecord,
+    parse_record,
+    record_to_json,
+)
 from pipeline import formats
 from pipeline.convert import (
     ConvertOptions,
@@ -96,6 +104,17 @@ def test_single_object_json_file_is_one_record(tmp_path: Path) -> None:
     assert converted([path]) == [{"messages": [user("p"), assistant("r")]}]
 
 
+def test_json_file_of_one_chat_is_one_record_and_a_wrapper_is_unwrapped(tmp_path: Path) -> None:
+    chat = [user("Hi"), assistant("Hello."), user("Bye"), assistant("See you.")]
+    for key in ("messages", "conversations"):
+        path = tmp_path / f"{key}.json"
+        path.write_text(json.dumps({key: chat}, indent=1), encoding="utf-8")
+        assert converted([path]) == [{"messages": chat}]
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"data": [{"messages": chat}, {"text": "t"}]}, indent=1), encoding="utf-8")
+    assert converted([wrapped]) == [{"messages": chat}, {"text": "t"}]
+
+
 def test_inputs_are_read_in_order(tmp_path: Path) -> None:
     a = write_jsonl(tmp_path / "a.jsonl", [{"text": "a1"}, {"text": "a2"}])
     b = tmp_path / "b.txt"
@@ -165,7 +184,7 @@ def test_openai_content_parts_are_joined() -> None:
 
 
 def test_canonical_parallel_with_prompt_response_branches(tmp_path: Path) -> None:
-    obj = {"main": "Q:", "branches": [{"prompt": "think", "response": "A"}, "B"], "id": 7}
+    obj = {"main": "Q:", "branches": [{"prompt": "think", "response": "A"}, "B"]}
     record = formats.normalise(obj, "canonical")
     assert isinstance(record, ParallelRecord)
     assert record_to_json(record) == {"main": "Q:", "branches": [{"prompt": "think", "response": "A"}, "B"]}
@@ -174,6 +193,47 @@ def test_canonical_parallel_with_prompt_response_branches(tmp_path: Path) -> Non
 def test_extra_keys_are_ignored() -> None:
     obj = {"text": "body", "id": 3, "meta": {"url": "x"}}
     assert record_to_json(formats.normalise(obj, "text")) == {"text": "body"}
+    assert record_to_json(formats.normalise(obj, "canonical")) == {"text": "body"}
+    parallel = {"id": 7, "main": "m", "branches": ["b"]}
+    assert formats.detect(parallel) == "canonical"
+    assert record_to_json(formats.normalise(parallel, "canonical")) == {"main": "m", "branches": ["b"]}
+
+
+def test_extra_columns_of_non_canonical_formats_still_convert(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "with_ids.jsonl",
+        [
+            {"id": 1, "instruction": "Say hi.", "input": "", "output": "Hi!", "text": "### Say hi. Hi!"},
+            {"id": "b2", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
+            {"id": 3, "messages": [user("q"), assistant("a")], "source": "web"},
+        ],
+    )
+    assert converted([path]) == [
+        {"messages": [user("Say hi."), assistant("Hi!")]},
+        {"messages": [user("Q"), assistant("A")]},
+        {"messages": [user("q"), assistant("a")]},
+    ]
+
+
+def test_a_forced_format_reads_an_ambiguous_record() -> None:
+    obj = {"text": "rendered", "messages": [user("q"), assistant("a")]}
+    assert formats.detect(obj) is None
+    assert record_to_json(formats.normalise(obj, "messages")) == {"messages": [user("q"), assistant("a")]}
+    assert record_to_json(formats.normalise(obj, "text")) == {"text": "rendered"}
+
+
+@pytest.mark.parametrize(
+    ("obj", "message"),
+    [
+        ({"main": "m", "branches": ["b"], "text": "t"}, r"keys \['branches', 'main', 'text'\] mix"),
+        ({"text": "t", "messages": [assistant("a")]}, r"keys \['messages', 'text'\] mix text and messages"),
+        ({"text": "t", "id": 1}, r"unexpected keys \['id'\]; a record is one of"),
+        ({"branches": ["b"], "meta": {}}, r"unexpected keys \['meta'\]"),
+    ],
+)
+def test_canonical_record_has_the_keys_of_one_kind_only(obj: dict, message: str) -> None:
+    with pytest.raises(RecordError, match=message):
+        parse_record(obj)
 
 
 def test_forced_format_rejects_what_it_does_not_fit() -> None:
@@ -249,6 +309,18 @@ def test_dataset_that_cannot_load_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(PloraError, match=r"saved\[train\]: cannot load the HuggingFace dataset") as err:
         converted([], hf_dataset=str(folder))
     assert "\n" not in str(err.value)
+
+
+def test_cli_hf_dataset_without_the_datasets_package(tmp_path: Path, plora_bin: Path) -> None:
+    # A `datasets` that cannot be imported, first on the path: as on a machine without the package.
+    shim = tmp_path / "shim" / "datasets"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError(\"No module named 'datasets'\")\n")
+    done = run_plora(
+        plora_bin, "convert", "--hf-dataset", tmp_path, env={"PYTHONPATH": str(tmp_path / "shim")}
+    )
+    error = one_line_error(done)
+    assert error == "plora: error: --hf-dataset needs the datasets package: pip install datasets"
 
 
 # --------------------------------------------------------------------------------------

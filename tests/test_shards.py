@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
+from cli_helpers import one_line_error, run_plora
 
 from parallel.layout import META_COLUMNS, TOKEN_COLUMNS, PackingOptions
 from pipeline.errors import Rejects
@@ -136,6 +138,31 @@ def test_manifest_problems_are_refused(copy: Path, change: object, message: str)
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ShardError, match=message):
         open_shards(copy)
+
+
+BADLY_SHAPED = {
+    "file without bytes": (lambda m: m["files"][0].pop("bytes"), r"files\[0\]\.bytes is missing"),
+    "files not a list": (lambda m: m.update(files="x"), r'files is "x", expected a list'),
+    "count not an int": (lambda m: m.update(num_rows="12"), r'num_rows is "12", expected an integer'),
+    "tokenizer without vocab": (
+        lambda m: m["tokenizer"].pop("vocab_size"),
+        r"tokenizer\.vocab_size is missing",
+    ),
+    "file entry not an object": (lambda m: m["files"].append(3), r"files\[\d+\] is 3, expected an object"),
+    "file name a path": (lambda m: m["files"][0].update(name="../x.arrow"), r"is not a file name"),
+}
+
+
+@pytest.mark.parametrize(("change", "message"), BADLY_SHAPED.values(), ids=BADLY_SHAPED.keys())
+def test_badly_shaped_manifest_is_one_line_error(
+    copy: Path, plora_bin: Path, change: object, message: str
+) -> None:
+    manifest = json.loads((copy / "manifest.json").read_text())
+    change(manifest)  # type: ignore[operator]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    error = one_line_error(run_plora(plora_bin, "inspect", copy))
+    assert f"{copy / 'manifest.json'}: damaged manifest: " in error
+    assert re.search(message, error), error
 
 
 def test_manifest_that_is_not_json_is_refused(copy: Path) -> None:

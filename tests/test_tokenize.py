@@ -388,3 +388,65 @@ def test_progress_reports_records_rows_and_rate(
     err = capsys.readouterr().err
     assert f"{len(OWN_RECORDS)} records" in err and "tok/s" in err
     assert summary.records_out == len(OWN_RECORDS) and summary.rows == len(open_shards(tmp_path / "out"))
+
+
+# Like Qwen3's template: an assistant turn after the last user message shows its reasoning in a
+# <think> block (an empty one when it is the chat's last message); earlier turns lose the reasoning.
+# So rendering a prefix of a chat is not a prefix of the chat's rendering.
+QWEN3_LIKE_TEMPLATE = (
+    "{%- set ns = namespace(last_query=-1) %}"
+    "{%- for m in messages %}{%- if m['role'] == 'user' %}{%- set ns.last_query = loop.index0 %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}{%- set content = m['content'] %}"
+    "{%- if m['role'] == 'assistant' %}{%- set reasoning = '' %}"
+    "{%- if '</think>' in content %}"
+    "{%- set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+    "{%- if loop.index0 > ns.last_query and (loop.last or reasoning) %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' "
+    "+ content.lstrip('\\n') + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- else %}{{- '<|im_start|>' + m['role'] + '\\n' + content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_template_that_drops_earlier_reasoning_trains_assistant_contents(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    template = tmp_path / "qwen3_like.jinja"
+    template.write_text(QWEN3_LIKE_TEMPLATE)
+    tokenizer = load_tokenizer(tiny_model_dir, template)
+    chats = [r for r in OWN_RECORDS if "messages" in r] + [
+        {
+            "messages": [
+                {"role": "user", "content": "Two plus two?"},
+                {"role": "assistant", "content": "Four."},
+                {"role": "user", "content": "And three plus three?"},
+                {"role": "assistant", "content": "<think>\nThree and three.\n</think>\n\nSix."},
+            ]
+        }
+    ]
+    rendered = tokenizer.apply_chat_template(chats[1]["messages"], tokenize=False)
+    prefix = tokenizer.apply_chat_template(chats[1]["messages"][:3], tokenize=False)
+    assert not rendered.startswith(prefix)  # the case the prefix method cannot handle
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    shards = tokenize([path], tiny_model_dir, tmp_path / "shards", branches=2, chat_template=template)
+    rows = [shards.row(i) for i in range(len(shards))]
+    assert check_rows(rows, chats, tokenizer, shards.manifest["packing"]) == shards.manifest["num_trained"]
+
+    (row,) = pack_records(
+        [SourcedRecord(parse_record(chats[1]), "mem", 1)], tokenizer, PackingOptions(branches=1), Rejects()
+    )
+    trained = row.input_ids[1:][row.labels[:-1] != IGNORE_INDEX]
+    want = "Blue.<|im_end|>Green, because it is the colour of spring leaves.<|im_end|>"
+    assert tokenizer.decode(trained) == want
+
+    # Reasoning in an earlier turn is not rendered, so that turn cannot be located: rejected, named.
+    dropped = {"messages": chats[-1]["messages"] + [{"role": "user", "content": "Thanks"}]}
+    dropped["messages"].append({"role": "assistant", "content": "You are welcome."})
+    record = SourcedRecord(parse_record(dropped), "chats.jsonl", 7)
+    with pytest.raises(InputError, match=r"chats.jsonl:7: .*assistant message 3's content"):
+        list(pack_records([record], tokenizer, PackingOptions(), Rejects()))
