@@ -15,13 +15,25 @@ shared/data/alpaca_2k.json (or the project's data/ samples) packed 8 branches of
 3. mask memory for 8 rows x 1024 tokens: plora's bool mask (sdpa) and FlexAttention BlockMask against
    a dense float32 additive mask.
 
+On CUDA it instead compares the two attention paths of a plora training step (forward + backward +
+AdamW, the trainer's PackedLoss) on ``--rows`` (default 8) rows of 8 branches x 512 tokens each: flex
+(FlexAttention BlockMask) against sdpa with plora's dense bool mask, reporting tokens/s, MFU and
+``torch.cuda.max_memory_allocated``. MFU = 6 N tokens/s / peak, N = the base model's parameters; LoRA
+training skips the frozen weights' gradients (about 4 N per token), so this MFU undercounts the useful
+rate by design and is for comparing the two paths. Rows come from the contract's packer
+(parallel.layout.build_row), tokens are random ids.
+
+``--model-shape``: ``small`` (the default, sized for 2 CPU cores) or ``qwen2.5-0.5b`` (Qwen2.5-0.5B's
+shape and vocabulary, random weights in ``--dtype``).
+
     python -m bench.train                      # CPU, sdpa, one thread, CPU-time clock
-    python -m bench.train --device cuda --attn sdpa --dtype bfloat16 --rows 16 --clock wall
+    python -m bench.train --device cuda --model-shape qwen2.5-0.5b --dtype bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import shutil
@@ -35,7 +47,7 @@ import numpy as np
 import torch
 
 from parallel.forward import resolve_attn
-from parallel.layout import IGNORE_INDEX, PackingOptions
+from parallel.layout import IGNORE_INDEX, PackingOptions, SpecialTokens, TokenSequence, build_row
 from parallel.masks import block_mask, dense_mask
 from pipeline.convert import ConvertOptions
 from pipeline.errors import Rejects
@@ -46,27 +58,52 @@ from trainer.config import TrainConfig
 from trainer.data import RowStore
 from trainer.evaluate import autocast
 from trainer.loop import train
-from trainer.model import PackedLoss, add_lora, apply_rope, load_base_model, trainable_parameters
+from trainer.model import (
+    TORCH_DTYPES,
+    PackedLoss,
+    add_lora,
+    apply_rope,
+    count_parameters,
+    load_base_model,
+    trainable_parameters,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-# Big enough that matmuls, not Python, dominate a CPU step; small enough for 2 cores.
-SHAPE: dict[str, Any] = {
-    "hidden_size": 256,
-    "intermediate_size": 768,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 4096,
-    "max_position_embeddings": 4096,
-    "tie_word_embeddings": True,
+SHAPES: dict[str, dict[str, Any]] = {
+    # Big enough that matmuls, not Python, dominate a CPU step; small enough for 2 cores.
+    "small": {
+        "hidden_size": 256,
+        "intermediate_size": 768,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 4096,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+    },
+    "qwen2.5-0.5b": {
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "max_position_embeddings": 32768,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+    },
 }
+GPU_BRANCHES, GPU_BRANCH_LEN = 8, 512  # the attention comparison's rows: 8 branches x 512 tokens
+ATTENTION_PATHS = ("flex", "sdpa")  # FlexAttention BlockMask; sdpa with plora's dense bool mask
 
 
-def build_model(out: Path, tokenizer_dir: Path) -> Path:
+def build_model(out: Path, tokenizer_dir: Path, shape: str, dtype: str) -> Path:
+    """Random weights of the given shape, saved in ``dtype``, with the tiny model's tokenizer."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    Qwen2ForCausalLM(Qwen2Config(**SHAPE)).save_pretrained(str(out))
+    Qwen2ForCausalLM(Qwen2Config(**SHAPES[shape])).to(TORCH_DTYPES[dtype]).save_pretrained(str(out))
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
         if (tokenizer_dir / name).exists():
             shutil.copy(tokenizer_dir / name, out / name)
@@ -164,19 +201,89 @@ def data_share(model_dir: Path, shards: Path, args: argparse.Namespace, out: Pat
     }
 
 
+def packed_rows(
+    rows: int, branches: int, branch_len: int, vocab: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """``[rows, branches * branch_len]`` tensors of rows laid out by the contract's packer (random ids,
+    every token trained, no trunk); the rows are of one length, so there is no padding."""
+    rng = np.random.default_rng(seed)
+    special = SpecialTokens(eos_id=2)
+    built = [
+        build_row(
+            None,
+            [TokenSequence.of(rng.integers(3, vocab, size=branch_len), True) for _ in range(branches)],
+            "left",
+            special,
+        )
+        for _ in range(rows)
+    ]
+    tensors = {
+        name: torch.from_numpy(np.stack([getattr(r, name) for r in built]).astype(np.int64))
+        for name in ("input_ids", "branch_id", "time_id", "labels")
+    }
+    return {**tensors, "attention_mask": torch.ones_like(tensors["input_ids"])}
+
+
+def attention_comparison(model_dir: Path, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """tokens/s, MFU and peak memory of a plora training step with flex against dense-mask sdpa attention."""
+    vocab = SHAPES[args.model_shape]["vocab_size"]
+    batch = {k: v.to(device) for k, v in packed_rows(args.rows, GPU_BRANCHES, GPU_BRANCH_LEN, vocab).items()}
+    tokens = int(batch["attention_mask"].sum())
+    trained = int((batch["labels"] != IGNORE_INDEX).sum())
+    results: dict[str, Any] = {"batch": list(batch["input_ids"].shape), "tokens": tokens}
+    for attn in ATTENTION_PATHS:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            model, stride = fresh_model(model_dir, patch=True, device=device, attn=attn, dtype=args.dtype)
+            sizes = count_parameters(model)
+            base_params = sizes["total"] - sizes["trainable"]
+            loss_module = PackedLoss(model, mask="isolated", stride=stride)
+            optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-4)
+            times = []
+            for i in range(args.warmup + args.steps):
+                torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                with autocast(device, args.dtype):
+                    loss = loss_module(
+                        batch["input_ids"], batch["branch_id"], batch["time_id"], batch["attention_mask"],
+                        batch["labels"],
+                    )  # fmt: skip
+                (loss / trained).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                torch.cuda.synchronize(device)
+                if i >= args.warmup:
+                    times.append(time.perf_counter() - start)
+            step_s = statistics.median(times)
+            tokens_per_s = tokens / step_s
+            results[attn] = {
+                "step_s": step_s,
+                "tokens_per_s": tokens_per_s,
+                "mfu": 6 * base_params * tokens_per_s / (args.peak_tflops * 1e12),
+                "max_memory_allocated_bytes": torch.cuda.max_memory_allocated(device),
+                "base_parameters": base_params,
+            }
+        except torch.cuda.OutOfMemoryError:
+            results[attn] = {"error": "CUDA out of memory", "max_memory_allocated_bytes":
+                             torch.cuda.max_memory_allocated(device)}  # fmt: skip
+        finally:
+            model = loss_module = optimizer = loss = None  # free this variant before the next one
+    return results
+
+
 def mask_memory(rows: int = 8, branches: int = 8, branch_len: int = 128) -> dict[str, Any]:
-    length = branches * branch_len
-    branch_id = torch.arange(branches).repeat_interleave(branch_len).expand(rows, length).contiguous()
-    time_id = torch.arange(branch_len).repeat(branches).expand(rows, length).contiguous()
-    boolean = dense_mask(branch_id, time_id, "isolated")
-    blocks = block_mask(branch_id, time_id, "isolated")
+    batch = packed_rows(rows, branches, branch_len, vocab=SHAPES["small"]["vocab_size"])
+    boolean = dense_mask(batch["branch_id"], batch["time_id"], "isolated")
+    blocks = block_mask(batch["branch_id"], batch["time_id"], "isolated")
     block_bytes = sum(
         t.numel() * t.element_size() for t in vars(blocks).values() if isinstance(t, torch.Tensor)
     )
     float_bytes = boolean.numel() * torch.finfo(torch.float32).bits // 8
     return {
         "rows": rows,
-        "tokens": length,
+        "tokens": branches * branch_len,
         "dense_float32_bytes": float_bytes,
         "plora_bool_bytes": boolean.numel() * boolean.element_size(),
         "plora_block_mask_bytes": block_bytes,
@@ -184,42 +291,76 @@ def mask_memory(rows: int = 8, branches: int = 8, branch_len: int = 128) -> dict
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--rows", type=int, default=4)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--attn", default="sdpa")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU).")
-    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="Step time clock.")
-    parser.add_argument("--json", type=Path, help="Also write the results here.")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    resolve_attn(args.attn, device)  # fail early on an unknown --attn
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        model_dir = build_model(work / "model", ensure_tiny_model())
-        shards = build_shards(work / "shards", model_dir)
-        results = {
-            "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                        "threads": torch.get_num_threads(), "device": args.device, "attn": args.attn,
-                        "dtype": args.dtype, "clock": args.clock},
-            "model": SHAPE,
-            "step": step_times(model_dir, shards, args, device),
-            "data": data_share(model_dir, shards, args, work / "out"),
-            "mask": mask_memory(),
-        }  # fmt: skip
-    step, data, mask = results["step"], results["data"], results["mask"]
+def print_cpu_results(results: dict[str, Any]) -> None:
+    step, data = results["step"], results["data"]
     print(f"step ({step['batch'][0]} rows x {step['batch'][1]} tokens, {step['tokens']} real): "
           f"plora {step['plora_step_s'] * 1e3:.0f} ms, plain HF+PEFT {step['plain_step_s'] * 1e3:.0f} ms, "
           f"ratio {step['ratio']:.3f} (goal <= 1.10)")  # fmt: skip
     print(f"data loading + collation: {data['data_s'] * 1e3:.1f} ms of {data['loop_s']:.2f} s over "
           f"{data['steps']} steps = {100 * data['share']:.2f}% (goal < 3%); "
           f"{data['tokens_per_s']:,.0f} tokens/s")  # fmt: skip
-    mib = 1 << 20
+
+
+def print_gpu_results(results: dict[str, Any]) -> None:
+    attention = results["attention"]
+    rows, width = attention["batch"]
+    print(f"plora training step, {rows} rows x {width} tokens ({GPU_BRANCHES} branches x {GPU_BRANCH_LEN}):")
+    for attn in ATTENTION_PATHS:
+        r = attention[attn]
+        memory = f"max_memory_allocated {r['max_memory_allocated_bytes'] / (1 << 30):.2f} GiB"
+        if "error" in r:
+            print(f"  {attn:5s} {r['error']} ({memory})")
+            continue
+        print(f"  {attn:5s} {r['step_s'] * 1e3:.0f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, "
+              f"MFU {100 * r['mfu']:.1f}%, {memory}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1, help="Untimed steps first (flex compiles in them).")
+    parser.add_argument("--rows", type=int, help="Rows per batch (default 4 on CPU, 8 on CUDA).")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--attn", default="sdpa", help="CPU comparison only; CUDA compares flex and sdpa.")
+    parser.add_argument("--dtype", default=None, help="Default float32 on CPU, bfloat16 on CUDA.")
+    parser.add_argument("--model-shape", choices=tuple(SHAPES), default="small")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="Peak dense TFLOP/s of the device in --dtype, for MFU (H100 SXM bf16: 989).")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU).")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="Step time clock (CPU).")
+    parser.add_argument("--json", type=Path, help="Also write the results here.")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    args.rows = args.rows or (8 if gpu else 4)
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    if not gpu:
+        torch.set_num_threads(args.threads)
+        resolve_attn(args.attn, device)  # fail early on an unknown --attn
+    machine = {"platform": platform.platform(), "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "device": args.device, "dtype": args.dtype,
+               "model_shape": args.model_shape}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model_dir = build_model(work / "model", ensure_tiny_model(), args.model_shape, args.dtype)
+        if gpu:
+            machine["gpu"] = torch.cuda.get_device_name(device)
+            results = {"machine": machine, "model": SHAPES[args.model_shape],
+                       "attention": attention_comparison(model_dir, args, device)}  # fmt: skip
+        else:
+            shards = build_shards(work / "shards", model_dir)
+            results = {
+                "machine": {**machine, "attn": args.attn, "clock": args.clock},
+                "model": SHAPES[args.model_shape],
+                "step": step_times(model_dir, shards, args, device),
+                "data": data_share(model_dir, shards, args, work / "out"),
+            }
+        results["mask"] = mask_memory()
+    if gpu:
+        print_gpu_results(results)
+    else:
+        print_cpu_results(results)
+    mask, mib = results["mask"], 1 << 20
     print(f"mask, {mask['rows']} rows x {mask['tokens']} tokens: dense float32 "
           f"{mask['dense_float32_bytes'] / mib:.1f} MiB, plora bool (sdpa) "
           f"{mask['plora_bool_bytes'] / mib:.1f} MiB, BlockMask (flex) "

@@ -84,7 +84,10 @@ def train_command(
     ),
     min_lr_ratio: float = typer.Option(0.1, "--min-lr-ratio", help="Final LR as a share of the peak."),
     max_steps: int = typer.Option(
-        0, "--max-steps", help="Stop after this many optimizer steps (0: no limit)."
+        0,
+        "--max-steps",
+        help="Cap on the total optimizer steps, which --epochs otherwise sets (0: no cap; the learning-rate "
+        "schedule spans the capped total).",
     ),
     dtype: str = typer.Option("bfloat16", "--dtype", help="float32 | float16 | bfloat16 (autocast)."),
     seed: int = typer.Option(42, "--seed", help="Seed of LoRA init, data order and dropout."),
@@ -201,9 +204,20 @@ def eval_command(
     )
     total_rows = read_manifest(shards)["num_rows"]
     columns = (TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
-        task = bar.add_task("eval", total=total_rows)
-        totals, described = run_eval(eval_options, on_batch=lambda rows: bar.advance(task, rows))
+    bar = Progress(*columns, console=Console(stderr=True), disable=not progress)
+    task = bar.add_task("eval", total=total_rows)
+
+    def advance(rows: int) -> None:
+        # Started on the first batch, so that an error in the checks before it stays one line.
+        if not bar.live.is_started:
+            bar.start()
+        bar.advance(task, rows)
+
+    try:
+        totals, described = run_eval(eval_options, on_batch=advance)
+    finally:
+        if bar.live.is_started:  # stopping a bar that never started still prints a newline
+            bar.stop()
     if as_json:
         typer.echo(json.dumps({**totals.to_json(), "model": described}, allow_nan=True))
         return

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 from parallel.layout import IGNORE_INDEX
 from parallel.masks import block_mask, dense_mask
@@ -99,7 +100,7 @@ def build_attention_mask(
     return build(window)
 
 
-def forward_packed(
+def packed_model_inputs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     branch_id: torch.Tensor,
@@ -109,8 +110,8 @@ def forward_packed(
     stride: int | None = None,
     attention_mask: torch.Tensor | None = None,
     attn: str | None = None,
-) -> torch.Tensor:
-    """Logits ``[B, L, V]`` of packed rows.
+) -> dict[str, Any]:
+    """The keyword arguments (ids, 2D positions, plora mask) that run ``model`` or its decoder on packed rows.
 
     ``input_ids``, ``branch_id``, ``time_id`` are ``[B, L]`` as stored in the shards;
     ``attention_mask`` ``[B, L]`` (1 = real token, 0 = padding) marks padding. ``stride``
@@ -118,7 +119,6 @@ def forward_packed(
     plain RoPE would rotate by the whole encoded position (branch and time), so there the branch
     is left out and tokens are placed by ``time_id`` alone. ``attn`` only asserts the model's
     attention implementation; the mask kind follows ``model.config._attn_implementation``.
-    No loss here: shard labels are already the next token (see :func:`packed_loss`).
     """
     if input_ids.ndim != 2 or input_ids.shape != branch_id.shape or input_ids.shape != time_id.shape:
         raise ValueError(
@@ -135,10 +135,118 @@ def forward_packed(
     if valid is not None:
         branch_id = torch.where(valid, branch_id, 0)
         time_id = torch.where(valid, time_id, 0)
-    position_ids = encode_positions(branch_id, time_id, stride)
-    masks = build_attention_mask(model, branch_id, time_id, mask, valid, attn)
-    out = model(input_ids=input_ids, attention_mask=masks, position_ids=position_ids, use_cache=False)
-    return out.logits
+    return {
+        "input_ids": input_ids,
+        "attention_mask": build_attention_mask(model, branch_id, time_id, mask, valid, attn),
+        "position_ids": encode_positions(branch_id, time_id, stride),
+        "use_cache": False,
+    }
+
+
+def forward_packed(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    branch_id: torch.Tensor,
+    time_id: torch.Tensor,
+    *,
+    mask: str = "isolated",
+    stride: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    attn: str | None = None,
+) -> torch.Tensor:
+    """Logits ``[B, L, V]`` of packed rows (arguments as in :func:`packed_model_inputs`).
+
+    No loss here: shard labels are already the next token; training and evaluation use
+    :func:`packed_token_losses`, which never builds the full logits.
+    """
+    inputs = packed_model_inputs(
+        model, input_ids, branch_id, time_id, mask=mask, stride=stride, attention_mask=attention_mask,
+        attn=attn,
+    )
+    return model(**inputs).logits
+
+
+# Labelled tokens per lm_head + cross-entropy chunk: bounds the transient logits of a step to
+# about chunk x vocab floats (2.5 GB in fp32 for a 151936-token vocabulary).
+LOSS_CHUNK_TOKENS = 4096
+
+
+class _CausalLMParts:
+    """The decoder body, output head and final logit transform of a causal LM (PEFT-wrapped or not).
+
+    LoRA layers live inside these modules, so running them keeps the adapters active.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        decoder = getattr(base, "base_model", None)
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        if decoder is None or decoder is base or head is None:
+            raise PloraError(
+                f"{type(base).__name__} has no separate decoder and output head; "
+                "plora cannot compute its loss"
+            )
+        self.decoder = decoder
+        self.head = head
+        config = base.config
+        # The transforms the architectures' own forward applies after lm_head; keep them identical.
+        self.softcap = getattr(config, "final_logit_softcapping", None)  # Gemma2/3
+        self.scale = getattr(base, "logit_scale", None)  # Cohere
+        self.divide = getattr(config, "logits_scaling", None)  # Granite
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden)
+        if self.divide is not None:
+            logits = logits / self.divide
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def chunk_losses(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self.logits(hidden).float(), target, reduction="none")
+
+
+def packed_token_losses(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    branch_id: torch.Tensor,
+    time_id: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    mask: str = "isolated",
+    stride: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    attn: str | None = None,
+    chunk_tokens: int = LOSS_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """Per-token fp32 cross-entropy ``[B, L]`` of packed rows (0 where the label is IGNORE_INDEX).
+
+    Equal to ``token_losses(forward_packed(...), labels)``, but the output head runs only on the
+    hidden states of labelled tokens, ``chunk_tokens`` at a time; with gradients on, each chunk is
+    recomputed in backward instead of keeping its logits alive.
+    """
+    parts = _CausalLMParts(model)
+    inputs = packed_model_inputs(
+        model, input_ids, branch_id, time_id, mask=mask, stride=stride, attention_mask=attention_mask,
+        attn=attn,
+    )
+    hidden = parts.decoder(**inputs).last_hidden_state
+    target = labels.to(device=hidden.device, dtype=torch.long)
+    where = (target != IGNORE_INDEX).nonzero(as_tuple=True)
+    picked, picked_target = hidden[where], target[where]
+    chunks = []
+    # At least one (maybe empty) chunk: a row without labels (a weightless DDP filler) must still
+    # reach the graph, so that every process's backward produces the gradients DDP reduces.
+    for start in range(0, max(picked.shape[0], 1), chunk_tokens):
+        piece = (picked[start : start + chunk_tokens], picked_target[start : start + chunk_tokens])
+        if torch.is_grad_enabled():
+            chunks.append(torch.utils.checkpoint.checkpoint(parts.chunk_losses, *piece, use_reentrant=False))
+        else:
+            chunks.append(parts.chunk_losses(*piece))
+    losses = torch.zeros(target.shape, dtype=torch.float32, device=hidden.device)
+    return losses.index_put(where, torch.cat(chunks))
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

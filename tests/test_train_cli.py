@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ def _run(*args: str | Path, timeout: int = 300) -> subprocess.CompletedProcess[s
         (["--shards", "/nonexistent/shards"], "/nonexistent/shards: no such shard directory"),
         (["--mask", "diagonal"], "--mask must be one of isolated, columnar, got 'diagonal'"),
         (["--attn", "flash_attention_2"], "unknown attention implementation 'flash_attention_2'"),
+        (["--stride", "3000"], "beyond the model's max_position_embeddings 4096; train with a smaller"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_status_2(
@@ -75,6 +77,10 @@ def test_guide_spellings_train_and_eval_reports_per_branch_count(
 
     table = _run(*evaluate)
     assert table.returncode == 0, table.stderr[-3000:]
+    too_far = _run(*evaluate, "--stride", "3000")  # with the progress bar: still one line
+    assert "beyond the model's max_position_embeddings 4096; train with a smaller --stride" in one_line_error(
+        too_far
+    )
     last = table.stdout.strip().splitlines()[-1].split()
     assert last[0] == "all" and int(last[2]) == manifest["num_trained"] and float(last[3]) > 0
 
@@ -107,3 +113,37 @@ def test_guide_import_of_auto_pair_indices(tiny_model_dir: Path) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     assert auto_pair_indices(model, ratio=0.5) == [5, 6, 7, 8]
+
+
+def test_guide_script_on_two_nodes_tokenizes_once_on_global_rank_0(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Two torchrun agents of one process each (two "nodes" of one machine): each process is its node's
+    local rank 0, but only global rank 0 may tokenize into the shared --out_dir."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.is_file():
+        pytest.skip("torchrun is not installed next to this interpreter")
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = REPO_ROOT / "trainer" / "train_hf_parallel_lora.py"
+    guide = [
+        script, "--base_model", tiny_model_dir, "--data_path", REPO_ROOT / "data" / "sample_parallel.jsonl",
+        "--lora_rank", "4", "--batch_size", "2", "--max_seq_len", "64", "--branches_per_sample", "4",
+        "--out_dir", tmp_path, "--dtype", "float32", "--device", "cpu", "--max-steps", "1", "--no-progress",
+    ]  # fmt: skip
+    nodes = [
+        subprocess.Popen(
+            [str(a) for a in (torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
+                              "--rdzv_backend", "static", "--master_addr", "127.0.0.1", "--master_port",
+                              str(port), *guide)],  # fmt: skip
+            env=subprocess_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for node in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, err[-3000:]
+    summaries = [err.count("plora tokenize: ") for _, err in outputs]
+    assert summaries == [1, 0]
+    assert (final_checkpoint(tmp_path, NAME) / "adapter_model.safetensors").is_file()

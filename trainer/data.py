@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -79,6 +80,13 @@ class RowStore:
 
     def __len__(self) -> int:
         return int(self.file_starts[-1])
+
+    @cached_property
+    def max_coordinates(self) -> tuple[int, int]:
+        """(largest branch_id, largest time_id) of any token: one pass over the flat columns."""
+        branch = max((int(v["branch_id"].max()) for _, v in self.files if len(v["branch_id"])), default=0)
+        time = max((int(v["time_id"].max()) for _, v in self.files if len(v["time_id"])), default=0)
+        return branch, time
 
     def collate(self, rows: np.ndarray) -> Batch:
         """Pad the given rows to the longest of them: ids/coordinates 0, labels -100, attention_mask 0."""

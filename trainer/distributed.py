@@ -2,10 +2,15 @@
 
 torchrun (or any launcher that sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT) starts
 the processes; a plain `plora train` is a world of one and never touches torch.distributed.
+
+Collectives wait up to PROCESS_GROUP_TIMEOUT (3 hours, not torch's 10/30 minutes): before training,
+rank 0 of the guide script may tokenize a large dataset while every other process waits for it in a
+collective. The price: a process that hangs later is only reported after that long.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -13,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 from pipeline.errors import PloraError
+
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=3)
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,7 @@ def pick_device(option: str, local_rank: int) -> torch.device:
 
 
 def init_distributed(device_option: str) -> DistEnv:
+    """This process's rank and device; under a launcher, joins the process group (gloo: CPU, nccl: CUDA)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -55,7 +63,8 @@ def init_distributed(device_option: str) -> DistEnv:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
     return DistEnv(rank, world_size, local_rank, device)
 
 

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from parallel.forward import token_losses
 from pipeline.fingerprint import check_same_tokenizer
 from pipeline.shards import open_shards
 from trainer.checkpoint import read_plora_json
@@ -26,6 +25,7 @@ from trainer.model import (
     PackedLoss,
     add_lora,
     apply_rope,
+    check_positions,
     check_vocabulary,
     load_base_model,
 )
@@ -80,10 +80,9 @@ def evaluate_rows(
         for rows in batches:
             batch = store.collate(rows).to(device)
             with autocast(device, dtype):
-                logits = loss_module.token_logits(
-                    batch.input_ids, batch.branch_id, batch.time_id, batch.attention_mask
+                losses = loss_module.token_losses(
+                    batch.input_ids, batch.branch_id, batch.time_id, batch.attention_mask, batch.labels
                 )
-            losses = token_losses(logits, batch.labels)
             row_loss = losses.sum(dim=1).double().cpu().numpy()
             row_tokens = (batch.labels != -100).sum(dim=1).cpu().numpy()
             totals.loss_sum += float(row_loss.sum())
@@ -163,9 +162,10 @@ def run_eval(options: EvalOptions, on_batch: Callable[[int], None] | None = None
     )
     check_vocabulary(model, shards.manifest["tokenizer"]["vocab_size"], cfg.base_model)
     rope = apply_rope(model, cfg)
+    store = RowStore(shards)
+    check_positions(model, *store.max_coordinates, rope.stride, options.shards)
     if options.adapter is not None:
         model = add_lora(model, cfg, options.adapter).to(device)
-    store = RowStore(shards)
     rows = np.arange(len(store))
     order = rows[np.argsort(-store.num_tokens, kind="stable")]  # similar lengths together: less padding
     batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]

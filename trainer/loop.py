@@ -55,9 +55,11 @@ from trainer.model import (
     RopeSettings,
     add_lora,
     apply_rope,
+    check_positions,
     check_vocabulary,
     count_parameters,
     load_base_model,
+    lora_settings,
     trainable_parameters,
 )
 
@@ -166,6 +168,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     )
     check_vocabulary(base, manifest["tokenizer"]["vocab_size"], cfg.base_model)
     rope = apply_rope(base, cfg)
+    check_positions(base, *store.max_coordinates, rope.stride, cfg.shards)
     adapter_source = str(resume_dir) if resume_dir is not None else cfg.load_lora
     if adapter_source is not None:
         _check_adapter(adapter_source, rope, manifest, cfg.shards)
@@ -187,7 +190,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         start_step = resumed["step"]
     total_steps = plan.total_steps
     metrics = MetricsLog(cfg, enabled=env.is_main, start_step=start_step)
-    plora_meta = _plora_metadata(cfg, rope, manifest, base)
+    plora_meta = _plora_metadata(cfg, rope, manifest, base, lora_settings(model))
     if env.is_main:
         sizes = count_parameters(model)
         metrics.announce(
@@ -324,7 +327,11 @@ def _check_adapter(adapter_dir: str, rope: RopeSettings, manifest: dict[str, Any
 
 
 def _plora_metadata(
-    cfg: TrainConfig, rope: RopeSettings, manifest: dict[str, Any], base: torch.nn.Module
+    cfg: TrainConfig,
+    rope: RopeSettings,
+    manifest: dict[str, Any],
+    base: torch.nn.Module,
+    lora: dict[str, Any],
 ) -> dict[str, Any]:
     """plora.json: everything inference needs to rebuild the exact model and inputs, and the facts a
     base model given at load time is checked against."""
@@ -346,12 +353,7 @@ def _plora_metadata(
         "packing": manifest["packing"],
         "attn": cfg.attn,
         "dtype": cfg.dtype,
-        "lora": {
-            "rank": cfg.lora_rank,
-            "alpha": cfg.effective_alpha,
-            "dropout": cfg.lora_dropout,
-            "targets": cfg.lora_targets,
-        },
+        "lora": lora,
         "shards": {"directory": str(Path(cfg.shards).resolve()), "digest": manifest["fingerprint"]["digest"]},
     }
 

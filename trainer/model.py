@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from parallel.forward import forward_packed, packed_loss, resolve_attn
+from parallel.forward import forward_packed, packed_token_losses, resolve_attn
 from parallel.rope2d import Rope2DConfig, patch_model_2d_rope
 from pipeline.errors import PloraError
 from pipeline.pretrained import load_pretrained
@@ -77,6 +77,28 @@ def check_vocabulary(model: nn.Module, vocab_size: int, path: str) -> None:
         )
 
 
+def check_positions(model: nn.Module, max_branch_id: int, max_time_id: int, stride: int, shards: str) -> None:
+    """Every RoPE position of the shards must lie inside the model's ``max_position_embeddings``.
+
+    Branch positions are ``branch_id * stride`` (0 for an unpatched model), time positions ``time_id``.
+    """
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not limit:
+        return
+    branch_position = max_branch_id * stride
+    if branch_position >= limit:
+        raise PloraError(
+            f"{shards}: branch {max_branch_id} x --stride {stride} = RoPE position {branch_position}, "
+            f"beyond the model's max_position_embeddings {limit}; train with a smaller --stride (at most "
+            f"{(limit - 1) // max(max_branch_id, 1)}) or fewer branches"
+        )
+    if max_time_id + 1 > limit:
+        raise PloraError(
+            f"{shards}: time_id reaches {max_time_id}, so {max_time_id + 1} time positions exceed the "
+            f"model's max_position_embeddings {limit}; re-tokenize with a smaller --max-seq-len"
+        )
+
+
 def apply_rope(model: nn.Module, cfg: TrainConfig) -> RopeSettings:
     """2D RoPE unless ``--no-patch-rope``; a model without RoPE or an impossible ratio is a one-line error."""
     if not cfg.patch_rope:
@@ -104,6 +126,12 @@ def _add_lora(model: nn.Module, cfg: TrainConfig, adapter_dir: str | None) -> nn
     if adapter_dir is not None:
         if not (Path(adapter_dir) / "adapter_config.json").is_file():
             raise PloraError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
+        path = Path(adapter_dir)
+        if not (path / "adapter_model.safetensors").is_file():
+            found = " (it has adapter_model.bin)" if (path / "adapter_model.bin").exists() else ""
+            raise PloraError(
+                f"{adapter_dir}: no adapter_model.safetensors{found}; plora loads safetensors adapters only"
+            )
         try:
             return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
@@ -119,6 +147,18 @@ def _add_lora(model: nn.Module, cfg: TrainConfig, adapter_dir: str | None) -> nn
         return get_peft_model(model, lora)
     except ValueError as err:
         raise PloraError(f"--lora-targets {cfg.lora_targets!r}: {_one_line(err)}") from None
+
+
+def lora_settings(model: nn.Module) -> dict[str, Any]:
+    """The LoRA settings in effect (from the PEFT config: the loaded adapter's, not the command line's)."""
+    config = model.peft_config[model.active_adapter]
+    targets = config.target_modules
+    return {
+        "rank": config.r,
+        "alpha": config.lora_alpha,
+        "dropout": config.lora_dropout,
+        "targets": targets if isinstance(targets, str) else ",".join(sorted(targets)),
+    }
 
 
 class PackedLoss(nn.Module):
@@ -138,8 +178,27 @@ class PackedLoss(nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
     ) -> torch.Tensor:
-        logits = self.token_logits(input_ids, branch_id, time_id, attention_mask)
-        return packed_loss(logits, labels)[0]
+        return self.token_losses(input_ids, branch_id, time_id, attention_mask, labels).sum()
+
+    def token_losses(
+        self,
+        input_ids: torch.Tensor,
+        branch_id: torch.Tensor,
+        time_id: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-token fp32 cross-entropy ``[B, L]``; logits are only computed at labelled tokens."""
+        return packed_token_losses(
+            self.model,
+            input_ids,
+            branch_id,
+            time_id,
+            labels,
+            mask=self.mask,
+            stride=self.stride,
+            attention_mask=attention_mask,
+        )
 
     def token_logits(
         self,

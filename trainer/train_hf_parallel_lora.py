@@ -7,7 +7,9 @@ The guide's data flags (``--data_path``, ``--hf_dataset``, ``--hf_subset``, ``--
 ``--max_seq_len``, ``--branches_per_sample``, ``--max_branches_per_sample``) are tokenized with
 `plora tokenize`'s code into a cached shard directory ``<out_dir>/shards/<key>`` (key: the inputs' bytes,
 the tokenizer and the packing options; an up-to-date cache is reused, an interrupted one resumed). Under
-torchrun the first process of each node tokenizes while the others wait. Every other flag then goes to
+torchrun only global rank 0 tokenizes while every other process waits for it (up to 3 hours, see
+trainer.distributed), so on several nodes ``--out_dir`` must be on a filesystem every node shares;
+otherwise tokenize first with `plora tokenize` and pass ``--shards``. Every other flag then goes to
 `plora train` unchanged, so this is the same training code. ``--shards DIR`` skips the tokenizing.
 
 The guide's inference snippet imports ``auto_pair_indices`` from here; it is re-exported.
@@ -46,6 +48,7 @@ def guide_data_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base_model", "--base-model")
     parser.add_argument("--tokenizer_path", "--tokenizer-path")
     parser.add_argument("--out_dir", "--out-dir", default="out")
+    parser.add_argument("--device", default="auto")  # the process group's backend follows it
     return parser
 
 
@@ -98,8 +101,9 @@ def tokenize_guide_data(args: argparse.Namespace, out: Path, packing: PackingOpt
 
 
 def prepare_shards(args: argparse.Namespace) -> Path:
-    """The shard directory to train on. Under torchrun the node's local rank 0 tokenizes and every
-    process meets at a collective afterwards (which also carries a tokenizing error to all of them)."""
+    """The shard directory to train on. Under torchrun global rank 0 tokenizes (into ``--out_dir``, which
+    other nodes must see: a shared filesystem) and every process meets at a collective afterwards (which
+    also carries a tokenizing error to all of them)."""
     if args.shards is not None:
         return Path(args.shards)
     if args.data_path is None and args.hf_dataset is None:
@@ -115,9 +119,10 @@ def prepare_shards(args: argparse.Namespace) -> Path:
 
     from trainer.distributed import init_distributed  # noqa: PLC0415
 
-    init_distributed("auto")  # the trainer reuses this process group
+    # The trainer reuses this process group, so it is opened for the device the run trains on.
+    env = init_distributed(args.device)
     error = None
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if env.is_main:
         try:
             tokenize_guide_data(args, out, packing)
         except PloraError as err:
@@ -134,7 +139,7 @@ def train_argv(argv: list[str]) -> list[str]:
     """`plora train` arguments: the guide's arguments less the data flags, plus --shards."""
     args, rest = guide_data_parser().parse_known_args(argv)
     shards = prepare_shards(args)
-    passed = ["--shards", str(shards), "--out-dir", args.out_dir]
+    passed = ["--shards", str(shards), "--out-dir", args.out_dir, "--device", args.device]
     if args.base_model is not None:
         passed += ["--base-model", args.base_model]
     if args.tokenizer_path is not None:
