@@ -29,6 +29,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from bench.shapes import QWEN2_5_0_5B
 from parallel.generation import decode_parallel, kv_cache_bytes
 from parallel.layout import SpecialTokens
 from parallel.rope2d import patch_model_2d_rope
@@ -46,18 +47,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         "rope_theta": 1000000.0,
         "tie_word_embeddings": True,
     },
-    # Qwen2.5-0.5B's configuration (random weights).
-    "qwen2.5-0.5b": {
-        "hidden_size": 896,
-        "intermediate_size": 4864,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 14,
-        "num_key_value_heads": 2,
-        "vocab_size": 151936,
-        "max_position_embeddings": 32768,
-        "rope_theta": 1000000.0,
-        "tie_word_embeddings": True,
-    },
+    "qwen2.5-0.5b": QWEN2_5_0_5B,
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EOS = 2

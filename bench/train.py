@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.shapes import QWEN2_5_0_5B
 from parallel.forward import resolve_attn
 from parallel.layout import IGNORE_INDEX, PackingOptions, SpecialTokens, TokenSequence, build_row
 from parallel.masks import block_mask, dense_mask
@@ -81,18 +82,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 4096,
         "tie_word_embeddings": True,
     },
-    "qwen2.5-0.5b": {
-        "hidden_size": 896,
-        "intermediate_size": 4864,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 14,
-        "num_key_value_heads": 2,
-        "vocab_size": 151936,
-        "max_position_embeddings": 32768,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
-        "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": True,
-    },
+    "qwen2.5-0.5b": QWEN2_5_0_5B,
 }
 GPU_BRANCHES, GPU_BRANCH_LEN = 8, 512  # the attention comparison's rows: 8 branches x 512 tokens
 ATTENTION_PATHS = ("flex", "sdpa")  # FlexAttention BlockMask; sdpa with plora's dense bool mask
