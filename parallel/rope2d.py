@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE, branch_pair_indices
+from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE, branch_pair_indices, rope_positions
 from pipeline.errors import PloraError
 
 # Time positions must stay below this; a power of two so decoding is exact and cheap.
@@ -75,7 +75,8 @@ def encode_positions(branch_id: torch.Tensor, time_id: torch.Tensor, stride: int
         raise ValueError(f"time_id must lie in 0..{TIME_SPAN - 1} for 2D RoPE")
     if branch_id.numel() and int(branch_id.min()) < 0:
         raise ValueError("branch_id must be >= 0")
-    return branch_id.long() * stride * TIME_SPAN + time
+    branch_position, time_position = rope_positions(branch_id.long(), time, stride)
+    return branch_position * TIME_SPAN + time_position
 
 
 def decode_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
