@@ -46,7 +46,7 @@ from parallel.layout import (
     branch_start_times,
     build_row,
 )
-from parallel.rope2d import encode_positions, model_stride
+from parallel.rope2d import encode_positions, model_stride, position_overflow
 from pipeline.errors import PloraError
 
 PLORA_CONFIG_ATTR = "plora_config"  # set by parallel.loading on the model it returns
@@ -168,22 +168,20 @@ def _cache_kwarg(model: torch.nn.Module) -> str:
 
 def _check_positions(model: torch.nn.Module, plan: Plan, max_new_tokens: int, stride: int) -> None:
     """Branch and time positions must stay inside the model's RoPE range (max_position_embeddings)."""
-    branches = len(plan.states)
     max_branch = max(s.branch_id for s in plan.states)
-    max_time = plan.last_time(max_new_tokens)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is None:
+    overflow = position_overflow(model, max_branch, plan.last_time(max_new_tokens), stride)
+    if overflow is None:
         return
-    if max_branch * stride >= limit:
+    which, position, limit = overflow
+    if which == "branch":
         raise PloraError(
-            f"{branches} branches need branch positions up to {max_branch} x stride {stride} = "
-            f"{max_branch * stride}, beyond the model's {limit} positions; use fewer branches"
+            f"{len(plan.states)} branches need branch positions up to {max_branch} x stride {stride} = "
+            f"{position}, beyond the model's {limit} positions; use fewer branches"
         )
-    if max_time >= limit:
-        raise PloraError(
-            f"the prompts and --max-new-tokens need time positions up to {max_time}, beyond the model's "
-            f"{limit} positions; shorten the prompts or lower --max-new-tokens"
-        )
+    raise PloraError(
+        f"the prompts and --max-new-tokens need time positions up to {position}, beyond the model's "
+        f"{limit} positions; shorten the prompts or lower --max-new-tokens"
+    )
 
 
 @dataclass

@@ -79,6 +79,22 @@ def encode_positions(branch_id: torch.Tensor, time_id: torch.Tensor, stride: int
     return branch_position * TIME_SPAN + time_position
 
 
+def position_overflow(
+    model: nn.Module, max_branch_id: int, max_time_id: int, stride: int
+) -> tuple[str, int, int] | None:
+    """The first RoPE coordinate past the model's ``max_position_embeddings``: ``("branch" | "time",
+    position, limit)``, or None when every position fits (or the model states no limit)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not limit:
+        return None
+    branch_position, time_position = rope_positions(max_branch_id, max_time_id, stride)
+    if branch_position >= limit:
+        return "branch", branch_position, limit
+    if time_position >= limit:
+        return "time", time_position, limit
+    return None
+
+
 def decode_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(branch position, time position) from encoded ``position_ids``; 1D positions give branch 0."""
     position_ids = position_ids.long()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from parallel.forward import forward_packed, packed_token_losses, resolve_attn
-from parallel.rope2d import Rope2DConfig, patch_model_2d_rope
+from parallel.rope2d import Rope2DConfig, patch_model_2d_rope, position_overflow
 from pipeline.errors import PloraError
 from pipeline.pretrained import load_pretrained
 from trainer.config import TrainConfig
@@ -82,21 +82,20 @@ def check_positions(model: nn.Module, max_branch_id: int, max_time_id: int, stri
 
     Branch positions are ``branch_id * stride`` (0 for an unpatched model), time positions ``time_id``.
     """
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if not limit:
+    overflow = position_overflow(model, max_branch_id, max_time_id, stride)
+    if overflow is None:
         return
-    branch_position = max_branch_id * stride
-    if branch_position >= limit:
+    which, position, limit = overflow
+    if which == "branch":
         raise PloraError(
-            f"{shards}: branch {max_branch_id} x --stride {stride} = RoPE position {branch_position}, "
+            f"{shards}: branch {max_branch_id} x --stride {stride} = RoPE position {position}, "
             f"beyond the model's max_position_embeddings {limit}; train with a smaller --stride (at most "
             f"{(limit - 1) // max(max_branch_id, 1)}) or fewer branches"
         )
-    if max_time_id + 1 > limit:
-        raise PloraError(
-            f"{shards}: time_id reaches {max_time_id}, so {max_time_id + 1} time positions exceed the "
-            f"model's max_position_embeddings {limit}; re-tokenize with a smaller --max-seq-len"
-        )
+    raise PloraError(
+        f"{shards}: time_id reaches {max_time_id}, so {max_time_id + 1} time positions exceed the "
+        f"model's max_position_embeddings {limit}; re-tokenize with a smaller --max-seq-len"
+    )
 
 
 def apply_rope(model: nn.Module, cfg: TrainConfig) -> RopeSettings:
