@@ -8,7 +8,7 @@ import typer
 
 from cli import options
 from cli.app import app
-from pipeline.convert import ConvertOptions, convert, open_rejects
+from pipeline.convert import ConvertOptions, check_output_path, convert, open_rejects
 from pipeline.readers import SUFFIX_KINDS
 
 
@@ -34,6 +34,8 @@ def convert_command(
     convert_options = ConvertOptions(
         fmt=fmt, mode=mode, txt_split=txt_split, hf_subset=hf_subset, hf_split=hf_split, streaming=streaming
     )
+    if out is not None:
+        check_output_path(out)  # before the rejects file is created next to it
     sink = open_rejects(on_error, out, rejects)  # type: ignore[arg-type] - validated inside
     summary = convert(inputs or [], out, convert_options, sink, hf_dataset)
     for line in summary.lines(out, sink.path):

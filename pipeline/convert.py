@@ -221,8 +221,6 @@ def open_rejects(on_error: OnError, out: Path | None, rejects_path: Path | None 
         return Rejects("raise")
     if on_error != "skip":
         raise PloraError(f"--on-error must be raise or skip, got {on_error!r}")
-    if out is not None:
-        check_output_path(out)
     if rejects_path is None:
         if out is None:
             raise PloraError("--on-error skip with output to stdout needs --rejects FILE")

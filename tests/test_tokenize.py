@@ -450,3 +450,16 @@ def test_template_that_drops_earlier_reasoning_trains_assistant_contents(
     record = SourcedRecord(parse_record(dropped), "chats.jsonl", 7)
     with pytest.raises(InputError, match=r"chats.jsonl:7: .*assistant message 3's content"):
         list(pack_records([record], tokenizer, PackingOptions(), Rejects()))
+
+
+def test_cli_skip_mode_reuses_its_output_directory(
+    plora_bin: Path, tiny_model_dir: Path, own_input: Path, tmp_path: Path
+) -> None:
+    """--on-error skip takes --out as the shard directory it is, also when it exists (rerun, --resume)."""
+    out = tmp_path / "shards"
+    args = (own_input, "--tokenizer", tiny_model_dir, "--out", out, "--on-error", "skip")
+    first = run_plora(plora_bin, "tokenize", *args)
+    assert first.returncode == 0, first.stderr
+    again = run_plora(plora_bin, "tokenize", *args)
+    assert again.returncode == 0, again.stderr
+    assert "up to date" in again.stderr
