@@ -33,6 +33,7 @@ from bench.shapes import QWEN2_5_0_5B
 from parallel.generation import decode_parallel, kv_cache_bytes
 from parallel.layout import SpecialTokens
 from parallel.rope2d import patch_model_2d_rope
+from trainer.model import TORCH_DTYPES
 
 SHAPES: dict[str, dict[str, Any]] = {
     # Small enough for a 2-core CPU, big enough that matmuls, not Python, dominate a step.
@@ -49,7 +50,6 @@ SHAPES: dict[str, dict[str, Any]] = {
     },
     "qwen2.5-0.5b": QWEN2_5_0_5B,
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EOS = 2
 
 
@@ -121,7 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model-shape", choices=sorted(SHAPES), default="small")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="bf16 on CUDA, else fp32")
+    parser.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default=None, help="bf16 on CUDA, else fp32")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--ks", default="1,2,4,8,16", help="comma-separated branch counts")
     parser.add_argument("--trunk-len", type=int, default=128)
@@ -144,7 +144,7 @@ def main() -> None:
     if args.clock == "cpu" and args.device != "cpu":
         parser.error("--clock cpu measures CPU work; use wall time on a GPU")
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    dtype = DTYPES[args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
+    dtype = TORCH_DTYPES[args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
     model = build_model(args.model_shape, dtype, args.device, args.attn, args.stride)
     params = sum(p.numel() for p in model.parameters())
     console = Console()

@@ -210,13 +210,10 @@ class TokenSequence:
         return TokenSequence(ids_arr, trained_arr)
 
 
-def sequence_labels(seq: TokenSequence) -> np.ndarray:
-    """Label of token j = id of token j+1 when that token is trained; the last token has none."""
-    return _labels(seq.ids, seq.trained, np.asarray([len(seq)]))
-
-
 def _labels(ids: np.ndarray, trained: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """:func:`sequence_labels` of sequences laid end to end (``lens`` tokens each), in one pass."""
+    """Labels of sequences laid end to end (``lens`` tokens each), in one pass: the label of token j
+    is the id of token j+1 of the same sequence when that token is trained; a sequence's last token
+    has none."""
     labels = np.full(len(ids), IGNORE_INDEX, dtype=TOKEN_DTYPE)
     if len(ids):
         labels[:-1] = np.where(trained[1:], ids[1:], IGNORE_INDEX)

@@ -30,7 +30,7 @@ from parallel.generation import PLORA_CONFIG_ATTR
 from parallel.layout import ALIGN_MODES, DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE, MASK_MODES
 from parallel.rope2d import patch_model_2d_rope, restore_2d_rope
 from pipeline import atomic
-from pipeline.errors import PloraError
+from pipeline.errors import PloraError, first_line
 from pipeline.pretrained import load_pretrained, resolve_pretrained
 from trainer.model import TORCH_DTYPES
 
@@ -105,10 +105,6 @@ def model_facts(model: torch.nn.Module) -> dict[str, Any]:
         "architectures": list(architectures) if architectures else None,
     }
 
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def _is_plora_dir(path: Path) -> bool:
@@ -206,7 +202,7 @@ def _attach_adapter(model: torch.nn.Module, adapter_dir: Path, base: str) -> Any
             return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise PloraError(
-            f"{adapter_dir}: the adapter does not fit the base model {base}: {_one_line(err)}"
+            f"{adapter_dir}: the adapter does not fit the base model {base}: {first_line(err)}"
         ) from None
 
 

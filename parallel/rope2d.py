@@ -253,7 +253,8 @@ def patch_model_2d_rope(
     if stride < 0:
         raise ValueError(f"stride must be >= 0, got {stride}")
     existing = rope2d_config(model)
-    num_pairs = existing.num_pairs if existing else _rotaries_or_error(model)[0][2]
+    rotaries = [] if existing else _rotaries_or_error(model)  # probed once: each probe runs the rotary
+    num_pairs = existing.num_pairs if existing else rotaries[0][2]
     pairs = tuple(branch_pair_indices(num_pairs, ratio, pair_indices))
     if pair_indices is not None:
         ratio = len(pairs) / num_pairs
@@ -265,7 +266,7 @@ def patch_model_2d_rope(
             f"{_architecture(model)} already has 2D RoPE with pairs {list(existing.pair_indices)} and stride "
             f"{existing.stride}; load a fresh model to patch it differently"
         )
-    for name, rotary, _, layout in _rotaries_or_error(model):
+    for name, rotary, _, layout in rotaries:
         wrapper = Rope2DEmbedding(rotary, _branch_dims(num_pairs, layout, pairs), config)
         wrapper.to(device=rotary.inv_freq.device)
         parent_name, _, child = name.rpartition(".")

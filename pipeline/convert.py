@@ -28,10 +28,10 @@ from rich.text import Text
 from parallel.layout import Record, RecordError, record_to_line
 from pipeline import atomic, formats
 from pipeline.errors import OnError, PloraError, Rejects
+from pipeline.fingerprint import file_sha256
 from pipeline.readers import TXT_SPLITS, RawRecord, check_readable, hf_source, read_file, read_hf_dataset
 
 PROGRESS_EVERY = 256  # records between progress updates; keeps the bar's cost negligible
-HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -256,14 +256,10 @@ def input_fingerprint_parts(
 
 
 def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(HASH_CHUNK):
-                digest.update(chunk)
+        return file_sha256(path)
     except OSError as err:
         raise PloraError(f"{path}: cannot read: {err.strerror or err}") from err
-    return digest.hexdigest()
 
 
 @contextmanager

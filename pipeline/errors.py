@@ -12,6 +12,12 @@ from typing import Any, Literal, TextIO
 OnError = Literal["raise", "skip"]
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (libraries raise pages), or its type's name."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
 class PloraError(Exception):
     """An error the CLI reports as one line (no traceback) and exits non-zero."""
 

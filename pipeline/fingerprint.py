@@ -28,6 +28,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PloraError
@@ -54,6 +55,15 @@ def plora_version() -> str:
 
 def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in chunks (inputs may be larger than memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def sha256_text(text: str) -> str:

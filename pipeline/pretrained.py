@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PloraError
+from pipeline.errors import PloraError, first_line
 
 # The hub's repo id rules: one or two parts of letters, digits, '-', '_', '.', no '--' or '..', at most 96.
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
@@ -71,10 +71,6 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
 
 def load_pretrained(loader: Any, name: str | Path, *, what: str, **kwargs: Any) -> Any:
     """``loader.from_pretrained(...)`` (AutoTokenizer, AutoModelForCausalLM) for a local directory or
@@ -93,4 +89,4 @@ def load_pretrained(loader: Any, name: str | Path, *, what: str, **kwargs: Any) 
         where = "HuggingFace cache only: HF_HUB_OFFLINE is set"
     else:
         where = "HuggingFace cache and hub"
-    raise PloraError(f"{source.name}: cannot load the {what} ({where}): {_first_line(error)}") from None
+    raise PloraError(f"{source.name}: cannot load the {what} ({where}): {first_line(error)}") from None

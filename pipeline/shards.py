@@ -31,6 +31,7 @@ from parallel.layout import (
 )
 from pipeline import atomic
 from pipeline.errors import PloraError
+from pipeline.fingerprint import file_sha256
 
 # Where an unfinished `plora tokenize` keeps the state it resumes from (see pipeline.tokenize).
 JOURNAL_NAME = ".progress.npz"
@@ -139,16 +140,7 @@ def write_shard(directory: Path, index: int, rows: Sequence[PackedRow]) -> dict[
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     """Seal the directory: after this, readers accept it."""
-    text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-    atomic.write_bytes(directory / MANIFEST_NAME, text.encode("utf-8"))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
+    atomic.write_json(directory / MANIFEST_NAME, manifest)
 
 
 # --------------------------------------------------------------------------------------

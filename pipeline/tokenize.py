@@ -76,12 +76,11 @@ from pipeline.convert import (
     iter_records,
 )
 from pipeline.errors import PloraError, Rejects
-from pipeline.fingerprint import plora_version, run_fingerprint, tokenizer_identity
+from pipeline.fingerprint import file_sha256, plora_version, run_fingerprint, tokenizer_identity
 from pipeline.pretrained import load_pretrained
 from pipeline.shards import (
     JOURNAL_NAME,
     ShardError,
-    file_sha256,
     open_shards,
     read_manifest,
     write_manifest,

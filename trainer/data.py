@@ -72,11 +72,6 @@ class RowStore:
         self.num_tokens = np.asarray(meta["num_tokens"], dtype=np.int64)
         self.num_trained = np.asarray(meta["num_trained"], dtype=np.int64)
         self.num_branches = np.asarray(meta["num_branches"], dtype=np.int64)
-        if len(self.num_tokens) != self.file_starts[-1]:
-            raise PloraError(
-                f"{shards.directory}: metadata has {len(self.num_tokens)} rows, "
-                f"files hold {self.file_starts[-1]}"
-            )
 
     def __len__(self) -> int:
         return int(self.file_starts[-1])

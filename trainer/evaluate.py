@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE
 from pipeline.fingerprint import check_same_tokenizer
 from pipeline.shards import open_shards
 from trainer.checkpoint import read_plora_json
@@ -112,8 +113,8 @@ class EvalOptions:
     attn: str = "auto"
     # Used for a bare base model (an adapter brings its own from plora.json): the training defaults.
     patch_rope: bool = True
-    rope_2d_ratio: float = 0.5
-    stride: int = 128
+    rope_2d_ratio: float = DEFAULT_ROPE_2D_RATIO
+    stride: int = DEFAULT_STRIDE
     mask: str = "isolated"
     trust_remote_code: bool = False
 

@@ -12,15 +12,11 @@ from torch import nn
 
 from parallel.forward import forward_packed, packed_token_losses, resolve_attn
 from parallel.rope2d import Rope2DConfig, patch_model_2d_rope, position_overflow
-from pipeline.errors import PloraError
+from pipeline.errors import PloraError, first_line
 from pipeline.pretrained import load_pretrained
-from trainer.config import TrainConfig
+from trainer.config import DTYPES, TrainConfig
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPES}
 
 
 @dataclass(frozen=True)
@@ -34,10 +30,6 @@ class RopeSettings:
         # An unpatched model rotates by time only, so the branch must not enter its position ids.
         return self.rope.stride if self.rope is not None else 0
 
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def load_base_model(
@@ -107,7 +99,7 @@ def apply_rope(model: nn.Module, cfg: TrainConfig) -> RopeSettings:
             model, ratio=cfg.rope_2d_ratio, stride=cfg.stride, pair_indices=cfg.pair_indices
         )
     except ValueError as err:
-        raise PloraError(f"{cfg.base_model}: {_one_line(err)}") from None
+        raise PloraError(f"{cfg.base_model}: {first_line(err)}") from None
     return RopeSettings(rope)
 
 
@@ -134,7 +126,7 @@ def _add_lora(model: nn.Module, cfg: TrainConfig, adapter_dir: str | None) -> nn
         try:
             return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
-            raise PloraError(f"{adapter_dir}: cannot load the adapter: {_one_line(err)}") from None
+            raise PloraError(f"{adapter_dir}: cannot load the adapter: {first_line(err)}") from None
     lora = LoraConfig(
         r=cfg.lora_rank,
         lora_alpha=cfg.effective_alpha,
@@ -145,7 +137,7 @@ def _add_lora(model: nn.Module, cfg: TrainConfig, adapter_dir: str | None) -> nn
     try:
         return get_peft_model(model, lora)
     except ValueError as err:
-        raise PloraError(f"--lora-targets {cfg.lora_targets!r}: {_one_line(err)}") from None
+        raise PloraError(f"--lora-targets {cfg.lora_targets!r}: {first_line(err)}") from None
 
 
 def lora_settings(model: nn.Module) -> dict[str, Any]:
