@@ -18,21 +18,19 @@ Weights are read from safetensors only; trust_remote_code stays off unless asked
 from __future__ import annotations
 
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from parallel.forward import resolve_attn
 from parallel.generation import PLORA_CONFIG_ATTR
 from parallel.layout import ALIGN_MODES, DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE, MASK_MODES
 from parallel.rope2d import patch_model_2d_rope, restore_2d_rope
 from pipeline import atomic
-from pipeline.errors import PloraError, first_line
-from pipeline.pretrained import load_pretrained, resolve_pretrained
-from trainer.model import TORCH_DTYPES
+from pipeline.errors import PloraError
+from pipeline.pretrained import resolve_pretrained
+from trainer.model import TORCH_DTYPES, load_adapter, load_causal_lm
 
 EXPORT_ADAPTER_DIR = "adapter"
 # What plora.json's ``model`` records of the base an adapter was trained on; a base model given at
@@ -149,22 +147,16 @@ def _load_tokenizer(path: str, config: AdapterConfig | None) -> Any:
 
 
 def _load_weights(name: str, *, dtype: str, device: str, attn: str, trust_remote_code: bool) -> Any:
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - slow import
-    from transformers.utils import logging as hf_logging  # noqa: PLC0415
-
     if dtype not in TORCH_DTYPES:
         raise PloraError(f"--dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
-    hf_logging.disable_progress_bar()
-    model = load_pretrained(
-        AutoModelForCausalLM,
+    return load_causal_lm(
         name,
         what="model",
         dtype=TORCH_DTYPES[dtype],
-        attn_implementation=resolve_attn(attn, device),
+        attn=attn,
+        device=device,
         trust_remote_code=trust_remote_code,
-        use_safetensors=True,
-    )
-    return model.to(device).eval()
+    ).eval()
 
 
 def _check_facts(model: torch.nn.Module, config: AdapterConfig, base: str) -> None:
@@ -189,21 +181,6 @@ def _apply_rope(model: torch.nn.Module, config: AdapterConfig, base: str) -> Non
             f"{base}: its RoPE has {rope.num_pairs} frequency pairs, but the adapter {config.source} was "
             f"trained with {config.num_pairs}; load it on its own base model"
         )
-
-
-def _attach_adapter(model: torch.nn.Module, adapter_dir: Path, base: str) -> Any:
-    from peft import PeftModel  # noqa: PLC0415
-
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise PloraError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise PloraError(
-            f"{adapter_dir}: the adapter does not fit the base model {base}: {first_line(err)}"
-        ) from None
 
 
 def load_parallel_model(
@@ -257,7 +234,7 @@ def load_parallel_model(
         restore_2d_rope(model)  # the exported config.json records the patch
     _apply_rope(model, config, base)
     if weights_dir is not None:
-        model = _attach_adapter(model, weights_dir, base)
+        model = load_adapter(model, weights_dir, trainable=False).eval()
     setattr(model, PLORA_CONFIG_ATTR, config)
     return model, tokenizer, config
 

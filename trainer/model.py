@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,24 +37,43 @@ class RopeSettings:
 def load_base_model(
     path: str, *, attn: str, device: torch.device, dtype: str, trust_remote_code: bool = False
 ) -> nn.Module:
-    """The base causal LM (a local directory or a hub id) with the attention implementation plora's
-    masks need; weights from safetensors only.
+    """The base causal LM to train (a local directory or a hub id).
 
     Frozen weights are kept in the training dtype on CUDA (memory) and in float32 on CPU (speed and
     exactness); the LoRA weights PEFT adds are float32 either way and autocast does the rest.
     """
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - slow import, only when training
-    from transformers.utils import logging as hf_logging  # noqa: PLC0415
-
-    hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
-    implementation = resolve_attn(attn, device)
     weights_dtype = TORCH_DTYPES[dtype] if device.type == "cuda" else torch.float32
-    model = load_pretrained(
-        AutoModelForCausalLM,
+    return load_causal_lm(
         path,
         what="base model",
         dtype=weights_dtype,
-        attn_implementation=implementation,
+        attn=attn,
+        device=device,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def load_causal_lm(
+    name: str,
+    *,
+    what: str,
+    dtype: torch.dtype,
+    attn: str,
+    device: torch.device | str,
+    trust_remote_code: bool,
+) -> nn.Module:
+    """A causal LM (a local directory or a hub id) with the attention implementation plora's masks
+    need, weights from safetensors only, on ``device``; for training and inference alike."""
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - slow import, only when loading
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+    hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
+    model = load_pretrained(
+        AutoModelForCausalLM,
+        name,
+        what=what,
+        dtype=dtype,
+        attn_implementation=resolve_attn(attn, device),
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
     )
@@ -105,28 +126,10 @@ def apply_rope(model: nn.Module, cfg: TrainConfig) -> RopeSettings:
 
 def add_lora(model: nn.Module, cfg: TrainConfig, adapter_dir: str | None) -> nn.Module:
     """Wrap ``model`` in PEFT LoRA: fresh (seeded) adapters, or the trainable adapter in ``adapter_dir``."""
-    with warnings.catch_warnings():
-        # peft probes a deprecated transformers property; not ours to fix, and not the user's concern.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return _add_lora(model, cfg, adapter_dir)
-
-
-def _add_lora(model: nn.Module, cfg: TrainConfig, adapter_dir: str | None) -> nn.Module:
-    from peft import LoraConfig, PeftModel, get_peft_model  # noqa: PLC0415
-
     if adapter_dir is not None:
-        if not (Path(adapter_dir) / "adapter_config.json").is_file():
-            raise PloraError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
-        path = Path(adapter_dir)
-        if not (path / "adapter_model.safetensors").is_file():
-            found = " (it has adapter_model.bin)" if (path / "adapter_model.bin").exists() else ""
-            raise PloraError(
-                f"{adapter_dir}: no adapter_model.safetensors{found}; plora loads safetensors adapters only"
-            )
-        try:
-            return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
-        except (OSError, ValueError, KeyError, RuntimeError) as err:
-            raise PloraError(f"{adapter_dir}: cannot load the adapter: {first_line(err)}") from None
+        return load_adapter(model, Path(adapter_dir), trainable=True)
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+
     lora = LoraConfig(
         r=cfg.lora_rank,
         lora_alpha=cfg.effective_alpha,
@@ -135,9 +138,38 @@ def _add_lora(model: nn.Module, cfg: TrainConfig, adapter_dir: str | None) -> nn
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, lora)
+        with _quiet_peft():
+            return get_peft_model(model, lora)
     except ValueError as err:
         raise PloraError(f"--lora-targets {cfg.lora_targets!r}: {first_line(err)}") from None
+
+
+def load_adapter(model: nn.Module, adapter_dir: Path, *, trainable: bool) -> nn.Module:
+    """The PEFT adapter in ``adapter_dir`` on ``model``; safetensors only (never a pickled .bin)."""
+    from peft import PeftModel  # noqa: PLC0415
+
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise PloraError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        found = " (it has adapter_model.bin)" if (adapter_dir / "adapter_model.bin").exists() else ""
+        raise PloraError(
+            f"{adapter_dir}: no adapter_model.safetensors{found}; plora loads safetensors adapters only"
+        )
+    try:
+        with _quiet_peft():
+            return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise PloraError(
+            f"{adapter_dir}: the adapter does not fit this base model: {first_line(err)}"
+        ) from None
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft probes a deprecated transformers property; not ours to fix, and not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def lora_settings(model: nn.Module) -> dict[str, Any]:
