@@ -58,17 +58,17 @@ def plora_bin() -> Path:
 
 
 @pytest.fixture(scope="session")
-def sample_dir() -> Path:
-    """The project's own sample data (data/)."""
-    return SAMPLE_DIR
+def torchrun_bin() -> Path:
+    """torchrun, which every torch install puts next to this interpreter (a missing one is a failure)."""
+    path = Path(sys.executable).parent / "torchrun"
+    assert path.is_file(), f"{path} is missing: torch is not installed as the project requires"
+    return path
 
 
 @pytest.fixture(scope="session")
-def shared_data_dir() -> Path:
-    """Third-party data (../shared/data next to the repo); skips the test where it is absent."""
-    if not SHARED_DATA_DIR.is_dir():
-        pytest.skip(f"third-party data directory {SHARED_DATA_DIR} is absent")
-    return SHARED_DATA_DIR
+def sample_dir() -> Path:
+    """The project's own sample data (data/)."""
+    return SAMPLE_DIR
 
 
 @pytest.fixture(scope="session")

@@ -118,10 +118,6 @@ BAD_RECORDS = [
 ]
 
 
-def plora(plora_bin: Path, cwd: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    return run_plora(plora_bin, *args, cwd=cwd)
-
-
 def assert_one_line_error(done: subprocess.CompletedProcess[str], start: str, expect: str) -> None:
     line = one_line_error(done)
     assert line.startswith(f"plora: error: {start}") and expect in line, line
@@ -135,7 +131,7 @@ def test_at_least_fifteen_distinct_cases() -> None:
 @pytest.mark.parametrize("case", BAD_RECORDS, ids=lambda c: c.name)
 def test_bad_record_raise_is_one_line(tmp_path: Path, plora_bin: Path, case: BadRecord) -> None:
     (tmp_path / case.filename).write_bytes(case.content)
-    done = plora(plora_bin, tmp_path, "convert", case.filename, "--out", "out.jsonl", *case.args)
+    done = run_plora(plora_bin, "convert", case.filename, "--out", "out.jsonl", *case.args, cwd=tmp_path)
     assert_one_line_error(done, f"{case.filename}:{case.line}: ", case.expect)
     assert not (tmp_path / "out.jsonl").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [case.filename]  # no temporary file left either
@@ -153,7 +149,8 @@ def skipped_run(plora_bin: Path, tmp_path_factory) -> dict[tuple[str, ...], tupl
             if case.args == args:
                 names.append(f"{index:02d}-{case.filename}")
                 (tmp / names[-1]).write_bytes(case.content)
-        done = plora(plora_bin, tmp, "convert", *names, "--out", "out.jsonl", "--on-error", "skip", *args)
+        skip = ("--out", "out.jsonl", "--on-error", "skip", *args)
+        done = run_plora(plora_bin, "convert", *names, *skip, cwd=tmp)
         rejects = read_jsonl(tmp / "out.rejects.jsonl") if done.returncode == 0 else []
         written = read_jsonl(tmp / "out.jsonl") if done.returncode == 0 else []
         runs[args] = (done, written, rejects)
@@ -235,20 +232,20 @@ def test_bad_file_is_one_line_in_both_modes(tmp_path: Path, plora_bin: Path, cas
     args = setup(tmp_path)
     if mode == "skip" and "--out" not in args and "--frmat" not in args:
         args += ["--rejects", "r.jsonl"]
-    done = plora(plora_bin, tmp_path, "convert", *args, "--on-error", mode)
+    done = run_plora(plora_bin, "convert", *args, "--on-error", mode, cwd=tmp_path)
     assert_one_line_error(done, "", expect)
     assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_unwritable_rejects_file_is_one_line(tmp_path: Path, plora_bin: Path) -> None:
     args = _with_input(tmp_path, "--out", "out.jsonl", "--on-error", "skip", "--rejects", "a_file/r.jsonl")
-    done = plora(plora_bin, tmp_path, "convert", *args)
+    done = run_plora(plora_bin, "convert", *args, cwd=tmp_path)
     assert_one_line_error(done, "a_file/r.jsonl: cannot write: a_file is not a directory", "")
 
 
 def test_skip_to_stdout_without_rejects_file_is_one_line(tmp_path: Path, plora_bin: Path) -> None:
     (tmp_path / "a.jsonl").write_bytes(OK)
-    done = plora(plora_bin, tmp_path, "convert", "a.jsonl", "--on-error", "skip")
+    done = run_plora(plora_bin, "convert", "a.jsonl", "--on-error", "skip", cwd=tmp_path)
     assert_one_line_error(done, "", "needs --rejects FILE")
 
 
@@ -277,7 +274,7 @@ ACCEPTED = [
 def test_quirks_are_accepted(tmp_path: Path, plora_bin: Path, case) -> None:
     _, filename, content, texts = case
     (tmp_path / filename).write_bytes(content)
-    done = plora(plora_bin, tmp_path, "convert", filename, "--out", "out.jsonl")
+    done = run_plora(plora_bin, "convert", filename, "--out", "out.jsonl", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert read_jsonl(tmp_path / "out.jsonl") == [{"text": t} for t in texts]
     assert f"{len(texts)} records in, {len(texts)} out, 0 rejected" in done.stderr
@@ -289,7 +286,7 @@ def test_ten_megabyte_line_is_just_a_record(tmp_path: Path, plora_bin: Path) -> 
     big = "word " * 2_000_000
     with gzip.open(tmp_path / "a.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write(json.dumps({"text": "small"}) + "\n" + json.dumps({"text": big}) + "\n")
-    done = plora(plora_bin, tmp_path, "convert", "a.jsonl.gz", "--out", "out.jsonl")
+    done = run_plora(plora_bin, "convert", "a.jsonl.gz", "--out", "out.jsonl", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert read_jsonl(tmp_path / "out.jsonl") == [{"text": "small"}, {"text": big}]
 

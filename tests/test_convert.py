@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -276,7 +275,7 @@ def test_options_are_validated() -> None:
 
 
 def test_dataset_saved_to_disk(tmp_path: Path) -> None:
-    datasets = pytest.importorskip("datasets")
+    import datasets  # noqa: PLC0415 - a dependency, imported only where a test needs it
     raw, expected = SAMPLES["sharegpt"]
     folder = tmp_path / "saved"
     datasets.DatasetDict(
@@ -288,7 +287,7 @@ def test_dataset_saved_to_disk(tmp_path: Path) -> None:
 
 
 def test_dataset_folder_of_data_files(tmp_path: Path, monkeypatch) -> None:
-    datasets = pytest.importorskip("datasets")
+    import datasets  # noqa: PLC0415 - a dependency, imported only where a test needs it
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     folder = tmp_path / "folder"
     folder.mkdir()
@@ -302,7 +301,6 @@ def test_dataset_folder_of_data_files(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_dataset_that_cannot_load_is_one_line(tmp_path: Path) -> None:
-    pytest.importorskip("datasets")
     folder = tmp_path / "saved"
     folder.mkdir()
     (folder / "state.json").write_text("{}", encoding="utf-8")
@@ -450,8 +448,7 @@ def test_cli_converts_with_summary(tmp_path: Path, plora_bin: Path) -> None:
     raw, expected = SAMPLES["sharegpt"]
     path = write_jsonl(tmp_path / "chats.jsonl", raw)
     out = tmp_path / "out.jsonl"
-    command = [plora_bin, "convert", path, "--out", out]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    done = run_plora(plora_bin, "convert", path, "--out", out)
     assert done.returncode == 0, done.stderr
     assert read_jsonl(out) == expected
     assert done.stdout == ""
@@ -461,26 +458,18 @@ def test_cli_converts_with_summary(tmp_path: Path, plora_bin: Path) -> None:
 
 def test_cli_pretrain_to_stdout(tmp_path: Path, plora_bin: Path) -> None:
     path = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "p", "response": "r"}])
-    done = subprocess.run(
-        [plora_bin, "convert", path, "--mode", "pretrain"], capture_output=True, text=True, timeout=60
-    )
+    done = run_plora(plora_bin, "convert", path, "--mode", "pretrain")
     assert done.returncode == 0, done.stderr
     assert read_jsonl_text(done.stdout) == [{"text": "p\n\nr"}]
     assert "1 records in, 1 out" in done.stderr
 
 
 def test_cli_hf_dataset_folder(tmp_path: Path, plora_bin: Path) -> None:
-    pytest.importorskip("datasets")
     folder = tmp_path / "ds"
     folder.mkdir()
     raw, expected = SAMPLES["text"]
     write_jsonl(folder / "part-0.jsonl", raw)
     out = tmp_path / "out.jsonl"
-    done = subprocess.run(
-        [plora_bin, "convert", "--hf-dataset", folder, "--streaming", "--out", out],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_plora(plora_bin, "convert", "--hf-dataset", folder, "--streaming", "--out", out)
     assert done.returncode == 0, done.stderr
     assert read_jsonl(out) == expected

@@ -3,12 +3,10 @@ batch (each process takes disjoint rows; the loss is normalised over the whole g
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_plora
 from train_helpers import (
     cli_args,
     max_adapter_difference,
@@ -20,15 +18,10 @@ from pipeline.shards import open_shards
 from trainer.checkpoint import final_checkpoint
 from trainer.metrics import logs_dir, read_metrics
 
-TORCHRUN = Path(sys.executable).parent / "torchrun"
-
 
 def test_two_processes_match_one_with_the_same_global_batch(
-    train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path
+    train_shards: Path, tiny_model_dir: Path, plora_bin: Path, torchrun_bin: Path, tmp_path: Path
 ) -> None:
-    if not TORCHRUN.is_file() and shutil.which("torchrun") is None:
-        pytest.skip("torchrun is not installed next to this interpreter")
-    torchrun = str(TORCHRUN if TORCHRUN.is_file() else shutil.which("torchrun"))
     # Global batch 8 (2 rows x 2 processes x 2 accumulation steps). Hold out rows so that 8k + 1 remain for
     # training: the last step has one row, so both processes have an empty micro-batch there and join
     # with a weightless row. Validation rows are split between the processes.
@@ -37,23 +30,15 @@ def test_two_processes_match_one_with_the_same_global_batch(
     steps = (rows - held_out) // 8 + 1
     flags = ["--learning-rate", "1e-2", "--accumulation-steps", "2", "--val-fraction", str(held_out / rows)]
     flags += ["--log-interval", "1", "--eval-interval", str(steps)]
-    launch = [torchrun, "--standalone", "--nproc_per_node", "2", "--no-python", str(plora_bin)]
-    two = subprocess.run(
-        [*launch, *cli_args(train_shards, tiny_model_dir, tmp_path / "two", "--batch-size", "2", *flags)],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    launch = ["--standalone", "--nproc_per_node", "2", "--no-python", str(plora_bin)]
+    two_args = cli_args(train_shards, tiny_model_dir, tmp_path / "two", "--batch-size", "2", *flags)
+    two = run_plora(torchrun_bin, *launch, *two_args, env=subprocess_env(), timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "global batch 8 = 2 x 2 process(es)" in two.stderr.replace("\n", " ")
-    one = subprocess.run(
-        [plora_bin, *cli_args(train_shards, tiny_model_dir, tmp_path / "one", "--batch-size", "4", *flags)],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    one = run_plora(
+        plora_bin, *cli_args(train_shards, tiny_model_dir, tmp_path / "one", "--batch-size", "4", *flags),
+        env=subprocess_env(), timeout=300,
+    )  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
     name = "hf_parallel_lora"
     two_final, one_final = final_checkpoint(tmp_path / "two", name), final_checkpoint(tmp_path / "one", name)

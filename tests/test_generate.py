@@ -4,7 +4,6 @@ bad input, and the `plora generate` command."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import numpy as np
 import pytest
@@ -221,9 +220,8 @@ def test_text_api_stops_at_stop_strings(bare_tiny) -> None:
     assert cut.branches[0].text == text[: text.index(stop)]
     assert cut.branches[0].finish_reason == "stop"
     assert len(cut.branches[0].token_ids) < len(plain.branches[0].token_ids)
-    assert cut.branches[1].token_ids[: len(cut.branches[1].token_ids)] == plain.branches[1].token_ids[
-        : len(cut.branches[1].token_ids)
-    ]
+    other = cut.branches[1].token_ids
+    assert other == plain.branches[1].token_ids[: len(other)]
 
 
 def test_greedy_identical_branches_warn(bare_tiny) -> None:
@@ -260,12 +258,11 @@ def test_no_trunk_no_bos_empty_branch_is_refused() -> None:
 
 
 def test_generate_command_json_and_table(tiny_model_dir, plora_bin) -> None:
-    common = [str(plora_bin), "generate", "--base-model", str(tiny_model_dir), "--stride", str(STRIDE)]
-    done = subprocess.run(
-        [*common, "--prompt", "Hello", "--chat", "--branch", "One", "--branch", "Two",
-         "--max-new-tokens", "4", "--temperature", "0.8", "--seed", "1", "--json"],
-        capture_output=True, text=True, timeout=120, check=False,
-    )
+    common = ["generate", "--base-model", tiny_model_dir, "--stride", STRIDE]
+    done = run_plora(
+        plora_bin, *common, "--prompt", "Hello", "--chat", "--branch", "One", "--branch", "Two",
+        "--max-new-tokens", "4", "--temperature", "0.8", "--seed", "1", "--json",
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     tokens, summary = lines[:-1], lines[-1]
@@ -275,11 +272,10 @@ def test_generate_command_json_and_table(tiny_model_dir, plora_bin) -> None:
         assert 1 <= branch["tokens"] <= 4
     assert summary["generated_tokens"] == sum(b["tokens"] for b in summary["branches"])
 
-    table = subprocess.run(
-        [*common, "--prompt", "Hello", "--num-branches", "3", "--max-new-tokens", "3", "--temperature", "0.8",
-         "--seed", "1"],
-        capture_output=True, text=True, timeout=120, check=False,
-    )
+    table = run_plora(
+        plora_bin, *common, "--prompt", "Hello", "--num-branches", "3", "--max-new-tokens", "3",
+        "--temperature", "0.8", "--seed", "1",
+    )  # fmt: skip
     assert table.returncode == 0, table.stderr
     assert "branch 3" in table.stdout and "tokens/s" in table.stdout
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import one_line_error
+from cli_helpers import one_line_error, run_plora
 from train_helpers import REPO_ROOT, cli_args, subprocess_env
 
 from pipeline.shards import open_shards
@@ -19,10 +19,8 @@ from trainer.checkpoint import final_checkpoint
 NAME = "hf_parallel_lora"
 
 
-def _run(*args: str | Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    argv = [str(a) for a in args]
-    env = subprocess_env()
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+def _run(program: str | Path, *args: str | Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    return run_plora(Path(program), *args, cwd=REPO_ROOT, env=subprocess_env(), timeout=timeout)
 
 
 @pytest.mark.parametrize(
@@ -116,13 +114,10 @@ def test_guide_import_of_auto_pair_indices(tiny_model_dir: Path) -> None:
 
 
 def test_guide_script_on_two_nodes_tokenizes_once_on_global_rank_0(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, torchrun_bin: Path, tmp_path: Path
 ) -> None:
     """Two torchrun agents of one process each (two "nodes" of one machine): each process is its node's
     local rank 0, but only global rank 0 may tokenize into the shared --out_dir."""
-    torchrun = Path(sys.executable).parent / "torchrun"
-    if not torchrun.is_file():
-        pytest.skip("torchrun is not installed next to this interpreter")
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -134,9 +129,9 @@ def test_guide_script_on_two_nodes_tokenizes_once_on_global_rank_0(
     ]  # fmt: skip
     nodes = [
         subprocess.Popen(
-            [str(a) for a in (torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
-                              "--rdzv_backend", "static", "--master_addr", "127.0.0.1", "--master_port",
-                              str(port), *guide)],  # fmt: skip
+            [str(a) for a in (torchrun_bin, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
+                              str(node), "--rdzv_backend", "static", "--master_addr", "127.0.0.1",
+                              "--master_port", str(port), *guide)],  # fmt: skip
             env=subprocess_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for node in (0, 1)
