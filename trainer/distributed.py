@@ -11,6 +11,7 @@ collective. The price: a process that hangs later is only reported after that lo
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -68,8 +69,21 @@ def init_distributed(device_option: str) -> DistEnv:
     return DistEnv(rank, world_size, local_rank, device)
 
 
+def wait_for_all(env: DistEnv) -> None:
+    """Blocks until every process arrives: rank 0's last write is done before any process leaves."""
+    if env.is_distributed:
+        dist.barrier()
+
+
 def shutdown(env: DistEnv) -> None:
+    """Leaves the process group while the interpreter is whole.
+
+    DDP's reducer keeps the process group (and gloo work holding tensors) alive; freed only at interpreter
+    exit, that teardown can abort the process ("terminate called without an active exception", seen in
+    CI on rank 1). Collecting the training objects first lets destroy_process_group free everything here.
+    """
     if env.is_distributed and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -47,7 +47,7 @@ from trainer.data import (
     step_rows,
     validation_batches,
 )
-from trainer.distributed import DistEnv, all_sum, init_distributed, shutdown
+from trainer.distributed import DistEnv, all_sum, init_distributed, shutdown, wait_for_all
 from trainer.evaluate import autocast, evaluate_rows
 from trainer.metrics import MetricsLog
 from trainer.model import (
@@ -288,6 +288,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
             state = _trainer_state(total_steps, plan, run_identity, tokens_seen, scaler, cfg)
             meta = {**plora_meta, "step": total_steps}
             save_checkpoint(final, model=model, plora_meta=meta, state=state, optimizer=optimizer)
+        wait_for_all(env)
     finally:
         metrics.close()
     result = TrainResult(
