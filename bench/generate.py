@@ -6,7 +6,8 @@ from the same trunk and K distinct branch prompts:
 - parallel: parallel.generation.decode_parallel, one sequence, one KV cache (the trunk held once);
 - separate: decode_parallel K times, one branch each (the trunk prefilled K times);
 - hf-batched: `model.generate` over K left-padded prompts (trunk + branch prompt), its own KV cache
-  holding the trunk K times.
+  holding the trunk K times. It runs with the same CPU linear layers as plora's decoder
+  (parallel.skinny_linear), so the comparison is of the layouts, not of matmul kernels.
 
 Reports tokens/s, speedups and the KV cache size of each. Random weights; no network.
 
@@ -33,6 +34,7 @@ from bench.shapes import QWEN2_5_0_5B
 from parallel.generation import decode_parallel, kv_cache_bytes
 from parallel.layout import SpecialTokens
 from parallel.rope2d import patch_model_2d_rope
+from parallel.skinny_linear import weight_major_linears
 from trainer.model import TORCH_DTYPES
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -105,7 +107,7 @@ def run_hf(model: torch.nn.Module, trunk: list[int], prompts: list[list[int]], n
     for i, r in enumerate(rows):  # left padding, as HF generation of decoder-only models wants
         ids[i, width - len(r) :] = torch.tensor(r)
         mask[i, width - len(r) :] = 1
-    with torch.no_grad():
+    with torch.no_grad(), weight_major_linears(model):
         return model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -147,7 +149,7 @@ def main() -> None:
     dtype = TORCH_DTYPES[args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
     model = build_model(args.model_shape, dtype, args.device, args.attn, args.stride)
     params = sum(p.numel() for p in model.parameters())
-    console = Console()
+    console = Console(width=110)
     console.print(
         f"{args.model_shape} Qwen2 ({params / 1e6:.1f}M params, {dtype}, {args.attn}) on {args.device}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock; "

@@ -47,6 +47,7 @@ from parallel.layout import (
     build_row,
 )
 from parallel.rope2d import encode_positions, model_stride, position_overflow
+from parallel.skinny_linear import weight_major_linears
 from pipeline.errors import PloraError
 
 PLORA_CONFIG_ATTR = "plora_config"  # set by parallel.loading on the model it returns
@@ -350,35 +351,37 @@ def decode_parallel(
         if on_step is not None and order:
             on_step(DecodeStep(step, dict(zip(order, drawn, strict=True)), {k: rows[k] for k in order}))
 
-    logits = forward(input_ids, None, torch.as_tensor(keep, device=device))
-    row_of = {p: n for n, p in enumerate(keep)}
-    advance(0, {k: logits[row_of[p]] for k, p in plan.sources.items()})
-    prefill_seconds = time.perf_counter() - started
+    # Decode steps feed a few rows per forward; on CPU those are cheaper weight-major (skinny_linear).
+    with weight_major_linears(model):
+        logits = forward(input_ids, None, torch.as_tensor(keep, device=device))
+        row_of = {p: n for n, p in enumerate(keep)}
+        advance(0, {k: logits[row_of[p]] for k, p in plan.sources.items()})
+        prefill_seconds = time.perf_counter() - started
 
-    step = 0
-    while True:
-        active = [k for k, s in enumerate(states) if s.pending is not None]
-        if not active:
-            break
-        step += 1
-        new_ids = [states[k].pending for k in active]
-        new_branch = [states[k].branch_id for k in active]
-        new_time = [states[k].next_time for k in active]
-        all_branch = torch.cat([all_branch, torch.tensor([new_branch], device=device)], dim=1)
-        all_time = torch.cat([all_time, torch.tensor([new_time], device=device)], dim=1)
-        logits = forward(torch.tensor([new_ids], device=device), len(active), 0)
-        to_sample = {}
-        for n, k in enumerate(active):
-            state = states[k]
-            state.next_time += 1
-            state.pending = None
-            if state.finish_reason is not None:
-                continue  # columnar: its last token is now visible to later columns; nothing to sample
-            if state.forced:
-                state.pending = state.forced.popleft()
-            else:
-                to_sample[k] = logits[n]
-        advance(step, to_sample)
+        step = 0
+        while True:
+            active = [k for k, s in enumerate(states) if s.pending is not None]
+            if not active:
+                break
+            step += 1
+            new_ids = [states[k].pending for k in active]
+            new_branch = [states[k].branch_id for k in active]
+            new_time = [states[k].next_time for k in active]
+            all_branch = torch.cat([all_branch, torch.tensor([new_branch], device=device)], dim=1)
+            all_time = torch.cat([all_time, torch.tensor([new_time], device=device)], dim=1)
+            logits = forward(torch.tensor([new_ids], device=device), len(active), 0)
+            to_sample = {}
+            for n, k in enumerate(active):
+                state = states[k]
+                state.next_time += 1
+                state.pending = None
+                if state.finish_reason is not None:
+                    continue  # columnar: its last token is now visible to later columns; nothing to sample
+                if state.forced:
+                    state.pending = state.forced.popleft()
+                else:
+                    to_sample[k] = logits[n]
+            advance(step, to_sample)
 
     return DecodeResult(
         tokens=[s.generated for s in states],
@@ -516,9 +519,14 @@ def generate(
     prompt_ids = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) if t else [] for t in texts]
     special = special_tokens(tokenizer)
     stop = [s for s in stop if s]
+    # A stop string first shows up in the tokens ending with the newest one. It spans at most 4 tokens
+    # per character (a token is at least one byte), so decoding that tail, not the whole branch, keeps
+    # the check linear in the branch's length; 2 more tokens keep a decoder's leading-space cleanup
+    # away from it.
+    tail = 4 * max((len(s) for s in stop), default=0) + 2
 
     def stop_when(index: int, generated: list[int]) -> bool:
-        text = tokenizer.decode(generated)
+        text = tokenizer.decode(generated[-tail:])
         return any(s in text for s in stop)
 
     result = decode_parallel(

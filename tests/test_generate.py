@@ -210,13 +210,19 @@ def test_sampler_filters() -> None:
     assert len({tuple(wide(logits).tolist()) for _ in range(50)}) > 1
 
 
-def test_text_api_stops_at_stop_strings(bare_tiny) -> None:
+@pytest.mark.parametrize("new_tokens", [10, 60])
+def test_text_api_stops_at_stop_strings(bare_tiny, new_tokens: int) -> None:
     model, tokenizer = bare_tiny
-    plain = parallel.generate(model, tokenizer, "The sea", branches=[" is", " was"], max_new_tokens=10)
+    branches = [" is", " was"]
+    plain = parallel.generate(model, tokenizer, "The sea", branches=branches, max_new_tokens=new_tokens)
     text = plain.branches[0].text
-    stop = text[4:7]
+    # Short: a stop near the start. Long: one from the last third, beyond the tail the check decodes.
+    start = 4 if new_tokens == 10 else len(text) * 2 // 3
+    stop = text[start : start + 3]
     assert stop.strip()
-    cut = generate(model, tokenizer, "The sea", branches=[" is", " was"], max_new_tokens=10, stop=[stop])
+    cut = generate(model, tokenizer, "The sea", branches=branches, max_new_tokens=new_tokens, stop=[stop])
+    if new_tokens > 10:
+        assert len(cut.branches[0].token_ids) > 4 * len(stop) + 2
     assert cut.branches[0].text == text[: text.index(stop)]
     assert cut.branches[0].finish_reason == "stop"
     assert len(cut.branches[0].token_ids) < len(plain.branches[0].token_ids)
