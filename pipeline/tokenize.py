@@ -78,6 +78,7 @@ from pipeline.convert import (
 from pipeline.errors import PloraError, Rejects
 from pipeline.fingerprint import file_sha256, plora_version, run_fingerprint, tokenizer_identity
 from pipeline.pretrained import load_pretrained
+from pipeline.readers import check_readable
 from pipeline.shards import (
     JOURNAL_NAME,
     ShardError,
@@ -644,7 +645,9 @@ def tokenize_to_shards(
         raise PloraError("--num-proc must be at least 1")
     if not job.inputs and job.hf_dataset is None:
         raise PloraError("no input: give INPUT files")
-    tokenizer = load_tokenizer(job.tokenizer, job.chat_template)  # fail before anything is created
+    for path in job.inputs:  # fail before the tokenizer loads and before anything is created
+        check_readable(Path(path))
+    tokenizer = load_tokenizer(job.tokenizer, job.chat_template)
     _prepare_out(job.out)
     # transformers brings torch's millions of long-lived objects; keep them out of every garbage
     # collection of the many small objects tokenizing makes (a large share of the time otherwise).

@@ -347,6 +347,13 @@ def test_cli_bad_tokenizer_and_out(
     )
     assert str(missing) in error and "tokenizer" in error
     assert not (tmp_path / "o").exists()
+    # A missing input is named first, before the tokenizer is loaded (here it is missing as well).
+    no_input = tmp_path / "no-such-input.jsonl"
+    error = one_line_error(
+        run_plora(plora_bin, "tokenize", no_input, "--tokenizer", missing, "--out", tmp_path / "o")
+    )
+    assert error == f"plora: error: {no_input}: no such file"
+    assert not (tmp_path / "o").exists()
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
