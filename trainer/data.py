@@ -31,7 +31,7 @@ import torch
 
 from parallel.layout import IGNORE_INDEX, TOKEN_COLUMNS
 from pipeline.errors import PloraError
-from pipeline.shards import ShardSet, flat_columns
+from pipeline.shards import ShardSet, flat_columns, open_shards
 
 MEGABATCH_GLOBAL_BATCHES = 64
 VALIDATION_SEED_OFFSET = 7919  # the validation split never depends on the training order's seed stream
@@ -55,6 +55,15 @@ class Batch:
     @property
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
+
+
+def open_checked_shards(shards: str, tokenizer_path: str, *, verify: bool) -> ShardSet:
+    """A shard directory, refused unless it was tokenized by the tokenizer at ``tokenizer_path``."""
+    from pipeline.tokenize import load_tokenizer  # noqa: PLC0415 - transformers import, only when used
+
+    shard_set = open_shards(shards, verify=verify)
+    shard_set.check_tokenizer(load_tokenizer(tokenizer_path))
+    return shard_set
 
 
 class RowStore:

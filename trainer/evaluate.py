@@ -16,20 +16,11 @@ import torch
 
 from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE
 from pipeline.fingerprint import check_same_tokenizer
-from pipeline.shards import open_shards
 from trainer.checkpoint import read_plora_json
 from trainer.config import TrainConfig
-from trainer.data import RowStore
+from trainer.data import RowStore, open_checked_shards
 from trainer.distributed import pick_device
-from trainer.model import (
-    TORCH_DTYPES,
-    PackedLoss,
-    add_lora,
-    apply_rope,
-    check_positions,
-    check_vocabulary,
-    load_base_model,
-)
+from trainer.model import TORCH_DTYPES, PackedLoss, add_lora, load_rope_model
 
 
 @dataclass
@@ -124,11 +115,6 @@ def run_eval(options: EvalOptions, on_batch: Callable[[int], None] | None = None
 
     Returns the totals and a description of what was evaluated (model, positions, mask).
     """
-    from pipeline.tokenize import load_tokenizer  # noqa: PLC0415 - transformers import, only when used
-
-    shards = open_shards(options.shards, verify=True)
-    tokenizer = load_tokenizer(options.tokenizer_path or options.base_model)
-    shards.check_tokenizer(tokenizer)
     settings = {
         "patch_rope": options.patch_rope,
         "rope_2d_ratio": options.rope_2d_ratio,
@@ -136,15 +122,8 @@ def run_eval(options: EvalOptions, on_batch: Callable[[int], None] | None = None
         "stride": options.stride,
         "mask": options.mask,
     }
-    if options.adapter is not None:
-        meta = read_plora_json(options.adapter)
-        check_same_tokenizer(
-            meta["tokenizer"],
-            shards.manifest["tokenizer"],
-            what=f"adapter {options.adapter}",
-            against=f"the tokenizer of the shards in {options.shards}",
-            fix="evaluate it on shards tokenized for its base model",
-        )
+    meta = read_plora_json(options.adapter) if options.adapter is not None else None
+    if meta is not None:
         settings = {key: meta[key] for key in settings}
     cfg = TrainConfig(
         shards=options.shards,
@@ -157,14 +136,19 @@ def run_eval(options: EvalOptions, on_batch: Callable[[int], None] | None = None
         device=options.device,
         **settings,
     ).validate()
-    device = pick_device(options.device, 0)
-    model = load_base_model(
-        cfg.base_model, attn=cfg.attn, device=device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code
-    )
-    check_vocabulary(model, shards.manifest["tokenizer"]["vocab_size"], cfg.base_model)
-    rope = apply_rope(model, cfg)
+    shards = open_checked_shards(cfg.shards, cfg.tokenizer_path or cfg.base_model, verify=True)
+    if meta is not None:
+        check_same_tokenizer(
+            meta["tokenizer"],
+            shards.manifest["tokenizer"],
+            what=f"adapter {options.adapter}",
+            against=f"the tokenizer of the shards in {options.shards}",
+            fix="evaluate it on shards tokenized for its base model",
+        )
     store = RowStore(shards)
-    check_positions(model, *store.max_coordinates, rope.stride, options.shards)
+    device = pick_device(options.device, 0)
+    vocab_size = shards.manifest["tokenizer"]["vocab_size"]
+    model, rope = load_rope_model(cfg, vocab_size, store.max_coordinates, device)
     if options.adapter is not None:
         model = add_lora(model, cfg, options.adapter).to(device)
     rows = np.arange(len(store))

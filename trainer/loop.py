@@ -25,7 +25,6 @@ from parallel.loading import model_facts
 from pipeline.errors import PloraError
 from pipeline.fingerprint import check_same_tokenizer, plora_version
 from pipeline.pretrained import resolve_pretrained
-from pipeline.shards import open_shards
 from trainer.checkpoint import (
     check_writable,
     final_checkpoint,
@@ -44,6 +43,7 @@ from trainer.data import (
     epoch_order,
     make_plan,
     micro_batches,
+    open_checked_shards,
     step_rows,
     validation_batches,
 )
@@ -54,11 +54,8 @@ from trainer.model import (
     PackedLoss,
     RopeSettings,
     add_lora,
-    apply_rope,
-    check_positions,
-    check_vocabulary,
     count_parameters,
-    load_base_model,
+    load_rope_model,
     lora_settings,
     trainable_parameters,
 )
@@ -119,17 +116,13 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
-    from pipeline.tokenize import load_tokenizer  # noqa: PLC0415 - transformers import, only when training
-
     # ---- setup: every check that can fail does so here, before the first step ----------------------
     if env.is_main:
         check_writable(cfg.out_dir)
         remove_stale_temporaries(cfg.out_dir, cfg.lora_name)
     # One process per node reads every byte to check the checksums; its siblings read the same files.
-    shards = open_shards(cfg.shards, verify=env.local_rank == 0)
+    shards = open_checked_shards(cfg.shards, cfg.tokenizer_path or cfg.base_model, verify=env.local_rank == 0)
     manifest = shards.manifest
-    tokenizer = load_tokenizer(cfg.tokenizer_path or cfg.base_model)
-    shards.check_tokenizer(tokenizer)
     store = RowStore(shards)
     plan = make_plan(
         len(store),
@@ -159,16 +152,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
                 )
 
     torch.manual_seed(cfg.seed)  # fresh LoRA weights are the same in every process and every run
-    base = load_base_model(
-        cfg.base_model,
-        attn=cfg.attn,
-        device=env.device,
-        dtype=cfg.dtype,
-        trust_remote_code=cfg.trust_remote_code,
-    )
-    check_vocabulary(base, manifest["tokenizer"]["vocab_size"], cfg.base_model)
-    rope = apply_rope(base, cfg)
-    check_positions(base, *store.max_coordinates, rope.stride, cfg.shards)
+    base, rope = load_rope_model(cfg, manifest["tokenizer"]["vocab_size"], store.max_coordinates, env.device)
     adapter_source = str(resume_dir) if resume_dir is not None else cfg.load_lora
     if adapter_source is not None:
         _check_adapter(adapter_source, rope, manifest, cfg.shards)

@@ -124,6 +124,20 @@ def apply_rope(model: nn.Module, cfg: TrainConfig) -> RopeSettings:
     return RopeSettings(rope)
 
 
+def load_rope_model(
+    cfg: TrainConfig, vocab_size: int, max_coordinates: tuple[int, int], device: torch.device
+) -> tuple[nn.Module, RopeSettings]:
+    """The base model with 2D RoPE (training and evaluation alike), checked against the shards: every
+    token id of their tokenizer (``vocab_size``) has an embedding and every position fits the model."""
+    model = load_base_model(
+        cfg.base_model, attn=cfg.attn, device=device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code
+    )
+    check_vocabulary(model, vocab_size, cfg.base_model)
+    rope = apply_rope(model, cfg)
+    check_positions(model, *max_coordinates, rope.stride, cfg.shards)
+    return model, rope
+
+
 def add_lora(model: nn.Module, cfg: TrainConfig, adapter_dir: str | None) -> nn.Module:
     """Wrap ``model`` in PEFT LoRA: fresh (seeded) adapters, or the trainable adapter in ``adapter_dir``."""
     if adapter_dir is not None:
