@@ -11,7 +11,6 @@ collective. The price: a process that hangs later is only reported after that lo
 from __future__ import annotations
 
 import datetime
-import gc
 import os
 from dataclasses import dataclass
 
@@ -70,20 +69,21 @@ def init_distributed(device_option: str) -> DistEnv:
 
 
 def wait_for_all(env: DistEnv) -> None:
-    """Blocks until every process arrives: rank 0's last write is done before any process leaves."""
+    """Blocks until every process arrives; the last collective before any process leaves.
+
+    After DDP, destroy_process_group leaves gloo's worker threads running until the process exits.
+    A worker that releases a collective's tensor after Python has begun to finalize cannot take the
+    GIL and aborts the process ("terminate called without an active exception", SIGABRT after a
+    finished run; seen in CI, and in a core dump here: ~AsyncAllreduceWork -> decref -> take_gil).
+    Waiting here, with the GIL released, gives the workers time to drop the validation all-reduce's
+    tensors; the barrier's own work holds no Python tensor.
+    """
     if env.is_distributed:
         dist.barrier()
 
 
 def shutdown(env: DistEnv) -> None:
-    """Leaves the process group while the interpreter is whole.
-
-    DDP's reducer keeps the process group (and gloo work holding tensors) alive; freed only at interpreter
-    exit, that teardown can abort the process ("terminate called without an active exception", seen in
-    CI on rank 1). Collecting the training objects first lets destroy_process_group free everything here.
-    """
     if env.is_distributed and dist.is_initialized():
-        gc.collect()
         dist.destroy_process_group()
 
 
