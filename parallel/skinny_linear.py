@@ -5,8 +5,9 @@ A decode step multiplies one row per branch by every weight matrix of the model.
 costs about one matrix-vector product per row for 2 to 64 rows, so K branches in one forward cost
 nearly K single-branch steps and parallel decoding gains little. The same product taken the other
 way round, ``(W @ x.T).T``, reads the weight once: for ``Linear(896, 151936)`` (Qwen2.5-0.5B's
-output layer) 68 ms became 14 ms at 2 rows and 62 ms became 12 ms at 4; for ``Linear(896, 4864)``
-540 us became 285 us at 2 rows. ``bench/skinny_linear.py`` measures both ways on the machine at hand.
+output layer) about 66 ms became 12 ms at 2 rows and 63 ms became 14 ms at 4; for ``Linear(896, 4864)``
+about 480 us became 300 us at 2 rows. ``bench/skinny_linear.py`` measures both ways on the machine at
+hand (latest output in BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from collections.abc import Iterator
 
 import torch
 
-# More rows (a prefill) keep torch's own kernel: here the gap shrinks to 1.1x at 128 rows and none at 256.
+# More rows (a prefill) keep torch's own kernel, tuned for them on every CPU; here the gain of the
+# weight-major way falls from 2-5x at 2-4 rows to 1.1-1.3x from 128 rows.
 SKINNY_ROWS = 64
 
 
