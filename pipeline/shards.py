@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from parallel.layout import (
+    ALIGN_MODES,
     FORMAT_VERSION,
     MANIFEST_NAME,
     META_COLUMNS,
@@ -31,10 +32,13 @@ from parallel.layout import (
 )
 from pipeline import atomic
 from pipeline.errors import PloraError
-from pipeline.fingerprint import file_sha256
+from pipeline.fingerprint import canonical_json, file_sha256, sha256_text
 
 # Where an unfinished `plora tokenize` keeps the state it resumes from (see pipeline.tokenize).
 JOURNAL_NAME = ".progress.npz"
+# The manifest's digest of its own other keys: a fact edited after writing (the packing's align,
+# which reaches every adapter's plora.json) no longer matches it.
+SEAL_KEY = "manifest_sha256"
 
 SCHEMA = pa.schema(
     [pa.field(name, pa.list_(pa.int32())) for name in TOKEN_COLUMNS]
@@ -61,7 +65,7 @@ MANIFEST_KEYS: tuple[str, ...] = tuple(MANIFEST_SHAPE)
 NESTED_SHAPE: dict[str, dict[str, type]] = {
     "tokenizer": {"name_or_path": str, "vocab_size": int},
     "special_tokens": {"eos_id": int},
-    "packing": {"align": str},
+    "packing": {"align": str, "max_seq_len": int, "max_branches": int},
     "fingerprint": {"digest": str},
 }
 FILE_SHAPE: dict[str, type] = {
@@ -140,7 +144,12 @@ def write_shard(directory: Path, index: int, rows: Sequence[PackedRow]) -> dict[
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     """Seal the directory: after this, readers accept it."""
-    atomic.write_json(directory / MANIFEST_NAME, manifest)
+    atomic.write_json(directory / MANIFEST_NAME, {**manifest, SEAL_KEY: manifest_seal(manifest)})
+
+
+def manifest_seal(manifest: dict[str, Any]) -> str:
+    """The digest of every key of a manifest but the seal itself."""
+    return sha256_text(canonical_json({k: v for k, v in manifest.items() if k != SEAL_KEY}))
 
 
 # --------------------------------------------------------------------------------------
@@ -253,6 +262,14 @@ class ShardSet:
                 f"{directory}: the manifest says {manifest['num_rows']} rows, "
                 f"the files hold {int(self._starts[-1])}"
             )
+        if manifest.get(SEAL_KEY) != manifest_seal(manifest):
+            raise ShardError(
+                f"{directory / MANIFEST_NAME}: changed after plora tokenize wrote it (its {SEAL_KEY} "
+                "does not match its contents), so its packing facts cannot be trusted; "
+                "re-run plora tokenize --overwrite"
+            )
+        if verify:
+            self._check_packing()
 
     def _open(self, verify: bool) -> None:
         for entry in self.manifest["files"]:
@@ -279,6 +296,16 @@ class ShardSet:
                 raise ShardError(f"{path}: holds {rows} rows, the manifest says {entry['rows']}")
             self._maps.append(mapped)
             self._batches.extend(batches)
+
+    def _check_packing(self) -> None:
+        """Refuse a manifest whose packing facts the rows contradict (see :func:`_packing_problem`)."""
+        packing = self.manifest["packing"]
+        for batch in self._batches:
+            problem = _packing_problem(batch, packing)
+            if problem is not None:
+                raise ShardError(
+                    f"{self.directory / MANIFEST_NAME}: says {problem}; re-run plora tokenize --overwrite"
+                )
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -319,6 +346,41 @@ class ShardSet:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["directory"], state["manifest"], verify=False)
+
+
+def _packing_problem(batch: _Batch, packing: dict[str, Any]) -> str | None:
+    """How one record batch's rows contradict the manifest's packing (its alignment, longest
+    sequence and widest dynamic row), or None. Rows are stored branch-contiguous, each sequence in
+    time order, so a sequence is a run of equal (row, branch_id)."""
+    align = packing["align"]
+    if align not in ALIGN_MODES:
+        return f"align {align!r}, which is none of {', '.join(ALIGN_MODES)}"
+    branch, time = batch.values["branch_id"], batch.values["time_id"]
+    if not len(branch):
+        return None
+    row = np.repeat(np.arange(batch.num_rows), np.diff(batch.offsets["branch_id"]))
+    new = np.ones(len(branch), dtype=bool)
+    new[1:] = (branch[1:] != branch[:-1]) | (row[1:] != row[:-1])
+    firsts = np.flatnonzero(new)
+    lasts = np.append(firsts[1:], len(branch)) - 1
+    longest = int((lasts - firsts + 1).max())
+    if longest > packing["max_seq_len"]:
+        return f"max_seq_len {packing['max_seq_len']}, but a sequence holds {longest} tokens"
+    widest = int(batch.meta["num_branches"].max(initial=0))
+    if 0 < packing["max_branches"] < widest:
+        return f"max_branches {packing['max_branches']}, but a row holds {widest} branches"
+    seq_row = row[firsts]
+    is_branch = (branch[firsts] > 0) | (batch.meta["trunk_len"][seq_row] == 0)
+    edge = (time[firsts] if align == "left" else time[lasts])[is_branch]
+    rows = seq_row[is_branch]
+    low = np.full(batch.num_rows, np.iinfo(np.int64).max)
+    high = np.full(batch.num_rows, np.iinfo(np.int64).min)
+    np.minimum.at(low, rows, edge)
+    np.maximum.at(high, rows, edge)
+    if np.any(low[rows] != high[rows]):
+        edge_name = "start" if align == "left" else "end"
+        return f"align {align!r}, but the branches of a row do not {edge_name} together"
+    return None
 
 
 def open_shards(directory: str | Path, *, verify: bool = True) -> ShardSet:
