@@ -27,12 +27,19 @@ def convert_command(
     hf_subset: str | None = options.HF_SUBSET,
     hf_split: str = options.HF_SPLIT,
     streaming: bool = typer.Option(False, "--streaming", help="Stream the dataset instead of caching it."),
+    drop_empty_branches: bool = options.DROP_EMPTY_BRANCHES,
     on_error: str = options.ON_ERROR,
     rejects: Path | None = options.REJECTS,
 ) -> None:
     """Convert Alpaca, ShareGPT, OpenAI messages, prompt/response, text and canonical records."""
     convert_options = ConvertOptions(
-        fmt=fmt, mode=mode, txt_split=txt_split, hf_subset=hf_subset, hf_split=hf_split, streaming=streaming
+        fmt=fmt,
+        mode=mode,
+        txt_split=txt_split,
+        hf_subset=hf_subset,
+        hf_split=hf_split,
+        streaming=streaming,
+        drop_empty_branches=drop_empty_branches,
     )
     if out is not None:
         check_output_path(out)  # before the rejects file is created next to it

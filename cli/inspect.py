@@ -59,8 +59,8 @@ def inspect_command(
     ),
     chat_template: Path | None = options.CHAT_TEMPLATE,
     # A records file is read and packed exactly as `plora tokenize` would with the same flags.
-    branches: int = options.BRANCHES,
-    min_branches: int = options.MIN_BRANCHES,
+    branches: int | None = options.BRANCHES,
+    min_branches: int | None = options.MIN_BRANCHES,
     max_branches: int = options.MAX_BRANCHES,
     max_seq_len: int = options.MAX_SEQ_LEN,
     align: str = options.ALIGN,

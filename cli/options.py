@@ -31,6 +31,11 @@ HF_DATASET = typer.Option(
 )
 HF_SUBSET = typer.Option(None, "--hf-subset", help="Dataset configuration (subset) name.")
 HF_SPLIT = typer.Option("train", "--hf-split", help="Dataset split.")
+DROP_EMPTY_BRANCHES = typer.Option(
+    False,
+    "--drop-empty-branches",
+    help="Drop a parallel record's empty branches (counted) instead of rejecting the whole record.",
+)
 ON_ERROR = typer.Option(
     "raise", "--on-error", help="raise: stop at the first bad record | skip: reject it and go on."
 )
@@ -39,15 +44,20 @@ REJECTS = typer.Option(
 )
 
 # Packing records into rows (tokenize, inspect).
+# None: not given (a flag of the other mode must not be given and then ignored).
 BRANCHES = typer.Option(
-    DEFAULT_BRANCHES, "--branches", "--branches_per_sample", help="Branches per row (fixed mode)."
+    None,
+    "--branches",
+    "--branches_per_sample",
+    help=f"Branches per row (fixed mode; default {DEFAULT_BRANCHES}). Parallel records keep their own width.",
 )
-MIN_BRANCHES = typer.Option(1, "--min-branches", help="Dynamic mode: fewest branches per row.")
+MIN_BRANCHES = typer.Option(None, "--min-branches", help="Dynamic mode: fewest branches per row (default 1).")
 MAX_BRANCHES = typer.Option(
     0,
     "--max-branches",
     "--max_branches_per_sample",
-    help="Dynamic mode (when > 0): K per row drawn uniformly from [--min-branches, --max-branches].",
+    help="Dynamic mode (when > 0): K per row drawn uniformly from [--min-branches, --max-branches]; "
+    "wider parallel records are split into rows of at most this many branches.",
 )
 MAX_SEQ_LEN = typer.Option(
     DEFAULT_MAX_SEQ_LEN, "--max-seq-len", "--max_seq_len", help="Longest branch; longer ones are split."
@@ -82,8 +92,8 @@ DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
 
 def packing_options(
     *,
-    branches: int,
-    min_branches: int,
+    branches: int | None,
+    min_branches: int | None,
     max_branches: int,
     max_seq_len: int,
     align: str,
@@ -91,10 +101,19 @@ def packing_options(
     no_train_trunk: bool,
 ) -> PackingOptions:
     """The packing options of the flags above; a bad combination is a one-line error."""
+    if max_branches > 0 and branches is not None:
+        raise PloraError(
+            "--branches (a fixed K) and --max-branches (K drawn per row) contradict each other; pass one"
+        )
+    if max_branches <= 0 and min_branches is not None:
+        raise PloraError(
+            "--min-branches needs --max-branches: dynamic mode draws K from [--min-branches, --max-branches] "
+            "(for a fixed K pass --branches)"
+        )
     try:
         return PackingOptions(
-            branches=branches,
-            min_branches=min_branches,
+            branches=DEFAULT_BRANCHES if branches is None else branches,
+            min_branches=1 if min_branches is None else min_branches,
             max_branches=max_branches,
             max_seq_len=max_seq_len,
             align=align,  # type: ignore[arg-type] - validated by PackingOptions

@@ -21,8 +21,8 @@ def tokenize_command(
         ..., "--tokenizer", help="HuggingFace model or tokenizer: local directory or hub id (org/name)."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Shard directory to write."),
-    branches: int = options.BRANCHES,
-    min_branches: int = options.MIN_BRANCHES,
+    branches: int | None = options.BRANCHES,
+    min_branches: int | None = options.MIN_BRANCHES,
     max_branches: int = options.MAX_BRANCHES,
     max_seq_len: int = options.MAX_SEQ_LEN,
     align: str = options.ALIGN,
@@ -43,6 +43,7 @@ def tokenize_command(
     hf_dataset: str | None = options.HF_DATASET,
     hf_subset: str | None = options.HF_SUBSET,
     hf_split: str = options.HF_SPLIT,
+    drop_empty_branches: bool = options.DROP_EMPTY_BRANCHES,
     on_error: str = options.ON_ERROR,
     rejects: Path | None = options.REJECTS,
     progress: bool | None = typer.Option(
@@ -65,7 +66,12 @@ def tokenize_command(
         out=out,
         packing=packing,
         convert=ConvertOptions(
-            fmt=fmt, mode=mode, txt_split=txt_split, hf_subset=hf_subset, hf_split=hf_split
+            fmt=fmt,
+            mode=mode,
+            txt_split=txt_split,
+            hf_subset=hf_subset,
+            hf_split=hf_split,
+            drop_empty_branches=drop_empty_branches,
         ),
         hf_dataset=hf_dataset,
         chat_template=chat_template,

@@ -393,6 +393,9 @@ class PackItem:
         return self.trunk is not None
 
 
+PACKER_COUNTS: tuple[str, ...] = ("branches_split", "split_pieces", "rows_above_k", "wide_split", "wide_rows")
+
+
 @dataclass(frozen=True)
 class PackerState:
     """Everything a :class:`Packer` carries between items: the pieces waiting for a row, the
@@ -401,37 +404,77 @@ class PackerState:
     pending: tuple[TokenSequence, ...]
     target: int
     rng: dict[str, Any]
+    counts: dict[str, int] = field(default_factory=dict)  # Packer.counts so far
+
+
+def piece_len(options: PackingOptions, special: SpecialTokens) -> int:
+    """The longest sequence a row may hold: ``max_seq_len``, less the BOS a layout adds."""
+    return options.max_seq_len - (1 if special.bos_id is not None else 0)
 
 
 class Packer:
     """Packs tokenized records into rows per the contract, one item at a time.
 
     Text/chat sequences are split to ``max_seq_len`` and packed K to a row in input order; the
-    last partial row is kept (:meth:`finish`). A parallel record becomes one row of its own,
-    emitted when it is read; its long branches are split too. BOS (when the tokenizer uses one)
-    is reserved inside ``max_seq_len`` so no branch exceeds it. :meth:`state` snapshots the
-    packer between items and ``Packer(..., state=...)`` restores it, so an interrupted run can
-    resume exactly.
+    last partial row is kept (:meth:`finish`). A parallel record becomes a row of its own,
+    emitted when it is read; its long branches are split too. In dynamic mode a parallel record
+    with more branches than ``max_branches`` becomes several rows of at most that many, each
+    with the same trunk, trained in the first only so that every token is trained once; in
+    fixed mode it stays whole (a row above K). The trunk must fit ``max_seq_len`` (the encoder
+    rejects longer ones). BOS (when the tokenizer uses one) is reserved inside ``max_seq_len``
+    so no branch exceeds it. :attr:`counts` says how often each of these happened.
+    :meth:`state` snapshots the packer between items and ``Packer(..., state=...)`` restores it,
+    so an interrupted run can resume exactly.
     """
 
     def __init__(self, options: PackingOptions, special: SpecialTokens, state: PackerState | None = None):
         self.options = options
         self.special = special
-        self._piece_len = options.max_seq_len - (1 if special.bos_id is not None else 0)
+        self._piece_len = piece_len(options, special)
         self._counter = BranchCounter(options)
         self._pending: list[TokenSequence] = []
         self._target = self._counter.next()
+        # branches_split: sequences longer than max_seq_len, split into split_pieces pieces;
+        # rows_above_k: fixed-mode parallel rows wider than K; wide_split: dynamic-mode parallel
+        # records wider than max_branches, made into wide_rows rows.
+        self.counts: dict[str, int] = dict.fromkeys(PACKER_COUNTS, 0)
         if state is not None:
             self._pending = list(state.pending)
             self._target = state.target
             self._counter.rng_state = state.rng
+            self.counts.update(state.counts)
+
+    def _split(self, sequences: Sequence[TokenSequence]) -> list[TokenSequence]:
+        pieces = []
+        for seq in sequences:
+            split = split_sequence(seq, self._piece_len)
+            if len(split) > 1:
+                self.counts["branches_split"] += 1
+                self.counts["split_pieces"] += len(split)
+            pieces += split
+        return pieces
+
+    def _parallel_rows(self, trunk: TokenSequence, pieces: list[TokenSequence]) -> list[PackedRow]:
+        o = self.options
+        width = o.max_branches if o.dynamic else len(pieces)
+        if not o.dynamic and len(pieces) > o.branches:
+            self.counts["rows_above_k"] += 1
+        chunks = [pieces[i : i + width] for i in range(0, len(pieces), width)]
+        if len(chunks) > 1:
+            self.counts["wide_split"] += 1
+            self.counts["wide_rows"] += len(chunks)
+        untrained = TokenSequence(trunk.ids, np.zeros(len(trunk), dtype=bool))
+        return [
+            build_row(trunk if i == 0 else untrained, chunk, o.align, self.special)
+            for i, chunk in enumerate(chunks)
+        ]
 
     def add(self, item: PackItem) -> list[PackedRow]:
         """Take one record; return the rows it completes (often none)."""
         o = self.options
-        pieces = [p for seq in item.pieces for p in split_sequence(seq, self._piece_len)]
+        pieces = self._split(item.pieces)
         if item.is_parallel:
-            return [build_row(item.trunk, pieces, o.align, self.special)]
+            return self._parallel_rows(item.trunk, pieces)  # type: ignore[arg-type] - set when parallel
         rows = []
         for piece in pieces:
             self._pending.append(piece)
@@ -450,7 +493,8 @@ class Packer:
         return [row]
 
     def state(self) -> PackerState:
-        return PackerState(pending=tuple(self._pending), target=self._target, rng=self._counter.rng_state)
+        pending = tuple(self._pending)
+        return PackerState(pending, self._target, self._counter.rng_state, counts=dict(self.counts))
 
 
 def pack_rows(

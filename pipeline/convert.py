@@ -42,6 +42,8 @@ class ConvertOptions:
     hf_subset: str | None = None
     hf_split: str = "train"
     streaming: bool = False
+    # Drop the empty branches of a parallel record (counted) instead of rejecting the whole record.
+    drop_empty_branches: bool = False
 
     def __post_init__(self) -> None:
         choices = {
@@ -75,6 +77,7 @@ class ConvertSummary:
     inputs: dict[str, InputCounts] = field(default_factory=dict)
     formats: Counter[str] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
+    dropped_branches: int = 0  # empty branches dropped (--drop-empty-branches)
     seconds: float = 0.0
 
     @property
@@ -105,6 +108,8 @@ class ConvertSummary:
             where = f" (details in {rejects_path})" if rejects_path is not None else ""
             reasons = ", ".join(f"{reason} {n:,}" for reason, n in self.rejected.most_common())
             lines.append(f"  rejected: {reasons}{where}")
+        if self.dropped_branches:
+            lines.append(f"  {self.dropped_branches:,} empty branches dropped")
         return lines
 
 
@@ -144,7 +149,7 @@ def _normalised(
         counts = summary.inputs.setdefault(raw.source, InputCounts())
         counts.read += 1
         try:
-            fmt, record = _canonical(raw, options)
+            fmt, record, dropped = _canonical(raw, options)
         except RecordError as err:
             what = raw.raw if raw.error is not None else raw.value
             rejects.reject(raw.source, raw.line, str(err), what)
@@ -152,17 +157,33 @@ def _normalised(
             continue
         counts.written += 1
         summary.formats[fmt] += 1
+        summary.dropped_branches += dropped
         yield SourcedRecord(record, raw.source, raw.line)
 
 
-def _canonical(raw: RawRecord, options: ConvertOptions) -> tuple[str, Record]:
-    """(format, canonical record) of a raw record; RecordError says why there is none."""
+def _canonical(raw: RawRecord, options: ConvertOptions) -> tuple[str, Record, int]:
+    """(format, canonical record, empty branches dropped) of a raw record; RecordError says why
+    there is none."""
     if raw.error is not None:
         raise RecordError(raw.error)
     fmt = formats.detect(raw.value) if options.fmt == "auto" else options.fmt
     if fmt is None:
         raise RecordError(formats.unknown_format_reason(raw.value))
-    return fmt, formats.normalise(raw.value, fmt, options.mode)
+    empty = formats.empty_branches(raw.value) if fmt == "canonical" else []
+    if empty and options.drop_empty_branches:
+        kept = [b for i, b in enumerate(raw.value["branches"]) if i not in empty]
+        if not kept:
+            raise RecordError(f"invalid record: all {len(empty)} branches are empty; nothing to train")
+        return fmt, formats.normalise({**raw.value, "branches": kept}, fmt, options.mode), len(empty)
+    try:
+        return fmt, formats.normalise(raw.value, fmt, options.mode), 0
+    except RecordError as err:
+        if not empty:
+            raise
+        raise RecordError(
+            f"{err}; an empty branch rejects the whole parallel record "
+            "(--drop-empty-branches drops only the empty branches, counted)"
+        ) from None
 
 
 def convert(

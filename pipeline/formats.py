@@ -113,6 +113,15 @@ def normalise(obj: Any, fmt: str, mode: str = "sft") -> Record:
     return record
 
 
+def empty_branches(obj: Any) -> list[int]:
+    """The indices of a canonical parallel record's branches whose response is blank."""
+    branches = obj.get("branches") if isinstance(obj, dict) else None
+    if not isinstance(branches, list):
+        return []
+    responses = [b.get("response") if isinstance(b, dict) else b for b in branches]
+    return [i for i, r in enumerate(responses) if isinstance(r, str) and not r.strip()]
+
+
 def unknown_format_reason(obj: Any) -> str:
     """Why :func:`detect` found no format, saying what was expected."""
     if not isinstance(obj, dict):

@@ -17,12 +17,17 @@ with ``add_special_tokens=False`` and BOS, where the tokenizer uses one, is adde
   the render, trained, so generation still learns to stop; a template that closes the assistant
   turn with EOS (ChatML with EOS ``<|im_end|>``) gets none extra.
 - parallel: the trunk is ``ids(main)`` with no EOS, trained iff ``train_trunk``; a branch is
-  ``ids(prompt) + ids(response) + [eos]`` with the response and EOS trained.
+  ``ids(prompt) + ids(response) + [eos]`` with the response and EOS trained. A trunk longer than
+  ``max_seq_len`` rejects the record: unlike a branch it cannot be split.
+
+A chat template that leaves an assistant's text out of its render stops the run: it is the
+tokenizer's fault, not the record's.
 
 Records are tokenized in batches (the Rust tokenizer's batch mode), optionally in a pool of
 worker processes whose results are consumed in input order, so the shards do not depend on
 ``--num-proc``. Memory stays bounded: records stream in, a bounded number of batches are in
-flight, and at most one shard's rows are held.
+flight, at most one shard's rows are held, and a long text is tokenized in pieces cut where that
+gives the same tokens (the tokenizer needs about a hundred bytes per character of what it is given).
 
 Resume: after each shard is written, a journal (``.progress.npz``, replaced atomically) records
 the fingerprint, the finished files, how many records were consumed and everything the packer
@@ -39,6 +44,7 @@ import io
 import itertools
 import json
 import os
+import re
 import sys
 import time
 from collections import deque
@@ -66,6 +72,7 @@ from parallel.layout import (
     SpecialTokens,
     TextRecord,
     TokenSequence,
+    piece_len,
 )
 from pipeline import atomic
 from pipeline.convert import (
@@ -107,6 +114,13 @@ __all__ = [
 DEFAULT_ROWS_PER_SHARD = 2048
 ENCODE_BATCH = 1000  # records per tokenizer call: large enough for the Rust batch mode to pay off
 BATCHES_IN_FLIGHT_PER_WORKER = 2
+# A text longer than LONG_TEXT characters is tokenized in pieces of about that size, cut where that
+# gives the same tokens (RecordEncoder._cuts), so that memory follows the piece, not the record.
+LONG_TEXT = 1 << 16
+LONG_TEXT_PIECES_PER_CALL = 8  # pieces tokenized at once (the Rust batch mode's threads)
+CUT_CONTEXT = 256  # characters each side of a cut checked to tokenize the same whole and cut
+CUT_TRIES = 16  # candidate cuts checked before the rest of a text is tokenized whole
+_CUT_CANDIDATE = re.compile(r"(?<=\S)(?= )|(?<=\n)(?=\S)")
 
 
 # --------------------------------------------------------------------------------------
@@ -178,11 +192,67 @@ class RecordEncoder:
         self._backend.no_padding()
 
     def _ids(self, texts: list[str]) -> list[np.ndarray]:
+        return [ids for ids, _ in self._encode(texts, offsets=False)]
+
+    def _encode(self, texts: list[str], *, offsets: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(ids, character offsets ``[n, 2]``, empty unless asked for) of each text, in one batch
+        call for the usual texts; long ones piece by piece (see :meth:`_cuts`)."""
+        results: list[Any] = [None] * len(texts)
+        short = [i for i, text in enumerate(texts) if len(text) <= LONG_TEXT]
+        for i, encoded in zip(short, self._encode_batch([texts[i] for i in short], offsets), strict=True):
+            results[i] = encoded
+        for i, text in enumerate(texts):
+            if results[i] is None:
+                cuts = self._cuts(text)
+                pieces = [text[a:b] for a, b in itertools.pairwise(cuts)]
+                parts = [
+                    part
+                    for group in _batches(pieces, LONG_TEXT_PIECES_PER_CALL)
+                    for part in self._encode_batch(group, offsets)
+                ]
+                results[i] = (
+                    np.concatenate([ids for ids, _ in parts]),
+                    np.concatenate([spans + start for (_, spans), start in zip(parts, cuts, strict=False)]),
+                )
+        return results
+
+    def _encode_batch(self, texts: list[str], offsets: bool) -> list[tuple[np.ndarray, np.ndarray]]:
         if not texts:
             return []
-        # No offsets needed here: the fast variant skips computing them.
-        encodings = self._backend.encode_batch_fast(texts, add_special_tokens=False)
-        return [np.asarray(e.ids, dtype=TOKEN_DTYPE) for e in encodings]
+        # Without offsets the fast variant skips computing them.
+        encode = self._backend.encode_batch if offsets else self._backend.encode_batch_fast
+        no_offsets = np.zeros((0, 2), dtype=np.int64)
+        return [
+            (
+                np.asarray(e.ids, dtype=TOKEN_DTYPE),
+                np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2) if offsets else no_offsets,
+            )
+            for e in encode(texts, add_special_tokens=False)
+        ]
+
+    def _cuts(self, text: str) -> list[int]:
+        """Where to cut a long text (with 0 and its length) so that its pieces, tokenized apart, give
+        its tokens. The tokenizer needs about a hundred bytes per character while it works, so a
+        record of 50 MB tokenized whole needs 5 GB. A cut goes between a word and the space before
+        the next (or after a newline), the last such place of each LONG_TEXT characters where the
+        text around it (CUT_CONTEXT characters each side) tokenizes to the same tokens whole and in
+        two parts; where no such place is found, the rest stays whole."""
+        cuts = [0]
+        while len(text) - cuts[-1] > LONG_TEXT:
+            lo, hi = cuts[-1] + LONG_TEXT // 2, cuts[-1] + LONG_TEXT
+            candidates = [m.start() for m in _CUT_CANDIDATE.finditer(text, lo, hi)][::-1]
+            cut = next((p for p in candidates[:CUT_TRIES] if self._cut_is_safe(text, p)), None)
+            if cut is None:
+                break
+            cuts.append(cut)
+        return [*cuts, len(text)]
+
+    def _cut_is_safe(self, text: str, at: int) -> bool:
+        a, b = at - CUT_CONTEXT, at + CUT_CONTEXT
+        whole, left, right = self._backend.encode_batch_fast(
+            [text[a:b], text[a:at], text[at:b]], add_special_tokens=False
+        )
+        return whole.ids == left.ids + right.ids
 
     def encode(self, batch: Sequence[SourcedRecord]) -> list[PackItem | Rejected]:
         """One result per record, in order."""
@@ -212,10 +282,25 @@ class RecordEncoder:
                     prompt, response = next(ids), next(ids)
                     trained = np.concatenate([np.zeros(len(prompt), bool), np.ones(len(response) + 1, bool)])
                     branches.append(TokenSequence.of(np.concatenate([prompt, response, eos]), trained))
-                results.append(PackItem(tuple(branches), trunk=trunk))
+                too_long = self._trunk_too_long(len(trunk))
+                packed = PackItem(tuple(branches), trunk=trunk)
+                results.append(Rejected(item.source, item.line, too_long) if too_long else packed)
             else:
                 results.append(chat_results[i])
         return results
+
+    def _trunk_too_long(self, length: int) -> str | None:
+        """Why a trunk of ``length`` tokens cannot be packed, or None. Unlike a branch it cannot be
+        split: every branch attends to the whole trunk, so a piece of it would change the record."""
+        fits = piece_len(self.options, self.special)
+        if length <= fits:
+            return None
+        bos = " (one position is kept for BOS)" if self.special.bos_id is not None else ""
+        return (
+            f"trunk ('main') longer than --max-seq-len: {length:,} tokens, at most {fits:,} fit{bos}; "
+            "a trunk cannot be split like a branch, because every branch must see it whole: "
+            "shorten 'main' or raise --max-seq-len"
+        )
 
     def _encode_chats(self, chats: list[tuple[int, SourcedRecord]]) -> dict[int, PackItem | Rejected]:
         if not chats:
@@ -238,14 +323,22 @@ class RecordEncoder:
         for i, item in chats:
             try:
                 text, spans = self._render(item.record)
+            except _ContentNotRendered as err:
+                where = f"{item.source}:{item.line}" if item.line is not None else item.source
+                reason = (
+                    f"{self.tokenizer.name_or_path}: the chat template does not render the assistant's "
+                    f"text (assistant message {err.index} of {where} is missing from its render), so only "
+                    "end-of-turn tokens would be trained; use a template that renders assistant content "
+                    "(--chat-template FILE)"
+                )
+                fatal = Rejected(item.source, item.line, reason, fatal=True)
+                return dict.fromkeys((j for j, _ in chats), fatal)
             except ValueError as err:
                 results[i] = Rejected(item.source, item.line, str(err))
                 continue
             rendered.append((i, text, spans))
-        encodings = self._backend.encode_batch([text for _, text, _ in rendered], add_special_tokens=False)
-        for (i, _, spans), enc in zip(rendered, encodings, strict=True):
-            ids = np.asarray(enc.ids, dtype=TOKEN_DTYPE)
-            offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+        encodings = self._encode([text for _, text, _ in rendered], offsets=True)
+        for (i, _, spans), (ids, offsets) in zip(rendered, encodings, strict=True):
             trained = np.zeros(len(ids), dtype=bool)
             for start, end in spans:
                 trained |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
@@ -280,12 +373,14 @@ class RecordEncoder:
         )
         if not prefix_stable:
             return full, self._search_spans(full, messages, throughs)
-        contents = [m["content"] for m in messages if m["role"] == "assistant"]
+        assistants = [(i, m["content"]) for i, m in enumerate(messages) if m["role"] == "assistant"]
         spans = []
-        for before, through, content in zip(befores, throughs, contents, strict=True):
+        for before, through, (index, content) in zip(befores, throughs, assistants, strict=True):
             # From the content on: what a template puts between the generation prompt and the
             # content (Qwen3's empty <think> block of a last turn) is not the assistant's text.
             at = full.find(content, len(before), len(through))
+            if at < 0 and not any(word in full[len(before) : len(through)] for word in content.split()):
+                raise _ContentNotRendered(index)  # not reworded (trimmed, reasoning moved): left out
             spans.append((at if at >= 0 else len(before), len(through)))
         return full, spans
 
@@ -326,6 +421,15 @@ class RecordEncoder:
             spans.append((at, end))
             cursor = end
         return spans
+
+
+class _ContentNotRendered(ValueError):
+    """The chat template leaves an assistant message's text out of its render: a setup error of
+    the template, not of one record."""
+
+    def __init__(self, index: int):
+        super().__init__(f"assistant message {index} is not rendered")
+        self.index = index
 
 
 def _raise_or_reject(result: Rejected, rejects: Rejects) -> None:
@@ -433,6 +537,7 @@ class TokenizeJob:
                 "txt_split": c.txt_split,
                 "hf_subset": c.hf_subset,
                 "hf_split": c.hf_split,
+                "drop_empty_branches": c.drop_empty_branches,
             },
             "rows_per_shard": self.rows_per_shard,
         }
@@ -453,6 +558,7 @@ class TokenizeSummary:
     seconds: float = 0.0
     tokens_this_run: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what packing changed (see packing_notes)
 
     def lines(self, rejects_path: Path | None = None) -> list[str]:
         if self.up_to_date:
@@ -469,7 +575,33 @@ class TokenizeSummary:
             where = f" (details in {rejects_path})" if rejects_path is not None else ""
             reasons = ", ".join(f"{k} {n:,}" for k, n in sorted(self.rejected.items(), key=lambda kv: -kv[1]))
             lines.append(f"  rejected: {reasons}{where}")
+        if self.notes:
+            lines.append(f"  packing: {'; '.join(self.notes)}")
         return lines
+
+
+def packing_notes(counts: dict[str, int], options: PackingOptions, dropped_branches: int) -> list[str]:
+    """What packing did to records besides packing them (Packer.counts, and empty branches dropped),
+    in words; nothing that did not happen."""
+    notes = []
+    if counts["branches_split"]:
+        notes.append(
+            f"{counts['branches_split']:,} branches longer than --max-seq-len {options.max_seq_len} "
+            f"split into {counts['split_pieces']:,} pieces"
+        )
+    if counts["rows_above_k"]:
+        notes.append(
+            f"{counts['rows_above_k']:,} parallel rows above --branches {options.branches} "
+            "(kept whole; --min-branches/--max-branches caps them)"
+        )
+    if counts["wide_split"]:
+        notes.append(
+            f"{counts['wide_split']:,} parallel records wider than --max-branches {options.max_branches} "
+            f"split into {counts['wide_rows']:,} rows (trunk repeated, trained once)"
+        )
+    if dropped_branches:
+        notes.append(f"{dropped_branches:,} empty branches dropped")
+    return notes
 
 
 @dataclass
@@ -490,6 +622,7 @@ class _Journal:
             "records_consumed": self.records_consumed,
             "target": self.packer.target,
             "rng": self.packer.rng,
+            "counts": self.packer.counts,
             "encode_rejects": self.encode_rejects,
             "buffer_meta": [[r.num_branches, r.trunk_len] for r in self.buffer],
         }
@@ -542,7 +675,9 @@ class _Journal:
             digest=header["digest"],
             files=header["files"],
             records_consumed=header["records_consumed"],
-            packer=PackerState(pending=pending, target=header["target"], rng=header["rng"]),
+            packer=PackerState(
+                pending=pending, target=header["target"], rng=header["rng"], counts=header.get("counts", {})
+            ),
             buffer=buffer,
             encode_rejects=header["encode_rejects"],
         )
@@ -756,6 +891,7 @@ def tokenize_to_shards(
     )
     summary.shards = len(files)
     summary.tokens_this_run = tokens_this_run
+    summary.notes = packing_notes(packer.counts, job.packing, convert_summary.dropped_branches)
     summary.seconds = time.monotonic() - started
     return summary
 

@@ -210,14 +210,26 @@ def check_rows(
     text_pieces: list[Piece] = []
     text_rows: list[int] = []
     next_parallel = 0
+    # A parallel record wider than a dynamic max_branches spans several rows, each with its trunk.
+    spanning: list[tuple[int, Piece | None]] = []
+    spanning_branches: list[Piece] = []
     for index, row in enumerate(rows):
         trunk, branches = checker.pieces(row, index)
         if next_parallel < len(parallel):
             main, exp = expected_parallel[next_parallel]
             branch_ids = [t for p in branches for t in checker.real_ids(p)]
-            if trunk is not None or (not checker.ids(main) and branch_ids == [t for e in exp for t in e.ids]):
+            wanted = [t for e in exp for t in e.ids]
+            untrunked = not checker.ids(main) and wanted[: len(branch_ids)] == branch_ids
+            if spanning or trunk is not None or untrunked:
                 assert trunk is not None or not checker.ids(main), f"row {index}: parallel row lost its trunk"
-                _check_parallel(checker, index, trunk, branches, main, exp, packing)
+                widest = packing["max_branches"] or row.num_branches
+                assert row.num_branches <= widest, f"row {index}: wider than max_branches"
+                spanning.append((index, trunk))
+                spanning_branches.extend(branches)
+                if sum(len(checker.real_ids(p)) for p in spanning_branches) < len(wanted):
+                    continue
+                _check_parallel(checker, spanning, spanning_branches, main, exp, packing)
+                spanning, spanning_branches = [], []
                 next_parallel += 1
                 continue
         text_pieces.extend(branches)
@@ -245,21 +257,25 @@ def check_rows(
 
 def _check_parallel(
     checker: Checker,
-    index: int,
-    trunk: Piece | None,
+    trunks: list[tuple[int, Piece | None]],
     branches: list[Piece],
     main: str,
     expected: list[Expected],
     packing: dict[str, Any],
 ) -> None:
-    if trunk is not None:
+    """One parallel record's rows (one, or several when it is wider than max_branches): each row
+    has the record's trunk, trained (iff train_trunk) in the first row only."""
+    for n, (index, trunk) in enumerate(trunks):
+        if trunk is None:
+            continue
         got = checker.real_ids(trunk)
         assert got == checker.ids(main), f"row {index}: trunk tokens are not ids(main)"
         assert _squash(checker.tok.decode(got)) == _squash(main), (
             f"row {index}: trunk does not decode to main"
         )
         targets = trunk.labels[:-1] != IGNORE
-        ok = targets.all() if packing["train_trunk"] else not targets.any()
-        assert ok, f"row {index}: trunk training does not follow train_trunk={packing['train_trunk']}"
+        trained = packing["train_trunk"] and n == 0
+        ok = targets.all() if trained else not targets.any()
+        assert ok, f"row {index}: trunk training does not follow train_trunk={packing['train_trunk']} ({n})"
         checker.trained_tokens += int(targets.sum())
-    checker.match(branches, expected, f"row {index} parallel")
+    checker.match(branches, expected, f"row {trunks[0][0]} parallel")

@@ -125,7 +125,7 @@ def check(shards: Any, inputs: list[Path], tokenizer_dir: Path) -> int:
 
 PACKINGS = {
     "fixed-left": {"branches": 3, "max_seq_len": 24},
-    "dynamic-right": {"min_branches": 1, "max_branches": 4, "max_seq_len": 16, "align": "right", "seed": 5},
+    "dynamic-right": {"min_branches": 1, "max_branches": 4, "max_seq_len": 24, "align": "right", "seed": 5},
     "frozen-trunk": {"branches": 2, "max_seq_len": 512, "train_trunk": False},
 }
 

@@ -107,7 +107,8 @@ def check_positions(model: nn.Module, max_branch_id: int, max_time_id: int, stri
         )
     raise PloraError(
         f"{shards}: time_id reaches {max_time_id}, so {max_time_id + 1} time positions exceed the "
-        f"model's max_position_embeddings {limit}; re-tokenize with a smaller --max-seq-len"
+        f"model's max_position_embeddings {limit}; re-tokenize with --max-seq-len at most {limit // 2} "
+        "(a trunk and a branch may each be that long)"
     )
 
 
