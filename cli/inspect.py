@@ -69,6 +69,7 @@ def inspect_command(
     fmt: str = options.FORMAT,
     mode: str = options.MODE,
     txt_split: str = options.TXT_SPLIT,
+    drop_empty_branches: bool = options.DROP_EMPTY_BRANCHES,
 ) -> None:
     """Validate and describe shards (or a records file packed on the fly): totals, one row, its masks.
 
@@ -94,7 +95,9 @@ def inspect_command(
             seed=seed,
             no_train_trunk=no_train_trunk,
         )
-        convert = ConvertOptions(fmt=fmt, mode=mode, txt_split=txt_split)
+        convert = ConvertOptions(
+            fmt=fmt, mode=mode, txt_split=txt_split, drop_empty_branches=drop_empty_branches
+        )
         facts, packed = _inspect_records(path, row, batch_size, given, packing, convert, err)
         used = given
 

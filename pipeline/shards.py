@@ -262,10 +262,15 @@ class ShardSet:
                 f"{directory}: the manifest says {manifest['num_rows']} rows, "
                 f"the files hold {int(self._starts[-1])}"
             )
-        if manifest.get(SEAL_KEY) != manifest_seal(manifest):
+        seal = manifest.get(SEAL_KEY)
+        if seal != manifest_seal(manifest):
+            why = (
+                f"changed after plora tokenize wrote it (its {SEAL_KEY} does not match its contents)"
+                if seal
+                else f"has no {SEAL_KEY} (an older plora wrote it)"
+            )
             raise ShardError(
-                f"{directory / MANIFEST_NAME}: changed after plora tokenize wrote it (its {SEAL_KEY} "
-                "does not match its contents), so its packing facts cannot be trusted; "
+                f"{directory / MANIFEST_NAME}: {why}, so its packing facts cannot be trusted; "
                 "re-run plora tokenize --overwrite"
             )
         if verify:

@@ -210,9 +210,10 @@ class RecordEncoder:
                     for group in _batches(pieces, LONG_TEXT_PIECES_PER_CALL)
                     for part in self._encode_batch(group, offsets)
                 ]
+                starts = cuts[:-1]
                 results[i] = (
                     np.concatenate([ids for ids, _ in parts]),
-                    np.concatenate([spans + start for (_, spans), start in zip(parts, cuts, strict=False)]),
+                    np.concatenate([spans + start for (_, spans), start in zip(parts, starts, strict=True)]),
                 )
         return results
 
@@ -248,6 +249,7 @@ class RecordEncoder:
         return [*cuts, len(text)]
 
     def _cut_is_safe(self, text: str, at: int) -> bool:
+        """Whether the text around ``at`` tokenizes the same whole and cut there."""
         a, b = at - CUT_CONTEXT, at + CUT_CONTEXT
         whole, left, right = self._backend.encode_batch_fast(
             [text[a:b], text[a:at], text[at:b]], add_special_tokens=False
@@ -380,7 +382,7 @@ class RecordEncoder:
             # content (Qwen3's empty <think> block of a last turn) is not the assistant's text.
             at = full.find(content, len(before), len(through))
             if at < 0 and not any(word in full[len(before) : len(through)] for word in content.split()):
-                raise _ContentNotRendered(index)  # not reworded (trimmed, reasoning moved): left out
+                raise _ContentNotRendered(index)  # not even reworded (trimmed, reasoning moved)
             spans.append((at if at >= 0 else len(before), len(through)))
         return full, spans
 

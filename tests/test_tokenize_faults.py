@@ -228,6 +228,15 @@ def test_item8_packing_facts_that_contradict_the_rows_are_refused(
     assert f"{manifest}: says align 'right', but the branches of a row do not end together" in error, error
 
 
+def test_item8_manifest_without_seal_is_refused(plora_bin: Path, left_aligned: Path) -> None:
+    path = left_aligned / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["manifest_sha256"]  # as an older plora wrote it, or an edit that dropped it
+    path.write_text(json.dumps(manifest))
+    error = one_line_error(run_plora(plora_bin, "inspect", left_aligned))
+    assert error.startswith(f"plora: error: {path}: has no manifest_sha256"), error
+
+
 # --------------------------------------------------------------------------------------
 # Item 14: memory follows the largest record, not a hundred times it
 # --------------------------------------------------------------------------------------
