@@ -235,5 +235,6 @@ def _write_model(out_dir: Path, arch: str, files: Sequence[Path]) -> None:
     model.generation_config = GenerationConfig(
         eos_token_id=[im_end, endoftext], pad_token_id=endoftext, bos_token_id=None
     )
+    transformers.utils.logging.disable_progress_bar()  # stderr keeps to plora's own lines
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
