@@ -5,7 +5,6 @@ a failed write names the user's path."""
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -179,24 +178,6 @@ def test_item2_second_tokenize_into_one_out_stops_at_once(
     line = one_line_error(done)
     assert str(out) in line and "another plora process" in line
     assert not out.exists()
-
-
-def test_item2_concurrent_tokenize_runs_never_both_succeed(
-    tiny_model_dir: Path, sample_dir: Path, plora_bin: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "shards"
-    runs = [
-        subprocess.Popen(
-            [str(plora_bin), *map(str, tokenize_args(sample_dir, tiny_model_dir, out, "--branches", k))],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        for k in (2, 3)
-    ]
-    results = [(run.wait(timeout=120), run.communicate()[1]) for run in runs]
-    winners = [stderr for code, stderr in results if code == 0]
-    assert len(winners) == 1, results  # the other stops: locked out, or finds shards of other options
-    loser = next(stderr for code, stderr in results if code != 0)
-    assert loser.startswith("plora: error: ") and str(out) in loser
 
 
 def test_item11_tokenize_on_a_full_disk_names_the_shard_directory(
