@@ -115,9 +115,8 @@ def lock(out: str | Path, flag: str, *, wait: bool = False) -> Iterator[None]:
     lock is on the file the name still points at, and tries again otherwise.
     """
     path = lock_path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock_file(path, out, flag)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except OSError as err:
@@ -151,6 +150,14 @@ def is_write_failure_in(out: str | Path, err: OSError) -> bool:
     if err.filename is None:
         return True
     return _inside(real_target(err.filename), real_target(out))
+
+
+def _open_lock_file(path: Path, out: str | Path, flag: str) -> int:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:  # a file where a parent directory should be, a read-only place, ...
+        raise PloraError(f"{flag} {out}: cannot write there: {err.strerror or err}") from None
 
 
 def write_failure(path: str | Path, what: str, err: BaseException) -> PloraError:
