@@ -108,7 +108,8 @@ def lock_path(out: str | Path) -> Path:
 
 @contextmanager
 def lock(out: str | Path, flag: str, *, wait: bool = False) -> Iterator[None]:
-    """Hold an exclusive advisory lock on the directory ``out`` while the block writes it.
+    """Hold an exclusive advisory lock on the directory ``out`` while the block writes it (the lock
+    file's directory, ``out``'s parent, is created if need be).
 
     A second writer fails at once with one line naming ``out`` (``wait``: it waits its turn instead).
     The lock file is unlinked while still locked, so a waiter that opened the old file checks that its
