@@ -36,7 +36,7 @@ def test_item1_export_refuses_a_directory_plora_did_not_write(
     no_temporaries(tmp_path)
 
 
-def test_item1_export_overwrite_replaces_only_a_whole_model(
+def test_item1_item13_export_overwrite_replaces_only_a_whole_model(
     adapter: Path, plora_bin: Path, tmp_path: Path
 ) -> None:
     out = user_dir(tmp_path / "K")
