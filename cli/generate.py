@@ -258,6 +258,9 @@ def export_command(
     base_model: str | None = options.ADAPTER_BASE_MODEL,
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16 weights."),
     trust_remote_code: bool = options.TRUST_REMOTE_CODE,
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a non-empty --out (only once the new model is whole)."
+    ),
 ) -> None:
     """Write a model directory (weights, tokenizer, plora.json) that loads without the base model."""
     from parallel.loading import export_model  # noqa: PLC0415 - slow imports
@@ -265,7 +268,13 @@ def export_command(
     err = Console(stderr=True)
     with err.status(f"exporting {adapter}", spinner="dots"):
         path = export_model(
-            adapter, out, merge=merge, base_model=base_model, dtype=dtype, trust_remote_code=trust_remote_code
+            adapter,
+            out,
+            merge=merge,
+            base_model=base_model,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            overwrite=overwrite,
         )
     kind = "merged weights" if merge else "base weights + adapter/"
     Console().print(f"exported {escape(str(adapter))} -> [bold]{escape(str(path))}[/] ({kind}, plora.json)")

@@ -8,6 +8,7 @@ import typer
 
 from cli import options
 from cli.app import app
+from pipeline import outdir
 from pipeline.convert import ConvertOptions, open_rejects
 from pipeline.tokenize import DEFAULT_ROWS_PER_SHARD, TokenizeJob, tokenize_to_shards
 
@@ -80,10 +81,17 @@ def tokenize_command(
         resume=resume,
         overwrite=overwrite,
     )
-    sink = open_rejects(on_error, out, rejects)  # type: ignore[arg-type] - validated inside
-    try:
-        summary = tokenize_to_shards(job, sink, progress=progress)
-    finally:
-        sink.close()
+    inputs_of = [("the tokenizer", tokenizer), ("the chat template", chat_template)]
+    outdir.refuse_protected(out, "--out", [*inputs_of, *(("the input", path) for path in job.inputs)])
+    with outdir.lock(out, "--out"):  # two runs into one --out: the second stops at once
+        sink = open_rejects(on_error, out, rejects)  # type: ignore[arg-type] - validated inside
+        try:
+            summary = tokenize_to_shards(job, sink, progress=progress)
+        except OSError as err:  # disk full: name the shard directory, not a temporary file in it
+            if not outdir.is_write_failure_in(out, err):
+                raise
+            raise outdir.write_failure(out, "the shards", err) from None
+        finally:
+            sink.close()
     for line in summary.lines(sink.path):
         typer.echo(line, err=True)

@@ -99,6 +99,17 @@ def train_command(
     save_interval: int = typer.Option(
         500, "--save-interval", "--save_interval", help="Checkpoint every N steps."
     ),
+    save_total_limit: int = typer.Option(
+        0,
+        "--save-total-limit",
+        "--save_total_limit",
+        help="Keep only the newest N step checkpoints (0: all); never the one resumed from, nor _final.",
+    ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Start a new run where an earlier one of this name is (its checkpoints and logs are removed).",
+    ),
     use_wandb: bool = typer.Option(False, "--use-wandb", "--use_wandb", help="Also log to Weights & Biases."),
     wandb_project: str = typer.Option("plora", "--wandb-project", help="wandb project name."),
     resume: str | None = typer.Option(
@@ -150,6 +161,8 @@ def train_command(
         out_dir=str(out_dir),
         log_interval=log_interval,
         save_interval=save_interval,
+        save_total_limit=save_total_limit,
+        overwrite=overwrite,
         use_wandb=use_wandb,
         wandb_project=wandb_project,
         resume=resume,

@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from parallel.generation import PLORA_CONFIG_ATTR
 from parallel.layout import ALIGN_MODES, DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE, MASK_MODES
 from parallel.rope2d import patch_model_2d_rope, restore_2d_rope
-from pipeline import atomic
+from pipeline import atomic, outdir
 from pipeline.errors import PloraError
 from pipeline.pretrained import resolve_pretrained
 from trainer.model import TORCH_DTYPES, load_adapter, load_causal_lm
@@ -247,50 +248,70 @@ def export_model(
     base_model: str | Path | None = None,
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write a self-contained model directory that :func:`load_parallel_model` loads on its own.
 
     With ``merge`` the LoRA weights are folded into the base weights; without, the base weights
     and the adapter (in ``adapter/``) are kept apart. The 2D RoPE patch is recorded in config.json
-    and plora.json. Written under a temporary name and renamed into place.
+    and plora.json. Built under a temporary name beside the (symlink-followed) ``out_dir`` and renamed
+    into place: a non-empty ``out_dir`` is refused unless ``overwrite``, and even then it is only
+    replaced once the new model is whole. ``out_dir`` may never be the adapter, the base model, the
+    working directory or the home directory, nor hold or lie inside one of them.
     """
+    out = Path(out_dir)
+    outdir.refuse_protected(out, "--out", [("the adapter", adapter_dir), ("the base model", base_model)])
+    with outdir.lock(out, "--out"):
+        outdir.refuse_foreign(out, "--out", overwrite, is_own=lambda _: False)
+        model, tokenizer, config = load_parallel_model(
+            base_model, adapter_dir, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code
+        )
+        assert config is not None
+        if config.export is not None:
+            raise PloraError(f"{adapter_dir}: already an exported model")
+        source_base = _resolve_base(base_model, config)
+        outdir.refuse_protected(out, "--out", [("the base model", source_base)])  # the one plora.json names
+        target = outdir.real_target(out)
+        tmp = atomic.make_temp_dir(target)
+        try:
+            _write_export(tmp, model, tokenizer, config, merge, dtype, Path(adapter_dir), source_base)
+            atomic.publish_dir(tmp, target)
+        except (OSError, SafetensorError) as err:
+            raise outdir.write_failure(out, "the exported model", err) from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write_export(
+    tmp: Path,
+    model: Any,
+    tokenizer: Any,
+    config: AdapterConfig,
+    merge: bool,
+    dtype: str,
+    adapter_dir: Path,
+    source_base: str,
+) -> None:
     from trainer.checkpoint import PLORA_JSON  # noqa: PLC0415
 
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise PloraError(f"--out {out}: exists and is not a directory")
-    model, tokenizer, config = load_parallel_model(
-        base_model, adapter_dir, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code
-    )
-    assert config is not None
-    if config.export is not None:
-        raise PloraError(f"{adapter_dir}: already an exported model")
-    source_base = _resolve_base(base_model, config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic.make_temp_dir(out)
-    try:
-        if merge:
-            base = model.merge_and_unload()
-        else:
-            model.save_pretrained(str(tmp / EXPORT_ADAPTER_DIR), safe_serialization=True)
-            base = model.unload()
-        base.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        meta = {
-            **config.raw,
-            "base_model": None,
-            "model": model_facts(base),
-            "export": {
-                "merged": merge,
-                "adapter": None if merge else EXPORT_ADAPTER_DIR,
-                "source_adapter": str(Path(adapter_dir).resolve()),
-                "source_base_model": source_base,
-                "dtype": dtype,
-            },
-        }
-        atomic.write_json(tmp / PLORA_JSON, meta)
-        atomic.publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    if merge:
+        base = model.merge_and_unload()
+    else:
+        model.save_pretrained(str(tmp / EXPORT_ADAPTER_DIR), safe_serialization=True)
+        base = model.unload()
+    base.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    meta = {
+        **config.raw,
+        "base_model": None,
+        "model": model_facts(base),
+        "export": {
+            "merged": merge,
+            "adapter": None if merge else EXPORT_ADAPTER_DIR,
+            "source_adapter": str(adapter_dir.resolve()),
+            "source_base_model": source_base,
+            "dtype": dtype,
+        },
+    }
+    atomic.write_json(tmp / PLORA_JSON, meta)

@@ -17,7 +17,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import atomic
+from safetensors import SafetensorError
+
+from pipeline import atomic, outdir
 from pipeline.errors import PloraError
 
 if TYPE_CHECKING:
@@ -101,11 +103,12 @@ def ensure_tiny_model(cache_dir: Path | None = None, arch: str = "qwen2") -> Pat
     return build_tiny_model(root / f"tiny-model-{arch}-{tiny_model_key(sample_files(), arch)}", arch)
 
 
-def build_tiny_model(out_dir: Path, arch: str = "qwen2") -> Path:
+def build_tiny_model(out_dir: Path, arch: str = "qwen2", *, overwrite: bool = False) -> Path:
     """Build the tiny model into ``out_dir`` atomically and return it; nothing to do if it is already there.
 
     The model is written to a temporary sibling directory, synced, then renamed to ``out_dir``, which
-    must be absent or empty. If a concurrent builder got there first, its (identical) model is kept.
+    must be absent or empty (or anything, with ``overwrite``: replaced once the new model is whole).
+    Builders of one directory take turns (a lock), so a concurrent identical build is simply reused.
     """
     _check_arch(arch)
     files = sample_files()
@@ -113,29 +116,24 @@ def build_tiny_model(out_dir: Path, arch: str = "qwen2") -> Path:
     out_dir = Path(out_dir)
     if read_marker(out_dir).get("key") == key:
         return out_dir
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise _foreign(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = atomic.make_temp_dir(out_dir)
-    try:
-        _write_model(tmp_dir, arch, files)
-        marker = {"builder_version": BUILDER_VERSION, "arch": arch, "key": key,
-                  "sample_files": [p.name for p in files]}
-        atomic.write_json(tmp_dir / MARKER_NAME, marker)
+    outdir.refuse_protected(out_dir, "--out")
+    with outdir.lock(out_dir, "--out", wait=True):
+        if read_marker(out_dir).get("key") == key:  # built by the builder we waited for
+            return out_dir
+        outdir.refuse_foreign(out_dir, "--out", overwrite, is_own=lambda _: False)
+        target = outdir.real_target(out_dir)
+        tmp_dir = atomic.make_temp_dir(target)
         try:
-            atomic.publish_dir(tmp_dir, out_dir, replace=False)
-        except OSError:  # out_dir appeared meanwhile: a concurrent builder won, or something else is there
-            if not out_dir.exists():
-                raise
-            if read_marker(out_dir).get("key") != key:
-                raise _foreign(out_dir) from None
-        return out_dir
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-def _foreign(out_dir: Path) -> PloraError:
-    return PloraError(f"{out_dir}: exists and does not hold this tiny model; remove it or choose another one")
+            _write_model(tmp_dir, arch, files)
+            marker = {"builder_version": BUILDER_VERSION, "arch": arch, "key": key,
+                      "sample_files": [p.name for p in files]}
+            atomic.write_json(tmp_dir / MARKER_NAME, marker)
+            atomic.publish_dir(tmp_dir, target)
+        except (OSError, SafetensorError) as err:
+            raise outdir.write_failure(out_dir, "the tiny model", err) from None
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    return out_dir
 
 
 def read_marker(model_dir: Path) -> dict[str, Any]:
@@ -237,5 +235,6 @@ def _write_model(out_dir: Path, arch: str, files: Sequence[Path]) -> None:
     model.generation_config = GenerationConfig(
         eos_token_id=[im_end, endoftext], pad_token_id=endoftext, bos_token_id=None
     )
+    transformers.utils.logging.disable_progress_bar()  # stderr keeps to plora's own lines
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

@@ -74,7 +74,7 @@ from parallel.layout import (
     TokenSequence,
     piece_len,
 )
-from pipeline import atomic
+from pipeline import atomic, outdir
 from pipeline.convert import (
     ConvertOptions,
     ConvertSummary,
@@ -700,6 +700,10 @@ def _own_files(directory: Path) -> list[Path]:
     return found + sorted(directory.glob(shards)) + atomic.temporaries(directory, shards)
 
 
+def _holds_only_own_files(directory: Path) -> bool:
+    return set(directory.iterdir()) <= set(_own_files(directory))
+
+
 def _prepare_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -763,6 +767,7 @@ def _start_state(job: TokenizeJob, fingerprint: dict[str, Any]) -> _Journal | di
             if path.name not in done and path.name != JOURNAL_NAME:
                 path.unlink()
         return journal
+    outdir.refuse_foreign(out, "--out", False, _holds_only_own_files, overwrite_does="write into it anyway")
     leftovers = _own_files(out)
     if leftovers and not job.resume:
         raise _interrupted(out)

@@ -59,7 +59,7 @@ run "$PLORA" inspect "$DEMO/shards/fixed" --row 1 --json > "$DEMO/inspect/fixed-
 step "7. Train LoRA adapters on the fixed shards (2D RoPE, isolated mask); the loss falls"
 run "$PLORA" train --shards "$DEMO/shards/fixed" --base-model "$DEMO/tiny-model" --out-dir "$DEMO/out" \
     --epochs 8 --batch-size 4 --learning-rate 2e-2 --lora-alpha 32 --warmup 4 --dtype float32 \
-    --val-fraction 0.1 --log-interval 16 --save-interval 48 --no-progress
+    --val-fraction 0.1 --log-interval 16 --save-interval 48 --no-progress --overwrite
 
 step "8. Evaluate: mean loss per trained token, base model vs the trained adapter"
 run "$PLORA" eval --shards "$DEMO/shards/fixed" --base-model "$DEMO/tiny-model"

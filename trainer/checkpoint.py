@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline import atomic
+from pipeline import atomic, outdir
 from pipeline.errors import PloraError
 
 CHECKPOINT_FORMAT = 1
@@ -53,14 +54,19 @@ def final_checkpoint(out_dir: str | Path, name: str) -> Path:
     return lora_dir(out_dir) / f"{name}_final"
 
 
-def latest_checkpoint(out_dir: str | Path, name: str) -> Path | None:
-    """The checkpoint (step or final) with the highest step; every published directory is complete."""
+def step_checkpoints(out_dir: str | Path, name: str) -> list[tuple[int, Path]]:
+    """(step, directory) of every published step checkpoint of this adapter name, oldest first."""
     pattern = re.compile(rf"{re.escape(name)}_step(\d+)")
-    found = [
+    return sorted(
         (int(m.group(1)), p)
         for p in lora_dir(out_dir).glob(f"{name}_step*")
         if p.is_dir() and (m := pattern.fullmatch(p.name))
-    ]
+    )
+
+
+def latest_checkpoint(out_dir: str | Path, name: str) -> Path | None:
+    """The checkpoint (step or final) with the highest step; every published directory is complete."""
+    found = step_checkpoints(out_dir, name)
     final = final_checkpoint(out_dir, name)
     if (final / STATE_DIR / STATE_FILE).is_file():
         found.append((int(read_trainer_state(final)["step"]), final))
@@ -95,18 +101,27 @@ def save_checkpoint(
     state: dict[str, Any],
     optimizer: torch.optim.Optimizer,
 ) -> None:
-    """Write adapter, plora.json and trainer state under a temporary name, then publish at ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic.make_temp_dir(path)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    atomic.write_json(tmp / PLORA_JSON, plora_meta)
-    tensors, groups = _optimizer_to_flat(optimizer.state_dict())
-    (tmp / STATE_DIR).mkdir()
-    save_file(tensors, str(tmp / STATE_DIR / OPTIMIZER_FILE))
-    atomic.write_json(
-        tmp / STATE_DIR / STATE_FILE, {**state, "format": CHECKPOINT_FORMAT, "param_groups": groups}
-    )
-    atomic.publish_dir(tmp, path)
+    """Write adapter, plora.json and trainer state under a temporary name, then publish at ``path``.
+
+    A failed write (disk full) is one line naming ``path``, and the partial temporary directory is
+    removed at once, so it does not keep the disk full."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = atomic.make_temp_dir(path)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        atomic.write_json(tmp / PLORA_JSON, plora_meta)
+        tensors, groups = _optimizer_to_flat(optimizer.state_dict())
+        (tmp / STATE_DIR).mkdir()
+        save_file(tensors, str(tmp / STATE_DIR / OPTIMIZER_FILE))
+        atomic.write_json(
+            tmp / STATE_DIR / STATE_FILE, {**state, "format": CHECKPOINT_FORMAT, "param_groups": groups}
+        )
+        atomic.publish_dir(tmp, path)
+    except (OSError, SafetensorError) as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise outdir.write_failure(path, "the checkpoint", err) from None
 
 
 def read_plora_json(path: str | Path) -> dict[str, Any]:

@@ -65,6 +65,8 @@ class TrainConfig:
     out_dir: str = "out"
     log_interval: int = 50
     save_interval: int = 500
+    save_total_limit: int = 0  # keep the newest N step checkpoints (0: all); never the resumed one
+    overwrite: bool = False  # a new run may replace an earlier run of this name in out_dir
     use_wandb: bool = False
     wandb_project: str = "plora"
     resume: str | None = None
@@ -114,6 +116,10 @@ class TrainConfig:
             (self.eval_interval >= 0, f"--eval-interval must be >= 0, got {self.eval_interval}"),
             (self.log_interval >= 1, f"--log-interval must be at least 1, got {self.log_interval}"),
             (self.save_interval >= 1, f"--save-interval must be at least 1, got {self.save_interval}"),
+            (
+                self.save_total_limit >= 0,
+                f"--save-total-limit must be >= 0 (0 keeps every checkpoint), got {self.save_total_limit}",
+            ),
             (
                 bool(self.lora_name) and "/" not in self.lora_name and not self.lora_name.startswith("."),
                 f"--lora-name must be a plain file name, got {self.lora_name!r}",

@@ -59,6 +59,7 @@ from trainer.model import (
     lora_settings,
     trainable_parameters,
 )
+from trainer.rundir import claimed_out_dir, prune_checkpoints
 
 # Settings a resumed run must share with the checkpoint, or its data order and batches would differ.
 RESUME_MUST_MATCH: tuple[str, ...] = (
@@ -110,7 +111,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     cfg.validate()
     env = init_distributed(cfg.device)
     try:
-        return _train(cfg, env)
+        with claimed_out_dir(cfg, env.is_main):
+            return _train(cfg, env)
     finally:
         shutdown(env)
 
@@ -264,6 +266,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
                 if env.is_main:
                     meta = {**plora_meta, "step": done}
                     save_checkpoint(path, model=model, plora_meta=meta, state=state, optimizer=optimizer)
+                    prune_checkpoints(cfg.out_dir, cfg.lora_name, cfg.save_total_limit, keep=resume_dir)
                 last_saved = path
 
         seconds = time.perf_counter() - started

@@ -20,6 +20,7 @@ from pipeline.errors import PloraError
 from trainer.config import TrainConfig
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def logs_dir(out_dir: str | Path, name: str) -> Path:
@@ -67,7 +68,7 @@ class MetricsLog:
         except ImportError:
             self.announce("tensorboard is not installed: metrics go to metrics.jsonl only")
         else:
-            self._tensorboard = SummaryWriter(str(directory / "tensorboard"), purge_step=start_step + 1)
+            self._tensorboard = SummaryWriter(str(directory / TENSORBOARD_DIR), purge_step=start_step + 1)
 
     def announce(self, message: str) -> None:
         if self.enabled:

@@ -144,6 +144,8 @@ def train_argv(argv: list[str]) -> list[str]:
         passed += ["--base-model", args.base_model]
     if args.tokenizer_path is not None:
         passed += ["--tokenizer-path", args.tokenizer_path]
+    if not any(arg == "--resume" or arg.startswith("--resume=") for arg in rest):
+        passed.append("--overwrite")  # the guide's script retrains from scratch when run again
     return ["train", *passed, *rest]
 
 
