@@ -13,6 +13,7 @@ except ImportError:
 
 # Each command module registers itself on `app` when imported.
 import cli.convert  # noqa: F401
+import cli.demomodel  # noqa: F401
 import cli.generate  # noqa: F401
 import cli.inspect  # noqa: F401
 import cli.tinymodel  # noqa: F401

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from safetensors import SafetensorError
-
-from pipeline import atomic, outdir
+from pipeline.cachedbuild import REPO_ROOT, build_cached, default_cache_root
+from pipeline.cachedbuild import read_marker as read_cached_marker
 from pipeline.errors import PloraError
 
 if TYPE_CHECKING:
@@ -66,7 +63,6 @@ MODEL_SHAPE: dict[str, Any] = {
 CONFIG_CLASSES: dict[str, str] = {"qwen2": "Qwen2Config", "llama": "LlamaConfig"}
 ARCHS: tuple[str, ...] = tuple(CONFIG_CLASSES)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT / "data"
 
 
@@ -87,10 +83,6 @@ def tiny_model_key(files: Sequence[Path], arch: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def default_cache_root() -> Path:
-    return Path(os.environ["PLORA_CACHE"]) if os.environ.get("PLORA_CACHE") else REPO_ROOT / ".cache"
-
-
 def ensure_tiny_model(cache_dir: Path | None = None, arch: str = "qwen2") -> Path:
     """Return the directory of the tiny model, building it on first use.
 
@@ -104,44 +96,21 @@ def ensure_tiny_model(cache_dir: Path | None = None, arch: str = "qwen2") -> Pat
 
 
 def build_tiny_model(out_dir: Path, arch: str = "qwen2", *, overwrite: bool = False) -> Path:
-    """Build the tiny model into ``out_dir`` atomically and return it; nothing to do if it is already there.
-
-    The model is written to a temporary sibling directory, synced, then renamed to ``out_dir``, which
-    must be absent or empty (or anything, with ``overwrite``: replaced once the new model is whole).
-    Builders of one directory take turns (a lock), so a concurrent identical build is simply reused.
-    """
+    """Build the tiny model into ``out_dir`` atomically and return it; nothing to do if it is already
+    there (see :func:`pipeline.cachedbuild.build_cached`)."""
     _check_arch(arch)
     files = sample_files()
-    key = tiny_model_key(files, arch)
-    out_dir = Path(out_dir)
-    if read_marker(out_dir).get("key") == key:
-        return out_dir
-    outdir.refuse_protected(out_dir, "--out")
-    with outdir.lock(out_dir, "--out", wait=True):
-        if read_marker(out_dir).get("key") == key:  # built by the builder we waited for
-            return out_dir
-        outdir.refuse_foreign(out_dir, "--out", overwrite, is_own=lambda _: False)
-        target = outdir.real_target(out_dir)
-        tmp_dir = atomic.make_temp_dir(target)
-        try:
-            _write_model(tmp_dir, arch, files)
-            marker = {"builder_version": BUILDER_VERSION, "arch": arch, "key": key,
-                      "sample_files": [p.name for p in files]}
-            atomic.write_json(tmp_dir / MARKER_NAME, marker)
-            atomic.publish_dir(tmp_dir, target)
-        except (OSError, SafetensorError) as err:
-            raise outdir.write_failure(out_dir, "the tiny model", err) from None
-        finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-    return out_dir
+    marker = {"builder_version": BUILDER_VERSION, "arch": arch, "key": tiny_model_key(files, arch),
+              "sample_files": [p.name for p in files]}
+    return build_cached(
+        out_dir, marker, MARKER_NAME, lambda tmp: _write_model(tmp, arch, files),
+        what="the tiny model", overwrite=overwrite,
+    )
 
 
 def read_marker(model_dir: Path) -> dict[str, Any]:
     """The build record of a tiny model directory, or {} where there is none."""
-    try:
-        return json.loads((Path(model_dir) / MARKER_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    return read_cached_marker(model_dir, MARKER_NAME)
 
 
 def _check_arch(arch: str) -> None:
