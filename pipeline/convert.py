@@ -4,8 +4,9 @@ Inputs are read by :mod:`pipeline.readers` (one container format each, in bounde
 each raw record is recognised and normalised by :mod:`pipeline.formats`, and every record
 that fails goes through :class:`pipeline.errors.Rejects`: a one-line error in ``raise`` mode,
 a line of the rejects file and a count in ``skip`` mode. Every raw record is either written
-or rejected, so ``records in == records out + rejected``. An empty input is not an error: it
-gives no records, and the summary says so ("no records found").
+or rejected, so ``records in == records out + rejected`` (``--group-by`` writes one record per
+group, and its summary line counts the records that went into each). An empty input is not an
+error: it gives no records, and the summary says so ("no records found").
 """
 
 from __future__ import annotations

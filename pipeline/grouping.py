@@ -49,8 +49,8 @@ from typing import Any
 
 from parallel.layout import RecordError, parse_record, record_to_json
 from pipeline.chat_parallel import ParallelCounts, chat_parallel_record
-from pipeline.errors import PloraError, Rejects, first_line
-from pipeline.readers import input_kind
+from pipeline.errors import InputError, PloraError, Rejects, first_line
+from pipeline.readers import input_kind, read_file
 
 DEFAULT_MAX_BRANCHES = 8
 RESPONSE_PROMPTS: dict[str, tuple[str, ...]] = {
@@ -96,7 +96,7 @@ def scan(path: Path) -> Any:
             return pl.scan_csv(path, infer_schema=False)
         return pl.read_json(path).lazy()  # a JSON document is parsed whole, as plain convert does
     except (pl.exceptions.PolarsError, OSError) as err:
-        raise PloraError(f"{path}: cannot read for --group-by: {first_line(err)}") from err
+        raise read_error(path, err) from err
 
 
 @dataclass(frozen=True)
@@ -113,15 +113,24 @@ class GroupSpec:
         return [*self.keys, *self.system]
 
 
+def read_error(path: Path, err: Exception) -> PloraError:
+    """What polars could not read, said as plain convert says it: the first bad record's line."""
+    bad = next((raw for raw in read_file(path) if raw.error is not None), None)
+    if bad is not None:
+        return InputError(str(path), bad.line, f"{bad.error} (--group-by needs every record readable)")
+    return PloraError(f"{path}: cannot read for --group-by: {first_line(err)}")
+
+
 def group_query(frame: Any, path: Path, fields: Sequence[str]) -> tuple[Any, Any, GroupSpec]:
     """(good rows, bad rows, spec): lazy queries over ``frame`` that read only the columns used,
     each as text, with ``ROW``, the record number; a bad row lacks a key's or the response's text."""
     import polars as pl  # noqa: PLC0415
 
     try:
-        columns = list(frame.collect_schema().names())
+        schema = frame.collect_schema()
     except pl.exceptions.PolarsError as err:
-        raise PloraError(f"{path}: cannot read for --group-by: {first_line(err)}") from err
+        raise read_error(path, err) from err
+    columns = list(schema.names())
     missing = [name for name in fields if name not in columns]
     if missing:
         raise PloraError(
@@ -139,6 +148,9 @@ def group_query(frame: Any, path: Path, fields: Sequence[str]) -> tuple[Any, Any
         )
     prompts = [name for name in RESPONSE_PROMPTS[response] if name in columns and name not in fields]
     spec = GroupSpec(keys, ["system"] if "system" in columns else [], prompts, response)
+    nested = next((name for name in [*spec.key, *prompts, response] if schema[name].is_nested()), None)
+    if nested is not None:
+        raise PloraError(f"{path}: --group-by: field {nested!r} holds {schema[nested]}; expected text")
     text = [pl.col(name).cast(pl.String) for name in [*spec.key, *prompts, response]]
     rows = frame.with_row_index(ROW, offset=1).select(ROW, *text)
     bad = pl.any_horizontal(
@@ -172,7 +184,7 @@ def group_file(
     try:
         bad_rows = bad.collect(engine="streaming")
     except pl.exceptions.PolarsError as err:
-        raise PloraError(f"{path}: cannot read for --group-by: {first_line(err)}") from err
+        raise read_error(path, err) from err
     for row in bad_rows.iter_rows(named=True):
         counts.records_in += 1
         empty = next(name for name in [*spec.keys, spec.response] if not (row[name] or "").strip())
@@ -213,7 +225,7 @@ def _groups(path: Path, rows: Any, spec: GroupSpec) -> Iterator[dict[str, Any]]:
                 groups = aggregate(pl.scan_parquet(bucket), spec)
                 groups.sink_parquet(files[-1], row_group_size=GROUPS_PER_ROW_GROUP, engine="streaming")
         except pl.exceptions.PolarsError as err:
-            raise PloraError(f"{path}: cannot read for --group-by: {first_line(err)}") from err
+            raise read_error(path, err) from err
         yield from heapq.merge(*map(_read_groups, files), key=lambda group: group[FIRST])
 
 

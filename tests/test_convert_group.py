@@ -129,6 +129,27 @@ def test_group_by_record_without_the_field(plora_bin: Path, tmp_path: Path) -> N
     assert json.loads((tmp_path / "rejects.jsonl").read_text())["raw"]["question"] == "Q?"
 
 
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("{not json", ":2: invalid JSON: Expecting property name enclosed in double quotes at column 2"),
+        (
+            '{"context": {"x": 1}, "question": "Q?", "answer": "A"}',
+            ": --group-by: field 'context' holds Struct",
+        ),
+    ],
+)
+def test_group_by_unreadable_record_is_one_line_error(
+    plora_bin: Path, tmp_path: Path, line: str, expected: str
+) -> None:
+    path = tmp_path / "qa.jsonl"
+    first = json.dumps(QA[0]) if line.startswith("{not") else line  # a field of one type in every record
+    path.write_text(first + "\n" + line + "\n", encoding="utf-8")
+    assert one_line_error(run_plora(plora_bin, "convert", path, "--group-by", "context")).startswith(
+        f"plora: error: {path}{expected}"
+    )
+
+
 @pytest.mark.parametrize("suffix", ["jsonl", "parquet", "csv"])
 def test_group_by_is_a_lazy_streaming_scan(tmp_path: Path, suffix: str) -> None:
     """The files are scanned lazily (only the columns used are read) and the query runs on polars'
