@@ -4,13 +4,15 @@ Inputs are read by :mod:`pipeline.readers` (one container format each, in bounde
 each raw record is recognised and normalised by :mod:`pipeline.formats`, and every record
 that fails goes through :class:`pipeline.errors.Rejects`: a one-line error in ``raise`` mode,
 a line of the rejects file and a count in ``skip`` mode. Every raw record is either written
-or rejected, so ``records in == records out + rejected``. An empty input is not an error: it
-gives no records, and the summary says so ("no records found").
+or rejected, so ``records in == records out + rejected`` (``--group-by`` writes one record per
+group, and its summary line counts the records that went into each). An empty input is not an
+error: it gives no records, and the summary says so ("no records found").
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import time
@@ -19,14 +21,15 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.progress import Progress, ProgressColumn, SpinnerColumn, Task, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
 from parallel.layout import Record, RecordError, record_to_line
-from pipeline import atomic, formats
+from pipeline import atomic, formats, grouping, lists
+from pipeline.chat_parallel import ParallelCounts
 from pipeline.errors import OnError, PloraError, Rejects
 from pipeline.fingerprint import file_sha256
 from pipeline.readers import TXT_SPLITS, RawRecord, check_readable, hf_source, read_file, read_hf_dataset
@@ -44,6 +47,12 @@ class ConvertOptions:
     streaming: bool = False
     # Drop the empty branches of a parallel record (counted) instead of rejecting the whole record.
     drop_empty_branches: bool = False
+    # Converters to parallel records (convert only): a list answer's items become branches ...
+    split_lists: bool = False
+    min_items: int = lists.DEFAULT_MIN_ITEMS
+    # ... or records sharing these fields become branches of one record, at most max_branches each.
+    group_by: tuple[str, ...] = ()
+    max_branches: int = grouping.DEFAULT_MAX_BRANCHES
 
     def __post_init__(self) -> None:
         choices = {
@@ -54,11 +63,21 @@ class ConvertOptions:
         for flag, (value, allowed) in choices.items():
             if value not in allowed:
                 raise PloraError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
+        if self.min_items < 2:
+            raise PloraError(f"--min-items must be at least 2; got {self.min_items}")
+        if self.max_branches < 2:
+            raise PloraError(f"--max-branches must be at least 2; got {self.max_branches}")
+        if (self.split_lists or self.group_by) and self.mode != "sft":
+            raise PloraError("--split-lists and --group-by write chat parallel records; they need --mode sft")
+        if self.split_lists and self.group_by:
+            raise PloraError("--split-lists and --group-by are two different conversions; pass one")
 
 
 @dataclass(frozen=True)
 class SourcedRecord:
-    record: Record
+    # A dict is the JSON object of a chat parallel record (pipeline.chat_parallel), which only
+    # the converters to parallel records write.
+    record: Record | dict[str, Any]
     source: str
     line: int | None
 
@@ -78,6 +97,7 @@ class ConvertSummary:
     formats: Counter[str] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
     dropped_branches: int = 0  # empty branches dropped (--drop-empty-branches)
+    parallel: ParallelCounts | None = None  # --split-lists or --group-by
     seconds: float = 0.0
 
     @property
@@ -110,6 +130,8 @@ class ConvertSummary:
             lines.append(f"  rejected: {reasons}{where}")
         if self.dropped_branches:
             lines.append(f"  {self.dropped_branches:,} empty branches dropped")
+        if self.parallel is not None:
+            lines.append(self.parallel.line())
         return lines
 
 
@@ -150,6 +172,8 @@ def _normalised(
         counts.read += 1
         try:
             fmt, record, dropped = _canonical(raw, options)
+            if options.split_lists:
+                record = _split_lists(record, options.min_items, summary.parallel)
         except RecordError as err:
             what = raw.raw if raw.error is not None else raw.value
             rejects.reject(raw.source, raw.line, str(err), what)
@@ -159,6 +183,46 @@ def _normalised(
         summary.formats[fmt] += 1
         summary.dropped_branches += dropped
         yield SourcedRecord(record, raw.source, raw.line)
+
+
+def _iter_grouped(
+    inputs: Sequence[str | Path],
+    options: ConvertOptions,
+    rejects: Rejects,
+    hf_dataset: str | None,
+    summary: ConvertSummary,
+) -> Iterator[SourcedRecord]:
+    """The records of --group-by, input by input (a group never spans two inputs)."""
+    if hf_dataset is not None:
+        raise PloraError("--group-by reads data files (a lazy polars scan); it cannot read --hf-dataset")
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise PloraError("no input: give INPUT files")
+    for path in paths:
+        check_readable(path)
+    counts = summary.parallel
+    assert counts is not None, "convert() sets summary.parallel for --group-by"
+    for path in paths:
+        source = summary.inputs.setdefault(str(path), InputCounts())
+        read, rejected = counts.records_in, rejects.total
+        for row, record in grouping.group_file(path, options.group_by, options.max_branches, rejects, counts):
+            source.written += 1
+            yield SourcedRecord(record, str(path), row)
+        source.read += counts.records_in - read
+        source.rejected += rejects.total - rejected
+
+
+def _split_lists(record: Record, min_items: int, counts: ParallelCounts | None) -> Record | dict[str, Any]:
+    """The chat parallel record of a list answer, or the record as it was (counted either way)."""
+    assert counts is not None, "convert() sets summary.parallel for --split-lists"
+    split = lists.split_record(record, min_items)
+    counts.records_in += 1
+    if isinstance(split, str):
+        counts.kept[split] += 1
+        return record
+    counts.parallel_out += 1
+    counts.branches += len(split["branches"])
+    return split
 
 
 def _canonical(raw: RawRecord, options: ConvertOptions) -> tuple[str, Record, int]:
@@ -204,11 +268,18 @@ def convert(
     out_path = Path(out) if out is not None else None
     summary = ConvertSummary()
     show = sys.stderr.isatty() if progress is None else progress
+    if options.split_lists:
+        summary.parallel = ParallelCounts("--split-lists")
+    if options.group_by:
+        summary.parallel = ParallelCounts(f"--group-by {','.join(options.group_by)}")
+        items = _iter_grouped(inputs, options, rejects, hf_dataset, summary)
+    else:
+        items = iter_records(inputs, options, rejects, hf_dataset, summary=summary)
     try:
         with _output(out_path) as write, _progress(show) as advance:
             pending = 0
-            for item in iter_records(inputs, options, rejects, hf_dataset, summary=summary):
-                write(record_to_line(item.record) + "\n")
+            for item in items:
+                write(_line(item.record) + "\n")
                 pending += 1
                 if pending == PROGRESS_EVERY:
                     advance(pending)
@@ -218,6 +289,10 @@ def convert(
     summary.rejected = Counter(rejects.counts)
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _line(record: Record | dict[str, Any]) -> str:
+    return json.dumps(record, ensure_ascii=False) if isinstance(record, dict) else record_to_line(record)
 
 
 def check_output_path(path: Path) -> None:
