@@ -86,8 +86,8 @@ def train_command(
     max_steps: int = typer.Option(
         0,
         "--max-steps",
-        help="Cap on the total optimizer steps, which --epochs otherwise sets (0: no cap; the learning-rate "
-        "schedule spans the capped total).",
+        help="Length of the run in optimizer steps, overriding --epochs (more steps than --epochs makes go "
+        "on into further epochs; 0: --epochs decides). The learning-rate schedule spans this total.",
     ),
     dtype: str = typer.Option("bfloat16", "--dtype", help="float32 | float16 | bfloat16 (autocast)."),
     seed: int = typer.Option(42, "--seed", help="Seed of LoRA init, data order and dropout."),

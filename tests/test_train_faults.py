@@ -1,0 +1,86 @@
+"""Issue 10, training side: a run's length, resuming a finished run, and resuming when there is nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from cli_helpers import run_plora
+from train_helpers import cli_args, subprocess_env
+
+from pipeline.shards import open_shards
+from trainer.checkpoint import final_checkpoint, step_checkpoint
+from trainer.metrics import logs_dir, read_metrics
+
+NAME = "hf_parallel_lora"
+
+
+def _train(plora_bin: Path, shards: Path, model: Path, out: Path, *extra: str):
+    done = run_plora(plora_bin, *cli_args(shards, model, out, *extra), env=subprocess_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _summary_losses(stderr: str) -> tuple[float, float]:
+    found = re.search(r"loss (\S+) -> (\S+?)[,;]", " ".join(stderr.split()))
+    assert found, stderr
+    return float(found.group(1)), float(found.group(2))
+
+
+def test_item23_max_steps_is_the_length_of_the_run(
+    train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path
+) -> None:
+    per_epoch = -(-open_shards(train_shards).manifest["num_rows"] // 4)
+    steps = per_epoch + 2  # more than the default --epochs 1 makes
+    done = _train(plora_bin, train_shards, tiny_model_dir, tmp_path / "out",
+                  "--batch-size", "4", "--max-steps", str(steps), "--log-interval", "1")  # fmt: skip
+    meta = json.loads((final_checkpoint(tmp_path / "out", NAME) / "plora.json").read_text())
+    assert meta["step"] == steps
+    logged = [r["step"] for r in read_metrics(logs_dir(tmp_path / "out", NAME) / "metrics.jsonl") if "loss" in r]
+    assert logged == list(range(1, steps + 1))
+    epochs = f"{steps / per_epoch:.2f}".rstrip("0").rstrip(".")
+    assert f"trained {steps} steps ({epochs} epochs)" in " ".join(done.stderr.split())
+
+
+def test_item9_resume_covers_the_whole_run_and_a_finished_run_is_left_alone(
+    train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path
+) -> None:
+    flags = ["--batch-size", "4", "--max-steps", "4", "--save-interval", "2", "--log-interval", "1",
+             "--lr", "1e-2"]  # fmt: skip
+    out = tmp_path / "out"
+    whole = _train(plora_bin, train_shards, tiny_model_dir, tmp_path / "whole", *flags)
+    _train(plora_bin, train_shards, tiny_model_dir, out, *flags)
+    # Cut the run back to its step-2 checkpoint, as a run killed after it would have left it.
+    final = final_checkpoint(out, NAME)
+    for path in sorted(final.rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    final.rmdir()
+    resumed = _train(plora_bin, train_shards, tiny_model_dir, out, *flags, "--resume", "latest")
+    assert "resuming at step 2" in " ".join(resumed.stderr.split())
+    first, last = _summary_losses(resumed.stderr)
+    assert (first, last) == _summary_losses(whole.stderr)  # the whole run's first loss, not step 3's
+    assert math.isfinite(first) and first != last
+
+    # Resuming the finished run: one line, exit 0, nothing rewritten.
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+    again = _train(plora_bin, train_shards, tiny_model_dir, out, *flags, "--resume", "latest")
+    line = " ".join(again.stderr.split())
+    assert "nothing to do: the run already finished at step 4" in line and str(final) in line
+    assert "nan" not in again.stderr and "tokens/s" not in again.stderr
+    assert again.stderr.count("\n") == 1
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert step_checkpoint(out, NAME, 2).is_dir()
+
+
+def test_item15_resume_latest_with_nothing_to_resume_says_so(
+    train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    done = _train(plora_bin, train_shards, tiny_model_dir, out, "--max-steps", "1", "--resume", "latest")
+    line = " ".join(done.stderr.split())
+    assert "--resume latest: no checkpoint of hf_parallel_lora in" in line
+    assert "nothing to resume, starting a fresh run" in line
+    assert final_checkpoint(out, NAME).is_dir()
