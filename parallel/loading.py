@@ -130,20 +130,10 @@ def _resolve_base(base_model: str | Path | None, config: AdapterConfig) -> str:
         ) from None
 
 
-def _load_tokenizer(path: str, config: AdapterConfig | None) -> Any:
-    from pipeline.fingerprint import check_same_tokenizer  # noqa: PLC0415
+def _load_tokenizer(path: str) -> Any:
     from pipeline.tokenize import load_tokenizer  # noqa: PLC0415
 
-    tokenizer = load_tokenizer(path)
-    if config is not None and config.tokenizer is not None:
-        check_same_tokenizer(
-            config.tokenizer,
-            tokenizer,
-            what=f"adapter {config.source}",
-            against=f"the tokenizer of {path}",
-            fix="load the adapter on its own base model",
-        )
-    return tokenizer
+    return load_tokenizer(path)
 
 
 def _load_weights(name: str, *, dtype: str, device: str, attn: str, trust_remote_code: bool) -> Any:
@@ -157,6 +147,26 @@ def _load_weights(name: str, *, dtype: str, device: str, attn: str, trust_remote
         device=device,
         trust_remote_code=trust_remote_code,
     ).eval()
+
+
+def check_adapter_fits(
+    config: AdapterConfig, model: torch.nn.Module, tokenizer: Any, *, base: str, against: str
+) -> None:
+    """Refuse an adapter on a base model other than its own: the tokenizer (``tokenizer``: a loaded
+    one or a recorded identity, described by ``against``), the architecture and the sizes must be what
+    plora.json records. Every path that puts an adapter on a base calls this: generate, export, eval,
+    and train's --load-lora and --resume."""
+    from pipeline.fingerprint import check_same_tokenizer  # noqa: PLC0415
+
+    if config.tokenizer is not None:
+        check_same_tokenizer(
+            config.tokenizer,
+            tokenizer,
+            what=f"adapter {config.source}",
+            against=against,
+            fix="load the adapter on its own base model",
+        )
+    _check_facts(model, config, base)
 
 
 def _check_facts(model: torch.nn.Module, config: AdapterConfig, base: str) -> None:
@@ -224,12 +234,12 @@ def load_parallel_model(
     else:
         raise PloraError("give a base model, an adapter directory or an exported model directory")
 
-    tokenizer = _load_tokenizer(base, config)
+    tokenizer = _load_tokenizer(base)
     model = _load_weights(base, dtype=dtype, device=device, attn=attn, trust_remote_code=trust_remote_code)
     if config is None:
         patch_model_2d_rope(model, ratio=ratio, stride=stride)
         return model, tokenizer, None
-    _check_facts(model, config, base)
+    check_adapter_fits(config, model, tokenizer, base=base, against=f"the tokenizer of {base}")
     if config.export is not None:
         restore_2d_rope(model)  # the exported config.json records the patch
     _apply_rope(model, config, base)

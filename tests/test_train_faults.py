@@ -7,10 +7,11 @@ import math
 import re
 from pathlib import Path
 
-from cli_helpers import run_plora
+from cli_helpers import one_line_error, run_plora
 from train_helpers import cli_args, subprocess_env
 
 from pipeline.shards import open_shards
+from pipeline.tinymodel import ensure_tiny_model
 from trainer.checkpoint import final_checkpoint, step_checkpoint
 from trainer.metrics import logs_dir, read_metrics
 
@@ -38,7 +39,8 @@ def test_item23_max_steps_is_the_length_of_the_run(
                   "--batch-size", "4", "--max-steps", str(steps), "--log-interval", "1")  # fmt: skip
     meta = json.loads((final_checkpoint(tmp_path / "out", NAME) / "plora.json").read_text())
     assert meta["step"] == steps
-    logged = [r["step"] for r in read_metrics(logs_dir(tmp_path / "out", NAME) / "metrics.jsonl") if "loss" in r]
+    records = read_metrics(logs_dir(tmp_path / "out", NAME) / "metrics.jsonl")
+    logged = [r["step"] for r in records if "loss" in r]
     assert logged == list(range(1, steps + 1))
     epochs = f"{steps / per_epoch:.2f}".rstrip("0").rstrip(".")
     assert f"trained {steps} steps ({epochs} epochs)" in " ".join(done.stderr.split())
@@ -84,3 +86,20 @@ def test_item15_resume_latest_with_nothing_to_resume_says_so(
     assert "--resume latest: no checkpoint of hf_parallel_lora in" in line
     assert "nothing to resume, starting a fresh run" in line
     assert final_checkpoint(out, NAME).is_dir()
+
+
+def test_item4_eval_and_load_lora_refuse_an_adapter_of_another_base(
+    train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path
+) -> None:
+    _train(plora_bin, train_shards, tiny_model_dir, tmp_path / "qwen2", "--max-steps", "1")
+    adapter = final_checkpoint(tmp_path / "qwen2", NAME)
+    llama = ensure_tiny_model(arch="llama")  # the same tokenizer, another architecture
+    expected = f"model_type is 'llama', but the adapter {adapter} was trained on a base with 'qwen2'"
+    evaluate = ["eval", "--shards", train_shards, "--base-model", llama, "--adapter", adapter]
+    evaluated = run_plora(plora_bin, *evaluate, env=subprocess_env(), timeout=300)
+    assert expected in one_line_error(evaluated)
+    continued = run_plora(plora_bin, *cli_args(train_shards, llama, tmp_path / "llama", "--max-steps", "1",
+                                               "--load-lora", str(adapter)),
+                          env=subprocess_env(), timeout=300)  # fmt: skip
+    assert expected in one_line_error(continued)
+    assert not final_checkpoint(tmp_path / "llama", NAME).exists()

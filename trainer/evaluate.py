@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE
-from pipeline.fingerprint import check_same_tokenizer
-from trainer.checkpoint import read_plora_json
+from parallel.loading import AdapterConfig, check_adapter_fits
 from trainer.config import TrainConfig
 from trainer.data import RowStore, open_checked_shards
 from trainer.distributed import pick_device
@@ -122,9 +121,9 @@ def run_eval(options: EvalOptions, on_batch: Callable[[int], None] | None = None
         "stride": options.stride,
         "mask": options.mask,
     }
-    meta = read_plora_json(options.adapter) if options.adapter is not None else None
-    if meta is not None:
-        settings = {key: meta[key] for key in settings}
+    adapter = AdapterConfig.read(options.adapter) if options.adapter is not None else None
+    if adapter is not None:
+        settings = {key: adapter.raw[key] for key in settings}
     cfg = TrainConfig(
         shards=options.shards,
         base_model=options.base_model,
@@ -137,19 +136,13 @@ def run_eval(options: EvalOptions, on_batch: Callable[[int], None] | None = None
         **settings,
     ).validate()
     shards = open_checked_shards(cfg.shards, cfg.tokenizer_path or cfg.base_model, verify=True)
-    if meta is not None:
-        check_same_tokenizer(
-            meta["tokenizer"],
-            shards.manifest["tokenizer"],
-            what=f"adapter {options.adapter}",
-            against=f"the tokenizer of the shards in {options.shards}",
-            fix="evaluate it on shards tokenized for its base model",
-        )
     store = RowStore(shards)
     device = pick_device(options.device, 0)
     vocab_size = shards.manifest["tokenizer"]["vocab_size"]
     model, rope = load_rope_model(cfg, vocab_size, store.max_coordinates, device)
-    if options.adapter is not None:
+    if adapter is not None:
+        against = f"the tokenizer of the shards in {options.shards}"
+        check_adapter_fits(adapter, model, shards.manifest["tokenizer"], base=cfg.base_model, against=against)
         model = add_lora(model, cfg, options.adapter).to(device)
     rows = np.arange(len(store))
     order = rows[np.argsort(-store.num_tokens, kind="stable")]  # similar lengths together: less padding

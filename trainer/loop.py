@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from parallel.loading import model_facts
+from parallel.loading import AdapterConfig, check_adapter_fits, model_facts
 from pipeline.errors import PloraError
-from pipeline.fingerprint import check_same_tokenizer, plora_version
+from pipeline.fingerprint import plora_version
 from pipeline.pretrained import resolve_pretrained
 from trainer.checkpoint import (
     check_writable,
@@ -32,7 +32,6 @@ from trainer.checkpoint import (
     latest_checkpoint,
     load_optimizer,
     lora_dir,
-    read_plora_json,
     read_trainer_state,
     remove_stale_temporaries,
     save_checkpoint,
@@ -174,7 +173,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     base, rope = load_rope_model(cfg, manifest["tokenizer"]["vocab_size"], store.max_coordinates, env.device)
     adapter_source = str(resume_dir) if resume_dir is not None else cfg.load_lora
     if adapter_source is not None:
-        _check_adapter(adapter_source, rope, manifest, cfg.shards)
+        _check_adapter(adapter_source, base, rope, manifest, cfg)
     model = add_lora(base, cfg, adapter_source).to(env.device)
     model.train()
     loss_module = PackedLoss(model, mask=cfg.mask, stride=rope.stride)
@@ -356,24 +355,22 @@ def _validate(loss_module: PackedLoss, store: RowStore, plan: DataPlan, env: Dis
     return loss_sum / tokens if tokens else float("nan")
 
 
-def _check_adapter(adapter_dir: str, rope: RopeSettings, manifest: dict[str, Any], shards: str) -> None:
-    """An adapter continues only on the token ids and positions it was trained with."""
+def _check_adapter(
+    adapter_dir: str, base: torch.nn.Module, rope: RopeSettings, manifest: dict[str, Any], cfg: TrainConfig
+) -> None:
+    """An adapter continues only on its own base model, token ids and positions."""
     path = Path(adapter_dir)
     if not (path / "plora.json").is_file():
         return  # a plain PEFT adapter: nothing recorded to compare
-    meta = read_plora_json(path)
-    check_same_tokenizer(
-        meta["tokenizer"],
-        manifest["tokenizer"],
-        what=f"adapter {adapter_dir}",
-        against=f"the tokenizer of the shards in {shards}",
-        fix="continue it on shards tokenized for its base model",
-    )
+    config = AdapterConfig.read(path)
+    against = f"the tokenizer of the shards in {cfg.shards}"
+    check_adapter_fits(config, base, manifest["tokenizer"], base=cfg.base_model, against=against)
     have = list(rope.rope.pair_indices) if rope.rope is not None else []
-    if meta["pair_indices"] != have or meta["stride"] != rope.stride:
+    if list(config.pair_indices) != have or config.stride != rope.stride:
         raise PloraError(
-            f"{adapter_dir}: trained with 2D RoPE pairs {meta['pair_indices']} and stride {meta['stride']}, "
-            f"but this run uses pairs {have} and stride {rope.stride}; pass the same --rope-2d-ratio/--stride"
+            f"{adapter_dir}: trained with 2D RoPE pairs {list(config.pair_indices)} and stride "
+            f"{config.stride}, but this run uses pairs {have} and stride {rope.stride}; "
+            "pass the same --rope-2d-ratio/--stride"
         )
 
 
