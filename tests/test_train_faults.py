@@ -7,6 +7,7 @@ import math
 import re
 from pathlib import Path
 
+import pytest
 from cli_helpers import one_line_error, run_plora
 from train_helpers import cli_args, subprocess_env
 
@@ -103,3 +104,26 @@ def test_item4_eval_and_load_lora_refuse_an_adapter_of_another_base(
                           env=subprocess_env(), timeout=300)  # fmt: skip
     assert expected in one_line_error(continued)
     assert not final_checkpoint(tmp_path / "llama", NAME).exists()
+
+
+def test_item17_eval_split_val_is_the_runs_held_out_rows_and_max_rows_caps(
+    train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    _train(plora_bin, train_shards, tiny_model_dir, out, "--max-steps", "2", "--val-fraction", "0.2")
+    adapter = final_checkpoint(out, NAME)
+    logged = [r["val_loss"] for r in read_metrics(logs_dir(out, NAME) / "metrics.jsonl") if "val_loss" in r]
+    base = ["eval", "--shards", train_shards, "--base-model", tiny_model_dir, "--no-progress"]
+
+    def evaluate(*extra: object) -> dict:
+        done = run_plora(plora_bin, *base, "--adapter", adapter, "--json", *extra, env=subprocess_env())
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout)
+
+    rows = open_shards(train_shards).manifest["num_rows"]
+    val = evaluate("--split", "val")
+    assert val["rows"] == round(0.2 * rows) and val["loss"] == pytest.approx(logged[-1], rel=1e-6)
+    assert evaluate("--split", "train")["rows"] == rows - val["rows"]
+    assert evaluate("--split", "val", "--max-rows", "3")["rows"] == 3
+    no_adapter = run_plora(plora_bin, *base, "--split", "val", env=subprocess_env())
+    assert "--split val needs --adapter" in one_line_error(no_adapter)
