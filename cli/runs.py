@@ -39,7 +39,7 @@ def runs_command(
         best = facts["best_val"]
         val = f", best validation loss {best[1]:.4f} at step {best[0]}" if best else ""
         typer.echo(
-            f"run {run.name}: step {facts['steps']}{total}, loss {_loss(facts['first_loss'])} -> "
+            f"run {run.name}: step {facts['steps']}{total}, logged loss {_loss(facts['first_loss'])} -> "
             f"{_loss(facts['last_loss'])}{val}, {_duration(facts['seconds'])} logged"
         )
         typer.echo(f"  {'checkpoint':<32}  {'step':>7}  {'loss':>8}  {'val loss':>8}  saved")

@@ -30,7 +30,8 @@ def test_item18_runs_lists_checkpoints_with_losses_and_draws_curves(
     done = run_plora(plora_bin, "runs", out, "--png", png)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0].startswith(f"run {NAME}: step 4/4, loss {loss[1]:.4f} -> {loss[4]:.4f}, best validation")
+    header = f"run {NAME}: step 4/4, logged loss {loss[1]:.4f} -> {loss[4]:.4f}, best validation"
+    assert lines[0].startswith(header)
     for checkpoint, step in ((step_checkpoint(out, NAME, 2), 2), (final_checkpoint(out, NAME), 4)):
         row = next(line.split() for line in lines if line.split()[:1] == [checkpoint.name])
         assert row[1:4] == [str(step), f"{loss[step]:.4f}", f"{val[step]:.4f}"]
