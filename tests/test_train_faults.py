@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 from cli_helpers import one_line_error, run_plora
-from train_helpers import cli_args, subprocess_env
+from train_helpers import REPO_ROOT, cli_args, subprocess_env
 
 from pipeline.shards import open_shards
 from pipeline.tinymodel import ensure_tiny_model
@@ -127,3 +128,18 @@ def test_item17_eval_split_val_is_the_runs_held_out_rows_and_max_rows_caps(
     assert evaluate("--split", "val", "--max-rows", "3")["rows"] == 3
     no_adapter = run_plora(plora_bin, *base, "--split", "val", env=subprocess_env())
     assert "--split val needs --adapter" in one_line_error(no_adapter)
+
+
+def test_item20_demo_echoes_commands_that_paste_back_and_resumes_its_training() -> None:
+    script = (REPO_ROOT / "scripts" / "demo.sh").read_text()
+    run_definition = next(line for line in script.splitlines() if line.startswith("run()"))
+    command = ["printf", "%s|", "Four ways to spend a rainy afternoon: it's \"wet\"", "$HOME"]
+    shown = subprocess.run(["bash", "-c", f'{run_definition}\nrun "$@"', "demo", *command],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    echoed = shown.stderr.splitlines()[0]
+    assert echoed.startswith("$ ")
+    pasted = subprocess.run(["bash", "-c", echoed[2:]], capture_output=True, text=True, check=True)
+    assert pasted.stdout == shown.stdout == "|".join(command[2:]) + "|"
+    # A re-run of the demo resumes its finished training run (a no-op, see item 9) instead of retraining.
+    train = script[script.index('"$PLORA" train') :].split("\n\n")[0]
+    assert "--resume latest" in train
