@@ -191,8 +191,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
             scaler.load_state_dict(resumed["scaler"])
         start_step = resumed["step"]
     total_steps = plan.total_steps
-    run_id = resumed.get("run_id") if resumed else None
-    run_id = run_id or new_run_id()
+    run_id = (resumed or {}).get("run_id") or new_run_id()  # a resumed run keeps its TensorBoard directory
     metrics = MetricsLog(cfg, enabled=env.is_main, start_step=start_step, run_id=run_id)
     plora_meta = _plora_metadata(cfg, rope, manifest, base, lora_settings(model))
     if env.is_main:
