@@ -16,6 +16,7 @@ import cli.convert  # noqa: F401
 import cli.demomodel  # noqa: F401
 import cli.generate  # noqa: F401
 import cli.inspect  # noqa: F401
+import cli.runs  # noqa: F401
 import cli.tinymodel  # noqa: F401
 import cli.tokenize  # noqa: F401
 import cli.train  # noqa: F401

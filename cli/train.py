@@ -18,7 +18,6 @@ from cli import options
 from cli.app import app
 from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE
 from pipeline.errors import PloraError
-from pipeline.shards import read_manifest
 from trainer.config import DEFAULT_LORA_NAME, TrainConfig
 
 
@@ -86,8 +85,8 @@ def train_command(
     max_steps: int = typer.Option(
         0,
         "--max-steps",
-        help="Cap on the total optimizer steps, which --epochs otherwise sets (0: no cap; the learning-rate "
-        "schedule spans the capped total).",
+        help="Length of the run in optimizer steps, overriding --epochs (more steps than --epochs makes go "
+        "on into further epochs; 0: --epochs decides). The learning-rate schedule spans this total.",
     ),
     dtype: str = typer.Option("bfloat16", "--dtype", help="float32 | float16 | bfloat16 (autocast)."),
     seed: int = typer.Option(42, "--seed", help="Seed of LoRA init, data order and dropout."),
@@ -194,6 +193,13 @@ def eval_command(
     stride: int = typer.Option(DEFAULT_STRIDE, "--stride"),
     mask: str = typer.Option("isolated", "--mask", help="Base model only: isolated | columnar."),
     trust_remote_code: bool = options.TRUST_REMOTE_CODE,
+    split: str = typer.Option(
+        "all",
+        "--split",
+        help="all | train | val: every row, or the rows the adapter's run trained on or held out "
+        "(--val-fraction).",
+    ),
+    max_rows: int = typer.Option(0, "--max-rows", help="Only the first N rows of the split (0: all)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
 ) -> None:
@@ -214,11 +220,15 @@ def eval_command(
         stride=stride,
         mask=mask,
         trust_remote_code=trust_remote_code,
+        split=split,
+        max_rows=max_rows,
     )
-    total_rows = read_manifest(shards)["num_rows"]
     columns = (TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     bar = Progress(*columns, console=Console(stderr=True), disable=not progress)
-    task = bar.add_task("eval", total=total_rows)
+    task = bar.add_task("eval", total=None)
+
+    def start(rows: int) -> None:
+        bar.update(task, total=rows)
 
     def advance(rows: int) -> None:
         # Started on the first batch, so that an error in the checks before it stays one line.
@@ -227,7 +237,7 @@ def eval_command(
         bar.advance(task, rows)
 
     try:
-        totals, described = run_eval(eval_options, on_batch=advance)
+        totals, described = run_eval(eval_options, on_batch=advance, on_start=start)
     finally:
         if bar.live.is_started:  # stopping a bar that never started still prints a newline
             bar.stop()
@@ -235,9 +245,10 @@ def eval_command(
         typer.echo(json.dumps({**totals.to_json(), "model": described}, allow_nan=True))
         return
     who = f"adapter {adapter}" if adapter else f"base model {base_model}"
+    rows = "" if split == "all" and not max_rows else f", {split} split: {totals.rows} rows"
     typer.echo(
         f"{who} on {shards} (mask {described['mask']}, stride {described['stride']}, "
-        f"{len(described['pair_indices'])} branch pairs)"
+        f"{len(described['pair_indices'])} branch pairs{rows})"
     )
     typer.echo(f"{'branches':>8}  {'rows':>8}  {'tokens':>10}  {'loss':>8}")
     for k, entry in totals.to_json()["by_branches"].items():
