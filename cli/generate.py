@@ -144,6 +144,7 @@ def generate_command(
     stride: int = typer.Option(DEFAULT_STRIDE, "--stride", help="Bare base model only."),
 ) -> None:
     """Generate several branches in one sequence with one KV cache, streamed side by side."""
+    from parallel.forward import check_attn_device  # noqa: PLC0415 - slow imports
     from parallel.generation import IdenticalBranchesWarning, branch_prompts, generate  # noqa: PLC0415
     from parallel.loading import load_parallel_model  # noqa: PLC0415 - slow imports
 
@@ -154,6 +155,7 @@ def generate_command(
     if adapter is None and base_model is None:
         raise PloraError("give --adapter DIR (or an exported model), or --base-model DIR for the bare base")
     where = _device(device)
+    check_attn_device(attn, where)
     err = Console(stderr=True)
     with err.status("loading the model", spinner="dots") if not as_json else contextlib.nullcontext():
         loaded = load_parallel_model(

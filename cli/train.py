@@ -31,6 +31,14 @@ def _pair_indices(text: str | None) -> list[int] | None:
         raise PloraError(f"--pair-indices must be comma-separated integers, got {text!r}") from None
 
 
+def _check_attn(attn: str, device: str) -> None:
+    """--attn against the device, before the shards are verified and the model loads."""
+    from parallel.forward import check_attn_device  # noqa: PLC0415 - torch only when needed
+    from trainer.distributed import pick_device  # noqa: PLC0415
+
+    check_attn_device(attn, pick_device(device, 0))  # every rank's device has the same type
+
+
 @app.command("train")
 def train_command(
     shards: Path = options.SHARDS,
@@ -115,6 +123,7 @@ def train_command(
     """Train LoRA adapters with 2D RoPE and branch-aware attention on shards (DDP under torchrun)."""
     from trainer.loop import train  # noqa: PLC0415 - torch/transformers only when training
 
+    _check_attn(attn, device)
     cfg = TrainConfig(
         shards=str(shards),
         base_model=base_model,
@@ -187,6 +196,7 @@ def eval_command(
     """Mean loss per trained token (and per branch count) of a base model or an adapter on shards."""
     from trainer.evaluate import EvalOptions, run_eval  # noqa: PLC0415 - torch only when evaluating
 
+    _check_attn(attn, device)
     eval_options = EvalOptions(
         shards=str(shards),
         base_model=base_model,

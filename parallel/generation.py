@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from parallel.forward import build_attention_mask
+from parallel.forward import build_attention_mask, check_attn_device
 from parallel.layout import (
     ALIGN_MODES,
     MASK_MODES,
@@ -301,9 +301,7 @@ def decode_parallel(
     stride = model_stride(model) if stride is None else stride
     stop_ids = {special.eos_id} if stop_ids is None else set(stop_ids)
     device = model.get_input_embeddings().weight.device
-    if getattr(model.config, "_attn_implementation", None) == "flex_attention" and device.type == "cpu":
-        # torch's CPU flex kernel fails to compile for a few queries against a longer cache.
-        raise PloraError("decoding with flex attention needs CUDA; on CPU load the model with --attn sdpa")
+    check_attn_device(getattr(model.config, "_attn_implementation", None) or "eager", device)
     started = time.perf_counter()
     plan = _plan(trunk, prompts, special, mask, align, branch_ids)
     _check_positions(model, plan, max_new_tokens, stride)
