@@ -147,7 +147,7 @@ def _normalised(
             fmt, record = _canonical(raw, options)
         except RecordError as err:
             what = raw.raw if raw.error is not None else raw.value
-            rejects.reject(raw.source, raw.line, str(err), what)
+            rejects.reject(raw.source, raw.line, str(err), what, raw.index)
             counts.rejected += 1
             continue
         counts.written += 1
@@ -161,7 +161,7 @@ def _canonical(raw: RawRecord, options: ConvertOptions) -> tuple[str, Record]:
         raise RecordError(raw.error)
     fmt = formats.detect(raw.value) if options.fmt == "auto" else options.fmt
     if fmt is None:
-        raise RecordError(formats.unknown_format_reason(raw.value))
+        raise RecordError(formats.unknown_format_reason(raw.value, raw.nulls))
     return fmt, formats.normalise(raw.value, fmt, options.mode)
 
 
