@@ -193,7 +193,7 @@ def generate_command(
         for k, token in step.tokens.items():
             text = stream.add(k, token)
             line = {"type": "token", "step": step.step, "branch": k, "token_id": token, "text": text}
-            sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
+            sys.stdout.write(json.dumps(line, ensure_ascii=False, allow_nan=False) + "\n")
         sys.stdout.flush()
 
     with warnings.catch_warnings():
@@ -237,9 +237,10 @@ def generate_command(
             "kv_cache_tokens": decode.cache_tokens,
             "steps": decode.steps,
             "seconds": round(decode.seconds, 4),
-            "tokens_per_second": round(decode.tokens_per_second, 2),
+            # Infinity (no time measured) is not JSON
+            "tokens_per_second": round(decode.tokens_per_second, 2) if decode.seconds > 0 else None,
         }
-        sys.stdout.write(json.dumps(summary, ensure_ascii=False) + "\n")
+        sys.stdout.write(json.dumps(summary, ensure_ascii=False, allow_nan=False) + "\n")
         return
     counts = ", ".join(
         f"{k + 1}: {len(b.token_ids)} ({b.finish_reason})" for k, b in enumerate(result.branches)

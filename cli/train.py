@@ -228,8 +228,9 @@ def eval_command(
     finally:
         if bar.live.is_started:  # stopping a bar that never started still prints a newline
             bar.stop()
+    facts = totals.to_json()
     if as_json:
-        typer.echo(json.dumps({**totals.to_json(), "model": described}, allow_nan=True))
+        typer.echo(json.dumps({**facts, "model": described}, allow_nan=False))
         return
     who = f"adapter {adapter}" if adapter else f"base model {base_model}"
     typer.echo(
@@ -237,7 +238,7 @@ def eval_command(
         f"{len(described['pair_indices'])} branch pairs)"
     )
     typer.echo(f"{'branches':>8}  {'rows':>8}  {'tokens':>10}  {'loss':>8}")
-    for k, entry in totals.to_json()["by_branches"].items():
-        typer.echo(f"{k:>8}  {entry['rows']:>8}  {entry['tokens']:>10}  {entry['loss']:>8.4f}")
-    typer.echo(f"{'all':>8}  {totals.rows:>8}  {totals.tokens:>10}  {totals.mean:>8.4f}")
+    for k, entry in [*facts["by_branches"].items(), ("all", facts)]:
+        loss = "-" if entry["loss"] is None else f"{entry['loss']:.4f}"  # no trained token: no loss
+        typer.echo(f"{k:>8}  {entry['rows']:>8}  {entry['tokens']:>10}  {loss:>8}")
     sys.stdout.flush()

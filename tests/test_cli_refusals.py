@@ -3,11 +3,16 @@ what cannot work is refused at once, before anything slow, and what is printed f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from cli_helpers import one_line_error, run_plora
+
+from pipeline.shards import open_shards, write_manifest, write_shard
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "generate"])
@@ -46,3 +51,68 @@ def test_item13_one_line_json_array_names_the_records_index(plora_bin: Path, tmp
     assert skipped.returncode == 0, skipped.stderr
     [entry] = [json.loads(x) for x in (tmp_path / "out.rejects.jsonl").read_text().splitlines()]
     assert (entry["line"], entry["index"], entry["raw"]) == (1, 2, {"foo": 1})
+
+
+def _strict_json(text: str) -> Any:
+    """json.loads that refuses NaN and Infinity, which are not JSON."""
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _without_training_on(source: Path, out: Path, branches: int) -> None:
+    """A copy of ``source`` whose rows with ``branches`` branches train no token (a valid manifest)."""
+    shards = open_shards(source)
+    manifest = shards.manifest
+    out.mkdir()
+    start = 0
+    for index, entry in enumerate(manifest["files"]):
+        rows = [shards.row(i) for i in range(start, start + entry["rows"])]
+        start += entry["rows"]
+        untrained = [
+            dataclasses.replace(r, labels=np.full_like(r.labels, -100)) if r.num_branches == branches else r
+            for r in rows
+        ]
+        manifest["files"][index] = write_shard(out, index, untrained)
+    manifest["num_trained"] = sum(entry["trained"] for entry in manifest["files"])
+    write_manifest(out, manifest)
+
+
+def test_item22_eval_json_gives_null_for_a_branch_count_without_trained_tokens(
+    plora_bin: Path, train_shards: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    counts = sorted(set(open_shards(train_shards).metadata()["num_branches"].tolist()))
+    untrained = counts[0]
+    shards = tmp_path / "shards"
+    _without_training_on(train_shards, shards, untrained)
+    args = ["eval", "--shards", shards, "--base-model", tiny_model_dir, "--device", "cpu", "--no-progress"]
+
+    done = run_plora(plora_bin, *args, "--json")
+    assert done.returncode == 0, done.stderr
+    facts = _strict_json(done.stdout)
+    assert facts["by_branches"][str(untrained)]["loss"] is None
+    assert facts["by_branches"][str(untrained)]["tokens"] == 0
+    assert all(facts["by_branches"][str(k)]["loss"] > 0 for k in counts[1:])
+    assert facts["loss"] > 0
+
+    table = run_plora(plora_bin, *args)
+    assert table.returncode == 0, table.stderr
+    [row] = [line.split() for line in table.stdout.splitlines() if line.split()[:1] == [str(untrained)]]
+    assert row[2:] == ["0", "-"]
+
+
+@pytest.mark.parametrize("command", ["inspect", "generate"])
+def test_item22_every_json_the_cli_prints_is_strict(
+    command: str, plora_bin: Path, train_shards: Path, tiny_model_dir: Path
+) -> None:
+    if command == "inspect":
+        done = run_plora(plora_bin, "inspect", train_shards, "--tokenizer", tiny_model_dir, "--json")
+        documents = [done.stdout]
+    else:
+        args = ["--base-model", tiny_model_dir, "--prompt", "Hi", "--num-branches", "2", "--temperature", "1"]
+        done = run_plora(plora_bin, "generate", *args, "--max-new-tokens", "3", "--seed", "0", "--json")
+        documents = done.stdout.splitlines()
+    assert done.returncode == 0, done.stderr
+    assert documents and all(_strict_json(document) for document in documents)
