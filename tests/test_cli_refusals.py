@@ -116,3 +116,19 @@ def test_item22_every_json_the_cli_prints_is_strict(
         documents = done.stdout.splitlines()
     assert done.returncode == 0, done.stderr
     assert documents and all(_strict_json(document) for document in documents)
+
+
+def test_item21_inspect_png_makes_its_directory(plora_bin: Path, train_shards: Path, tmp_path: Path) -> None:
+    png = tmp_path / "new" / "deeper" / "row.png"
+    done = run_plora(plora_bin, "inspect", train_shards, "--png", png)
+    assert done.returncode == 0, done.stderr
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert sorted(p.name for p in png.parent.iterdir()) == ["row.png"]
+
+
+def test_item21_inspect_png_refuses_another_format(
+    plora_bin: Path, train_shards: Path, tmp_path: Path
+) -> None:
+    line = one_line_error(run_plora(plora_bin, "inspect", train_shards, "--png", tmp_path / "out.jpg"))
+    assert "out.jpg" in line and ".png" in line
+    assert list(tmp_path.iterdir()) == []
