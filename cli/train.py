@@ -39,6 +39,21 @@ def _check_attn(attn: str, device: str) -> None:
     check_attn_device(attn, pick_device(device, 0))  # every rank's device has the same type
 
 
+def _check_adapter_agrees(adapter: str, **given: float | int | None) -> None:
+    """An adapter is evaluated with the 2D RoPE it was trained with (its plora.json); a flag that
+    asks for another one is refused rather than ignored."""
+    from trainer.checkpoint import read_plora_json  # noqa: PLC0415 - torch only when needed
+
+    recorded = read_plora_json(adapter)
+    for name, value in given.items():
+        if value is not None and value != recorded[name]:
+            flag = "--" + name.replace("_", "-")
+            raise PloraError(
+                f"{flag} {value} disagrees with adapter {adapter}, trained with {recorded[name]} "
+                "(its plora.json); leave the flag out: the adapter decides"
+            )
+
+
 @app.command("train")
 def train_command(
     shards: Path = options.SHARDS,
@@ -186,8 +201,19 @@ def eval_command(
         "--patch_rope/--no_patch_rope",
         help="Base model only: apply 2D RoPE (an adapter brings its settings in plora.json).",
     ),
-    rope_2d_ratio: float = typer.Option(DEFAULT_ROPE_2D_RATIO, "--rope-2d-ratio", "--rope_2d_ratio"),
-    stride: int = typer.Option(DEFAULT_STRIDE, "--stride"),
+    rope_2d_ratio: float | None = typer.Option(
+        None,
+        "--rope-2d-ratio",
+        "--rope_2d_ratio",
+        help=f"Base model only: share of frequency pairs for branches (default {DEFAULT_ROPE_2D_RATIO}); "
+        "an adapter's plora.json decides, and a different value is refused.",
+    ),
+    stride: int | None = typer.Option(
+        None,
+        "--stride",
+        help=f"Base model only: branch position = branch_id * stride (default {DEFAULT_STRIDE}); "
+        "an adapter's plora.json decides, and a different value is refused.",
+    ),
     mask: str = typer.Option("isolated", "--mask", help="Base model only: isolated | columnar."),
     trust_remote_code: bool = options.TRUST_REMOTE_CODE,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
@@ -197,6 +223,8 @@ def eval_command(
     from trainer.evaluate import EvalOptions, run_eval  # noqa: PLC0415 - torch only when evaluating
 
     _check_attn(attn, device)
+    if adapter is not None:
+        _check_adapter_agrees(adapter, rope_2d_ratio=rope_2d_ratio, stride=stride)
     eval_options = EvalOptions(
         shards=str(shards),
         base_model=base_model,
@@ -207,8 +235,8 @@ def eval_command(
         device=device,
         attn=attn,
         patch_rope=patch_rope,
-        rope_2d_ratio=rope_2d_ratio,
-        stride=stride,
+        rope_2d_ratio=DEFAULT_ROPE_2D_RATIO if rope_2d_ratio is None else rope_2d_ratio,
+        stride=DEFAULT_STRIDE if stride is None else stride,
         mask=mask,
         trust_remote_code=trust_remote_code,
     )

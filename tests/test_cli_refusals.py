@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from cli_helpers import one_line_error, run_plora
+from train_helpers import cli_args
 
 from pipeline.shards import open_shards, write_manifest, write_shard
 
@@ -132,3 +133,33 @@ def test_item21_inspect_png_refuses_another_format(
     line = one_line_error(run_plora(plora_bin, "inspect", train_shards, "--png", tmp_path / "out.jpg"))
     assert "out.jpg" in line and ".png" in line
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def adapter(plora_bin: Path, train_shards: Path, tiny_model_dir: Path, tmp_path_factory) -> Path:
+    """An adapter of one training step (plora.json: the default 2D RoPE ratio and stride)."""
+    out = tmp_path_factory.mktemp("adapter")
+    done = run_plora(plora_bin, *cli_args(train_shards, tiny_model_dir, out, "--max-steps", "1"), timeout=300)
+    assert done.returncode == 0, done.stderr
+    return out / "lora" / "hf_parallel_lora_final"
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--stride", "64"), ("--rope-2d-ratio", "0.25")])
+def test_item21_eval_refuses_rope_flags_that_disagree_with_the_adapter(
+    flag: str, value: str, plora_bin: Path, train_shards: Path, tiny_model_dir: Path, adapter: Path
+) -> None:
+    args = ["eval", "--shards", train_shards, "--base-model", tiny_model_dir, "--adapter", adapter]
+    line = one_line_error(run_plora(plora_bin, *args, flag, value, "--no-progress"))
+    recorded = json.loads((adapter / "plora.json").read_text())[flag[2:].replace("-", "_")]
+    assert f"{flag} {value} disagrees with adapter {adapter}, trained with {recorded}" in line
+
+
+def test_item21_eval_takes_rope_flags_that_agree_with_the_adapter(
+    plora_bin: Path, train_shards: Path, tiny_model_dir: Path, adapter: Path
+) -> None:
+    recorded = json.loads((adapter / "plora.json").read_text())
+    args = ["eval", "--shards", train_shards, "--base-model", tiny_model_dir, "--adapter", adapter, "--json"]
+    agreeing = ["--stride", recorded["stride"], "--rope_2d_ratio", recorded["rope_2d_ratio"]]
+    done = run_plora(plora_bin, *args, *agreeing, "--no-progress", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert _strict_json(done.stdout)["model"]["stride"] == recorded["stride"]
