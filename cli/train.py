@@ -75,7 +75,10 @@ def train_command(
         None, "--load-lora", "--load_lora", help="Continue training this adapter directory."
     ),
     lora_name: str = typer.Option(
-        DEFAULT_LORA_NAME, "--lora-name", "--lora_name", help="Adapter name: out/lora/<name>_step<N>, _final."
+        DEFAULT_LORA_NAME,
+        "--lora-name",
+        "--lora_name",
+        help="Adapter name: out/lora/NAME_stepN/ and NAME_final/.",
     ),
     patch_rope: bool = typer.Option(
         True, "--patch-rope/--no-patch-rope", "--patch_rope/--no_patch_rope", help="Apply 2D RoPE."
