@@ -262,6 +262,17 @@ def _plan(
 
 
 @torch.no_grad()
+def check_decoding(*, mask: str | None, align: str | None, max_new_tokens: int) -> None:
+    """The decoding settings that need no model (None: the model's default), so that a caller can
+    refuse a bad request before loading one."""
+    if mask is not None and mask not in MASK_MODES:
+        raise PloraError(f"--mask must be one of {', '.join(MASK_MODES)}, got {mask!r}")
+    if align is not None and align not in ALIGN_MODES:
+        raise PloraError(f"align must be one of {', '.join(ALIGN_MODES)}, got {align!r}")
+    if max_new_tokens < 1:
+        raise PloraError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+
+
 def decode_parallel(
     model: torch.nn.Module,
     trunk: Sequence[int],
@@ -286,12 +297,7 @@ def decode_parallel(
     1..K after a trunk, 0..K-1 without): in isolated mode a branch decoded alone with the id it had
     in a group yields the same tokens. ``stride`` defaults to the model's (see :func:`model_stride`).
     """
-    if mask not in MASK_MODES:
-        raise PloraError(f"--mask must be one of {', '.join(MASK_MODES)}, got {mask!r}")
-    if align not in ALIGN_MODES:
-        raise PloraError(f"align must be one of {', '.join(ALIGN_MODES)}, got {align!r}")
-    if max_new_tokens < 1:
-        raise PloraError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    check_decoding(mask=mask, align=align, max_new_tokens=max_new_tokens)
     if not prompts:
         raise PloraError("nothing to generate: give at least one branch")
     if not trunk and special.bos_id is None and any(len(p) == 0 for p in prompts):

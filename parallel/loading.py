@@ -146,9 +146,13 @@ def _load_tokenizer(path: str, config: AdapterConfig | None) -> Any:
     return tokenizer
 
 
-def _load_weights(name: str, *, dtype: str, device: str, attn: str, trust_remote_code: bool) -> Any:
+def check_dtype(dtype: str) -> None:
     if dtype not in TORCH_DTYPES:
         raise PloraError(f"--dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
+
+
+def _load_weights(name: str, *, dtype: str, device: str, attn: str, trust_remote_code: bool) -> Any:
+    check_dtype(dtype)
     return load_causal_lm(
         name,
         what="model",

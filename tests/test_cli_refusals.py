@@ -163,3 +163,25 @@ def test_item21_eval_takes_rope_flags_that_agree_with_the_adapter(
     done = run_plora(plora_bin, *args, *agreeing, "--no-progress", "--device", "cpu")
     assert done.returncode == 0, done.stderr
     assert _strict_json(done.stdout)["model"]["stride"] == recorded["stride"]
+
+
+BAD_GENERATE_SETTINGS = [
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--mask", "diagonal"], "--mask must be one of"),
+    (["--dtype", "float8"], "--dtype must be one of"),
+    (["--rope-2d-ratio", "2"], "--rope-2d-ratio must lie in [0, 1]"),  # was a ValueError traceback
+]
+
+
+@pytest.mark.parametrize(
+    ("flags", "expect"), BAD_GENERATE_SETTINGS, ids=[" ".join(flags) for flags, _ in BAD_GENERATE_SETTINGS]
+)
+def test_item15_generate_refuses_bad_settings_before_loading_the_model(
+    flags: list[str], expect: str, plora_bin: Path, tmp_path: Path
+) -> None:
+    # No model is in this directory: refusing the setting first proves that nothing was loaded.
+    (tmp_path / "not-a-model").mkdir()
+    args = ["generate", "--base-model", tmp_path / "not-a-model", "--prompt", "Hi", "--num-branches", "2"]
+    line = one_line_error(run_plora(plora_bin, *args, *flags))
+    assert expect in line, line
