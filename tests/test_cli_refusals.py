@@ -185,3 +185,21 @@ def test_item15_generate_refuses_bad_settings_before_loading_the_model(
     args = ["generate", "--base-model", tmp_path / "not-a-model", "--prompt", "Hi", "--num-branches", "2"]
     line = one_line_error(run_plora(plora_bin, *args, *flags))
     assert expect in line, line
+
+
+# The hub is not offline by configuration but cannot be reached: nothing listens on the discard port.
+UNREACHABLE_HUB = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.parametrize("command", ["tokenize", "generate"])
+def test_item15_unreachable_hub_fails_at_once_in_one_line(
+    command: str, plora_bin: Path, sample_dir: Path, tmp_path: Path
+) -> None:
+    env = {**UNREACHABLE_HUB, "HF_HUB_CACHE": str(tmp_path / "empty-hub-cache")}
+    if command == "tokenize":
+        args = [sample_dir / "sample_text.txt", "--tokenizer", "some-org/some-model", "--out", tmp_path / "o"]
+    else:
+        args = ["--base-model", "some-org/some-model", "--prompt", "Hi", "--num-branches", "2"]
+    line = one_line_error(run_plora(plora_bin, command, *args, env=env, timeout=60))  # no retry lines
+    assert "some-org/some-model: cannot load the" in line
+    assert "the hub (http://127.0.0.1:9) cannot be reached" in line and "local" in line
