@@ -5,6 +5,7 @@ so that `--resume` finishes the work; a system error exits 2 like any other erro
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -86,6 +87,32 @@ def test_stopped_tokenize_says_so_and_resumes_to_identical_shards(
         p.name: p.read_bytes() for p in whole_shards.iterdir()
     }
     open_shards(out)
+
+
+def test_ctrl_c_in_a_terminal_stops_tokenize_workers_quietly(
+    plora_bin: Path, records: Path, tiny_model_dir: Path, whole_shards: Path, tmp_path: Path
+) -> None:
+    """A terminal sends Ctrl-C to the whole process group: pool workers must leave it to the parent
+    (no traceback from each, no parent waiting forever for a dead worker's batch)."""
+    out = tmp_path / "shards"
+    args = ["tokenize", records, "--tokenizer", tiny_model_dir, "--out", out, "--branches", "2"]
+    args += ["--rows-per-shard", ROWS_PER_SHARD, "--no-progress"]
+    command = [str(a) for a in (plora_bin, *args, "--num-proc", "2")]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    run = subprocess.Popen(command, start_new_session=True, **pipes)  # its own group, as in a terminal
+    deadline = time.monotonic() + 180
+    while not (out / "shard-00001.arrow").exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert run.poll() is None, "tokenize ended before it could be stopped; give it more work"
+    os.killpg(run.pid, signal.SIGINT)
+    _, stderr = run.communicate(timeout=60)
+
+    assert (run.returncode, stderr) == (130, "plora: interrupted\n")
+    resumed = run_plora(plora_bin, *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {
+        p.name: p.read_bytes() for p in whole_shards.iterdir()
+    }
 
 
 @pytest.mark.parametrize(("signum", "status", "line"), STOPS, ids=STOP_IDS)
