@@ -30,6 +30,29 @@ def _pair_indices(text: str | None) -> list[int] | None:
         raise PloraError(f"--pair-indices must be comma-separated integers, got {text!r}") from None
 
 
+def _check_attn(attn: str, device: str) -> None:
+    """--attn against the device, before the shards are verified and the model loads."""
+    from parallel.forward import check_attn_device  # noqa: PLC0415 - torch only when needed
+    from trainer.distributed import pick_device  # noqa: PLC0415
+
+    check_attn_device(attn, pick_device(device, 0))  # every rank's device has the same type
+
+
+def _check_adapter_agrees(adapter: str, **given: float | int | None) -> None:
+    """An adapter is evaluated with the 2D RoPE it was trained with (its plora.json); a flag that
+    asks for another one is refused rather than ignored."""
+    from trainer.checkpoint import read_plora_json  # noqa: PLC0415 - torch only when needed
+
+    recorded = read_plora_json(adapter)
+    for name, value in given.items():
+        if value is not None and value != recorded[name]:
+            flag = "--" + name.replace("_", "-")
+            raise PloraError(
+                f"{flag} {value} disagrees with adapter {adapter}, trained with {recorded[name]} "
+                "(its plora.json); leave the flag out: the adapter decides"
+            )
+
+
 @app.command("train")
 def train_command(
     shards: Path = options.SHARDS,
@@ -51,7 +74,10 @@ def train_command(
         None, "--load-lora", "--load_lora", help="Continue training this adapter directory."
     ),
     lora_name: str = typer.Option(
-        DEFAULT_LORA_NAME, "--lora-name", "--lora_name", help="Adapter name: out/lora/<name>_step<N>, _final."
+        DEFAULT_LORA_NAME,
+        "--lora-name",
+        "--lora_name",
+        help="Adapter name: out/lora/NAME_stepN/ and NAME_final/.",
     ),
     patch_rope: bool = typer.Option(
         True, "--patch-rope/--no-patch-rope", "--patch_rope/--no_patch_rope", help="Apply 2D RoPE."
@@ -125,6 +151,7 @@ def train_command(
     """Train LoRA adapters with 2D RoPE and branch-aware attention on shards (DDP under torchrun)."""
     from trainer.loop import train  # noqa: PLC0415 - torch/transformers only when training
 
+    _check_attn(attn, device)
     cfg = TrainConfig(
         shards=str(shards),
         base_model=base_model,
@@ -189,8 +216,19 @@ def eval_command(
         "--patch_rope/--no_patch_rope",
         help="Base model only: apply 2D RoPE (an adapter brings its settings in plora.json).",
     ),
-    rope_2d_ratio: float = typer.Option(DEFAULT_ROPE_2D_RATIO, "--rope-2d-ratio", "--rope_2d_ratio"),
-    stride: int = typer.Option(DEFAULT_STRIDE, "--stride"),
+    rope_2d_ratio: float | None = typer.Option(
+        None,
+        "--rope-2d-ratio",
+        "--rope_2d_ratio",
+        help=f"Base model only: share of frequency pairs for branches (default {DEFAULT_ROPE_2D_RATIO}); "
+        "an adapter's plora.json decides, and a different value is refused.",
+    ),
+    stride: int | None = typer.Option(
+        None,
+        "--stride",
+        help=f"Base model only: branch position = branch_id * stride (default {DEFAULT_STRIDE}); "
+        "an adapter's plora.json decides, and a different value is refused.",
+    ),
     mask: str = typer.Option("isolated", "--mask", help="Base model only: isolated | columnar."),
     trust_remote_code: bool = options.TRUST_REMOTE_CODE,
     split: str = typer.Option(
@@ -206,6 +244,9 @@ def eval_command(
     """Mean loss per trained token (and per branch count) of a base model or an adapter on shards."""
     from trainer.evaluate import EvalOptions, run_eval  # noqa: PLC0415 - torch only when evaluating
 
+    _check_attn(attn, device)
+    if adapter is not None:
+        _check_adapter_agrees(adapter, rope_2d_ratio=rope_2d_ratio, stride=stride)
     eval_options = EvalOptions(
         shards=str(shards),
         base_model=base_model,
@@ -216,8 +257,8 @@ def eval_command(
         device=device,
         attn=attn,
         patch_rope=patch_rope,
-        rope_2d_ratio=rope_2d_ratio,
-        stride=stride,
+        rope_2d_ratio=DEFAULT_ROPE_2D_RATIO if rope_2d_ratio is None else rope_2d_ratio,
+        stride=DEFAULT_STRIDE if stride is None else stride,
         mask=mask,
         trust_remote_code=trust_remote_code,
         split=split,
@@ -241,8 +282,9 @@ def eval_command(
     finally:
         if bar.live.is_started:  # stopping a bar that never started still prints a newline
             bar.stop()
+    facts = totals.to_json()
     if as_json:
-        typer.echo(json.dumps({**totals.to_json(), "model": described}, allow_nan=True))
+        typer.echo(json.dumps({**facts, "model": described}, allow_nan=False))
         return
     who = f"adapter {adapter}" if adapter else f"base model {base_model}"
     rows = "" if split == "all" and not max_rows else f", {split} split: {totals.rows} rows"
@@ -251,7 +293,7 @@ def eval_command(
         f"{len(described['pair_indices'])} branch pairs{rows})"
     )
     typer.echo(f"{'branches':>8}  {'rows':>8}  {'tokens':>10}  {'loss':>8}")
-    for k, entry in totals.to_json()["by_branches"].items():
-        typer.echo(f"{k:>8}  {entry['rows']:>8}  {entry['tokens']:>10}  {entry['loss']:>8.4f}")
-    typer.echo(f"{'all':>8}  {totals.rows:>8}  {totals.tokens:>10}  {totals.mean:>8.4f}")
+    for k, entry in [*facts["by_branches"].items(), ("all", facts)]:
+        loss = "-" if entry["loss"] is None else f"{entry['loss']:.4f}"  # no trained token: no loss
+        typer.echo(f"{k:>8}  {entry['rows']:>8}  {entry['tokens']:>10}  {loss:>8}")
     sys.stdout.flush()

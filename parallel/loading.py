@@ -186,11 +186,15 @@ def _export_model_config(directory: str) -> Any:
     return CONFIG_MAPPING[model_type].from_dict(config)
 
 
+def check_dtype(dtype: str) -> None:
+    if dtype not in TORCH_DTYPES:
+        raise PloraError(f"--dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
+
+
 def _load_weights(
     name: str, *, dtype: str, device: str, attn: str, trust_remote_code: bool, config: Any = None
 ) -> Any:
-    if dtype not in TORCH_DTYPES:
-        raise PloraError(f"--dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
+    check_dtype(dtype)
     return load_causal_lm(
         name,
         what="model",

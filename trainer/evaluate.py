@@ -40,12 +40,13 @@ class LossTotals:
         return self.loss_sum / self.tokens if self.tokens else float("nan")
 
     def to_json(self) -> dict[str, Any]:
+        """The totals as strict JSON: a loss over no trained token is null (NaN is not JSON)."""
         return {
-            "loss": self.mean,
+            "loss": self.loss_sum / self.tokens if self.tokens else None,
             "tokens": self.tokens,
             "rows": self.rows,
             "by_branches": {
-                str(k): {"loss": s / n if n else float("nan"), "tokens": int(n), "rows": int(r)}
+                str(k): {"loss": s / n if n else None, "tokens": int(n), "rows": int(r)}
                 for k, (s, n, r) in sorted(self.by_branches.items())
             },
         }
