@@ -9,6 +9,7 @@ The original guide's users pass ``--base_model Qwen/Qwen2.5-0.5B-Instruct``, so 
 - a hub id: ``name`` or ``org/name`` (the hub's own spelling rules) that is not a local path.
   transformers resolves it from the HuggingFace cache first, without the network; only when it is
   not cached, and ``HF_HUB_OFFLINE`` is not set, from the hub itself.
+- a ``.gguf`` file: converted once into a cached local directory (:mod:`pipeline.ggufmodel`).
 
 Anything else is a one-line "no such directory". Remote code stays off unless the caller asks.
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PloraError, first_line
+from pipeline.ggufmodel import ensure_gguf_model, is_gguf
 
 # The hub's repo id rules: one or two parts of letters, digits, '-', '_', '.', no '--' or '..', at most 96.
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
@@ -52,12 +54,15 @@ def _is_hub_id(text: str) -> bool:
 
 
 def resolve_pretrained(name: str | Path, *, what: str) -> Pretrained:
-    """Decide whether ``name`` is a local directory or a hub id (see the module docstring).
+    """Decide whether ``name`` is a local directory, a hub id or a ``.gguf`` file (see the module
+    docstring and :mod:`pipeline.ggufmodel`).
 
     ``what`` names the thing in errors ("tokenizer", "base model").
     """
     text = str(name)
     path = Path(text).expanduser()
+    if is_gguf(text):  # a GGUF file is converted once into an ordinary directory, and that is loaded
+        return Pretrained(str(ensure_gguf_model(path)), local=True)
     path_like = path.is_absolute() or text.startswith(("./", "../", "~")) or text in (".", "..")
     if path.exists() or path_like or not _is_hub_id(text):
         if not path.is_dir():
