@@ -404,7 +404,8 @@ class RecordEncoder:
         too_long = self._trunk_too_long(len(trunk_ids), "the rendered 'messages'")
         if too_long:
             return Rejected(item.source, item.line, too_long)
-        return PackItem(tuple(branches), trunk=TokenSequence.of(trunk_ids, self.options.train_trunk))
+        # The trunk is system and user turns: as in a chat record, only the assistant's text is trained.
+        return PackItem(tuple(branches), trunk=TokenSequence.of(trunk_ids, False))
 
     def _chat_branch(self, messages: tuple[Message, ...], branch: Branch, trunk_text: str) -> TokenSequence:
         asked = (Message("user", branch.prompt),) if branch.prompt else ()
@@ -771,7 +772,8 @@ def _prepare_out(out: Path) -> None:
 
 
 def _changed_parts(old: dict[str, Any], new: dict[str, Any]) -> str:
-    names = [key for key in ("inputs", "tokenizer", "options", "plora") if old.get(key) != new.get(key)]
+    keys = ("inputs", "tokenizer", "options", "plora", "format")
+    names = [key for key in keys if old.get(key) != new.get(key)]
     return ", ".join(names) or "digest"
 
 

@@ -21,8 +21,9 @@ Records are canonical JSON objects (dicts), in input order. Checked, for every r
   ids(render(messages) + generation prompt) as trunk, per branch what the template renders after
   it for the branch's turns, through the assistant's end of turn (+ eos if none);
 - which tokens are trained, every content token of every branch included (its first one is
-  predicted by the start): all of a text, response + eos of a branch, the trunk iff train_trunk,
-  for chats the tokens of each assistant content and its end-of-turn token and nothing else;
+  predicted by the start): all of a text, response + eos of a branch, the trunk iff train_trunk
+  (a chat parallel record's never), for chats the tokens of each assistant content and its
+  end-of-turn token and nothing else;
 - detokenizing each record's tokens gives back its source text (whitespace aside).
 """
 
@@ -250,7 +251,7 @@ def check_rows(
             branches = [checker.expect_chat_branch(r, b) for b in r["branches"]]
         else:
             text, branches = r["main"], [checker.expect_branch(b) for b in r["branches"]]
-        expected_parallel.append((text, checker.ids(text), branches))
+        expected_parallel.append((text, checker.ids(text), branches, "messages" in r))
     text_pieces: list[Piece] = []
     text_rows: list[int] = []
     next_parallel = 0
@@ -260,7 +261,7 @@ def check_rows(
     for index, row in enumerate(rows):
         trunk, branches = checker.pieces(row, index)
         if next_parallel < len(parallel):
-            main, main_ids, exp = expected_parallel[next_parallel]
+            main, main_ids, exp, chat = expected_parallel[next_parallel]
             stored_trunk, _ = checker.trunk_and_start(main_ids)
             branch_ids = [t for p in branches for t in checker.real_ids(p)]
             wanted = [t for e in exp for t in e.ids]
@@ -273,7 +274,8 @@ def check_rows(
                 spanning_branches.extend(branches)
                 if sum(len(checker.real_ids(p)) for p in spanning_branches) < len(wanted):
                     continue
-                _check_parallel(checker, spanning, spanning_branches, (main, main_ids), exp, packing)
+                trunk_trained = packing["train_trunk"] and not chat  # a chat trunk never is
+                _check_parallel(checker, spanning, spanning_branches, (main, main_ids), exp, trunk_trained)
                 spanning, spanning_branches = [], []
                 next_parallel += 1
                 continue
@@ -307,7 +309,7 @@ def _check_parallel(
     branches: list[Piece],
     main: tuple[str, list[int]],
     expected: list[Expected],
-    packing: dict[str, Any],
+    train_trunk: bool,
 ) -> None:
     """One parallel record's rows (one, or several when it is wider than max_branches): each row
     has the record's trunk less its last token, which starts every branch; the trunk is trained
@@ -323,9 +325,9 @@ def _check_parallel(
             f"row {index}: trunk tokens are not the record's trunk less its last token"
         )
         targets = trunk.labels[:-1] != IGNORE
-        trained = packing["train_trunk"] and n == 0
+        trained = train_trunk and n == 0
         ok = targets.all() if trained else not targets.any()
-        assert ok, f"row {index}: trunk training does not follow train_trunk={packing['train_trunk']} ({n})"
+        assert ok, f"row {index}: trunk training does not follow train_trunk={train_trunk} ({n})"
         checker.trained_tokens += int(targets.sum())
     checker.check_starts(branches, start, f"row {trunks[0][0]} parallel")
     checker.match(branches, expected, f"row {trunks[0][0]} parallel")
