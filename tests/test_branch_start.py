@@ -57,13 +57,20 @@ def test_item3_every_content_token_of_every_branch_has_a_label(
     packing: dict[str, Any], tiny_model_dir: Path, sample_dir: Path, tmp_path: Path
 ) -> None:
     tokenizer = load_tokenizer(tiny_model_dir)
-    options = PackingOptions(**packing)
-    # Texts and string branches: every token after a branch's start is the label of the one before.
+    # Texts and string branches, whose every token (and EOS) is trained; trunks aside.
+    options = PackingOptions(**packing, train_trunk=False)
     trained_only = iter_records([write(tmp_path / "t.jsonl", TRAINED_RECORDS)], ConvertOptions(), Rejects())
-    for row in pack_records(trained_only, tokenizer, options, Rejects()):
+    rows = list(pack_records(trained_only, tokenizer, options, Rejects()))
+    for row in rows:  # every token after a branch's start is the label of the one before
         for b in range(1 if row.trunk_len else 0, int(row.branch_id.max()) + 1):
             ids, labels = row.input_ids[row.branch_id == b], row.labels[row.branch_id == b]
             assert labels[:-1].tolist() == ids[1:].tolist(), f"branch {b} of {row}"
+    # ... and no content token lacks one: as many labels as the records have tokens (a branch's
+    # first token, and the first of each piece of a text split for length, included).
+    texts = [r["text"] for r in TRAINED_RECORDS if "text" in r]
+    texts += [b for r in TRAINED_RECORDS for b in r.get("branches", [])]
+    content = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
+    assert sum(row.num_trained for row in rows) == content
     # Every record kind (the sample data and chat parallel records): the independent checker, which
     # checks the label of every trained content token, a branch's first one included.
     inputs = sorted(p for p in sample_dir.glob("sample_*") if p.is_file())
