@@ -1,7 +1,7 @@
 """The parallel layout contract: records, packing, coordinates, labels, masks and shards.
 
 This is the single definition shared by the pipeline, the trainer, `plora inspect` and
-parallel generation. Everything else derives what it needs from here and never
+parallel generation, written out in docs/layout.md. Everything else derives what it needs from here and never
 re-implements it. The functions are pure: they take plain values or arrays and return new
 ones.
 

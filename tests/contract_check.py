@@ -69,7 +69,7 @@ class Checker:
         self.bos = bos if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else None
         self.trained_tokens = 0
 
-    # -- tokens of records, from the SPEC's words ---------------------------------------------
+    # -- tokens of records, from the contract's words (docs/layout.md) --------------------------
 
     def ids(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"]) if text else []

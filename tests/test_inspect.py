@@ -117,7 +117,7 @@ def test_padding_waste_edges() -> None:
 
 
 def spec_visible(mode: str, bq: int, tq: int, bk: int, tk: int, same: bool, trunk: bool) -> bool:
-    """SPEC.md's attention rules, written out token by token."""
+    """docs/layout.md's attention rules, written out token by token."""
     if mode == "isolated":
         return tk <= tq and (bk == bq or (trunk and bk == 0))
     return tk < tq or same

@@ -1,4 +1,4 @@
-"""Masks: dense, FlexAttention mask_mod/BlockMask and a brute force written from SPEC.md agree."""
+"""Masks: dense, FlexAttention mask_mod/BlockMask and a brute force written from docs/layout.md agree."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from parallel.masks import block_mask, dense_mask, mask_mod
 
 
 def brute_force(branch, time, valid, has_trunk, mode, window=None) -> torch.Tensor:
-    """SPEC "Attention", literally, one (q, k) pair at a time.
+    """docs/layout.md "Attention", literally, one (q, k) pair at a time.
 
     isolated: time(k) <= time(q) and (k in q's branch, or k in the trunk).
     columnar: time(k) < time(q) or k is q. Padding neither sees nor is seen; a padding query
