@@ -17,8 +17,14 @@ with ``add_special_tokens=False`` and BOS, where the tokenizer uses one, is adde
   the render, trained, so generation still learns to stop; a template that closes the assistant
   turn with EOS (ChatML with EOS ``<|im_end|>``) gets none extra.
 - parallel: the trunk is ``ids(main)`` with no EOS, trained iff ``train_trunk``; a branch is
-  ``ids(prompt) + ids(response) + [eos]`` with the response and EOS trained. A trunk longer than
-  ``max_seq_len`` rejects the record: unlike a branch it cannot be split.
+  ``ids(prompt + "\n") + ids(response) + [eos]`` (parallel.layout.branch_prompt_text) with the
+  response and EOS trained. A trunk longer than ``max_seq_len`` rejects the record: unlike a
+  branch it cannot be split.
+- chat parallel: the trunk is :func:`chat_trunk_ids` (also generation's trunk under ``--chat``),
+  never trained; a branch is what the template renders after the trunk for the branch's turns,
+  through the assistant's end of turn, trained from the answer on (``RecordEncoder._chat_branch``).
+
+Every branch then gets its start token from :func:`parallel.layout.build_row` (docs/layout.md).
 
 A chat template that leaves an assistant's text out of its render stops the run: it is the
 tokenizer's fault, not the record's.
