@@ -451,11 +451,11 @@ def encode_prompt(tokenizer: Any, prompt: str, *, chat: bool) -> list[int]:
         return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     if tokenizer.chat_template is None:
         raise PloraError(f"{tokenizer.name_or_path}: --chat needs a tokenizer with a chat template")
-    from pipeline.tokenize import chat_trunk_ids  # noqa: PLC0415 - pulls in the tokenizer stack
+    from pipeline.tokenize import chat_trunk  # noqa: PLC0415 - pulls in the tokenizer stack
 
     try:
         # The trunk tokenize builds for {"messages": [user prompt], "branches": [...]}.
-        return chat_trunk_ids(tokenizer, [Message("user", prompt)])
+        return chat_trunk(tokenizer, [Message("user", prompt)]).ids.tolist()
     except ValueError as err:
         raise PloraError(f"{tokenizer.name_or_path}: {err}") from None
 

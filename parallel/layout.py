@@ -42,6 +42,8 @@ RECORD_KEYS: dict[str, frozenset[str]] = {
     "parallel": frozenset({"main", "branches"}),
     "chat_parallel": frozenset({"messages", "branches"}),
 }
+# Keys a record of a kind may have besides its own (they do not decide the kind).
+OPTIONAL_KEYS: dict[str, frozenset[str]] = {"chat_parallel": frozenset({"lead"})}
 
 # Shard columns: per-token lists (equal length, in the row's stored order) ...
 TOKEN_COLUMNS: tuple[str, ...] = ("input_ids", "branch_id", "time_id", "labels")
@@ -97,10 +99,12 @@ class ParallelRecord:
 @dataclass(frozen=True)
 class ChatParallelRecord:
     """A chat whose next assistant turn is written as parallel branches: the trunk is the chat
-    template's render of ``messages`` (which never end with an assistant turn)."""
+    template's render of ``messages`` (which never end with an assistant turn), followed by
+    ``lead``, the start of the answer that every branch continues (a list's lead-in)."""
 
     messages: tuple[Message, ...]
     branches: tuple[Branch, ...]
+    lead: str = ""
 
 
 Record = TextRecord | ChatRecord | ParallelRecord | ChatParallelRecord
@@ -127,7 +131,8 @@ def parse_record(obj: Any) -> Record:
     if len(kinds) > 1:
         mixed = sorted(keys & frozenset().union(*(RECORD_KEYS[kind] for kind in kinds)))
         raise RecordError(f"keys {mixed} mix {' and '.join(kinds)} records; {one_of}")
-    unexpected = sorted(keys - RECORD_KEYS[kinds[0]]) if kinds else []
+    allowed = RECORD_KEYS[kinds[0]] | OPTIONAL_KEYS.get(kinds[0], frozenset()) if kinds else frozenset()
+    unexpected = sorted(keys - allowed) if kinds else []
     if unexpected:
         raise RecordError(f"unexpected keys {unexpected}; {one_of}")
     kind = kinds[0] if kinds else None
@@ -138,7 +143,14 @@ def parse_record(obj: Any) -> Record:
                 "chat parallel record: 'messages' end with an assistant turn, but the branches are "
                 "that turn; end 'messages' with a user (or system) turn"
             )
-        return ChatParallelRecord(messages=messages, branches=_parse_branches(obj["branches"]))
+        branches = _parse_branches(obj["branches"])
+        lead = _require_text(obj.get("lead", ""), "'lead'", allow_empty=True)
+        if lead and any(b.prompt for b in branches):
+            raise RecordError(
+                "chat parallel record: a 'lead' starts the assistant's answer, which every branch "
+                "continues, so every branch must be a string (not a {prompt, response} turn)"
+            )
+        return ChatParallelRecord(messages=messages, branches=branches, lead=lead)
     if kind == "parallel":
         if "branches" not in keys:
             raise RecordError("parallel record has 'main' but no 'branches' list")

@@ -20,7 +20,7 @@ with ``add_special_tokens=False`` and BOS, where the tokenizer uses one, is adde
   ``ids(prompt + "\n") + ids(response) + [eos]`` (parallel.layout.branch_prompt_text) with the
   response and EOS trained. A trunk longer than ``max_seq_len`` rejects the record: unlike a
   branch it cannot be split.
-- chat parallel: the trunk is :func:`chat_trunk_ids` (also generation's trunk under ``--chat``),
+- chat parallel: the trunk is :func:`chat_trunk` (also generation's trunk under ``--chat``),
   never trained; a branch is what the template renders after the trunk for the branch's turns,
   through the assistant's end of turn, trained from the answer on (``RecordEncoder._chat_branch``).
 
@@ -112,7 +112,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_ROWS_PER_SHARD",
-    "chat_trunk_ids",
+    "chat_trunk",
     "RecordEncoder",
     "Rejected",
     "TokenizeJob",
@@ -185,15 +185,20 @@ def _apply_template(tokenizer: Any, messages: Sequence[Message], generation_prom
         raise ValueError(f"the chat template failed on this chat: {err}") from None
 
 
-def chat_trunk_ids(
-    tokenizer: Any, messages: Sequence[Message], *, generation_prompt: bool = True
-) -> list[int]:
+def chat_trunk(
+    tokenizer: Any, messages: Sequence[Message], *, generation_prompt: bool = True, lead: str = ""
+) -> TokenSequence:
     """The trunk of a chat parallel record and of ``plora generate --chat``: the chat template's
     render of ``messages`` (with the assistant's generation prompt unless a branch opens a turn
-    of its own), tokenized without special tokens added. Training and generation both take their
-    trunk from here, so they see the same ids. ValueError if the template fails on the chat."""
-    text = _apply_template(tokenizer, messages, generation_prompt)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    of its own) followed by ``lead``, tokenized without special tokens added. Only the lead is
+    trained: it is the assistant's text. Training and generation both take their trunk from here,
+    so they see the same ids. ValueError if the template fails on the chat."""
+    rendered = _apply_template(tokenizer, messages, generation_prompt)
+    encoded = tokenizer(rendered + lead, add_special_tokens=False, return_offsets_mapping=bool(lead))
+    ids = encoded["input_ids"]
+    if not lead:
+        return TokenSequence.of(ids, False)
+    return TokenSequence.of(ids, [end > len(rendered) for _, end in encoded["offset_mapping"]])
 
 
 # --------------------------------------------------------------------------------------
@@ -392,7 +397,7 @@ class RecordEncoder:
         return Rejected(item.source, item.line, reason, fatal=True)
 
     def _encode_chat_parallel(self, item: SourcedRecord) -> PackItem | Rejected:
-        """A chat parallel record: the trunk from :func:`chat_trunk_ids`; each branch is what the
+        """A chat parallel record: the trunk from :func:`chat_trunk`; each branch is what the
         template renders after the trunk when the branch's turns follow ``messages`` (a string:
         the assistant's answer; ``{prompt, response}``: a user turn and the assistant's answer),
         through the assistant's end of turn, of which the answer and its end of turn are trained.
@@ -403,30 +408,32 @@ class RecordEncoder:
             return self._no_template(item)
         answers_only = not any(b.prompt for b in record.branches)
         try:
-            trunk_text = _apply_template(self.tokenizer, record.messages, answers_only)
-            trunk_ids = chat_trunk_ids(self.tokenizer, record.messages, generation_prompt=answers_only)
-            branches = [self._chat_branch(record.messages, b, trunk_text) for b in record.branches]
+            messages, lead = record.messages, record.lead
+            trunk_text = _apply_template(self.tokenizer, messages, answers_only) + lead
+            trunk = chat_trunk(self.tokenizer, messages, generation_prompt=answers_only, lead=lead)
+            branches = [self._chat_branch(messages, b, trunk_text, lead) for b in record.branches]
         except _ContentNotRendered as err:
             return self._not_rendered(item, err)
         except ValueError as err:
             return Rejected(item.source, item.line, str(err))
-        too_long = self._trunk_too_long(len(trunk_ids), "the rendered 'messages'")
+        too_long = self._trunk_too_long(len(trunk), "the rendered 'messages'")
         if too_long:
             return Rejected(item.source, item.line, too_long)
-        # The trunk is system and user turns: as in a chat record, only the assistant's text is trained.
-        return PackItem(tuple(branches), trunk=TokenSequence.of(trunk_ids, False))
+        return PackItem(tuple(branches), trunk=trunk)
 
-    def _chat_branch(self, messages: tuple[Message, ...], branch: Branch, trunk_text: str) -> TokenSequence:
+    def _chat_branch(
+        self, messages: tuple[Message, ...], branch: Branch, trunk_text: str, lead: str
+    ) -> TokenSequence:
         asked = (Message("user", branch.prompt),) if branch.prompt else ()
-        turns = (*asked, Message("assistant", branch.response))
+        turns = (*asked, Message("assistant", lead + branch.response))
         full, spans = self._render(ChatRecord(messages + turns))
         if not full.startswith(trunk_text):
             raise ValueError(
                 "the chat template renders the conversation differently once a branch's turn follows it, "
                 "so the branches cannot share one trunk"
             )
-        start, end = spans[-1]  # the branch's answer, through its end of turn
-        cut = len(trunk_text)
+        start, end = spans[-1]  # the answer (lead and branch), through its end of turn
+        cut = len(trunk_text)  # the lead is in the trunk
         [(ids, offsets)] = self._encode([full[cut:end]], offsets=True)
         return self._trained_spans(ids, offsets, [(start - cut, end - cut)])
 

@@ -148,3 +148,53 @@ def test_item7_chat_parallel_ending_with_assistant_is_one_line_error_or_counted(
     assert "2 records in, 1 out, 1 rejected" in done.stderr
     (entry,) = [json.loads(line) for line in Path(f"{out}.rejects.jsonl").read_text().splitlines()]
     assert entry["line"] == 2 and "end with an assistant turn" in entry["reason"]
+
+
+def test_lead_starts_the_answer_in_the_trunk_and_is_trained(tiny_model_dir: Path) -> None:
+    tokenizer = load_tokenizer(tiny_model_dir)
+    lead = "Two ways:\n"
+    record = {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "lead": lead,
+        "branches": ["1. Insulate the loft.\n", "2. Switch lights off."],
+    }
+    row = pack(record, tokenizer)
+    trunk, *branches = sequences(row)
+    start = branches[0][0]
+    assert {b[0] for b in branches} == {start}  # the lead's last token starts every branch
+    prompt_text = tokenizer.decode(encode_prompt(tokenizer, PROMPT, chat=True))
+    assert tokenizer.decode(trunk + [start]) == prompt_text + lead
+    trunk_labels = row.labels[row.branch_id == 0]
+    # The lead is the assistant's text: every lead token in the trunk is a training target ...
+    assert tokenizer.decode(trunk_labels[trunk_labels >= 0].tolist() + [start]) == lead
+    # ... and the rendered user turn is not.
+    lead_tokens = len(tokenizer(lead, add_special_tokens=False)["input_ids"])
+    assert len(trunk_labels[trunk_labels >= 0]) == lead_tokens - 1
+
+
+def test_lead_needs_string_branches() -> None:
+    record = {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "lead": "Two ways:\n",
+        "branches": [{"prompt": "Why?", "response": "Because."}],
+    }
+    with pytest.raises(ValueError, match="every branch must be a string"):
+        parse_record(record)
+
+
+def test_split_lists_records_tokenize(
+    plora_bin: Path, tiny_model_dir: Path, sample_dir: Path, tmp_path: Path
+) -> None:
+    records, led = tmp_path / "lists.jsonl", tmp_path / "led.jsonl"
+    answer = "Three of them:\n1. Walk.\n2. Cycle.\n3. Take the train."
+    chat = [{"role": "user", "content": "Ways to get to work?"}, {"role": "assistant", "content": answer}]
+    led.write_text(json.dumps({"messages": chat}) + "\n")
+    alpaca = sample_dir / "sample_alpaca.json"
+    done = run_plora(plora_bin, "convert", alpaca, led, "--split-lists", "--out", records)
+    assert done.returncode == 0, done.stderr
+    parallel = [r for r in map(json.loads, records.read_text().splitlines()) if "branches" in r]
+    assert parallel and any("lead" in r for r in parallel)
+    shards = tmp_path / "shards"
+    done = run_plora(plora_bin, "tokenize", records, "--tokenizer", tiny_model_dir, "--out", shards)
+    assert done.returncode == 0, done.stderr
+    assert "0 rejected" in done.stderr + done.stdout
