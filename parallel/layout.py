@@ -234,7 +234,8 @@ def record_to_json(record: Record) -> dict[str, Any]:
         {"prompt": b.prompt, "response": b.response} if b.prompt else b.response for b in record.branches
     ]
     if isinstance(record, ChatParallelRecord):
-        return {"messages": messages, "branches": branches}
+        lead = {"lead": record.lead} if record.lead else {}
+        return {"messages": messages, **lead, "branches": branches}
     return {"main": record.main, "branches": branches}
 
 

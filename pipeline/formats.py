@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 from parallel.layout import (
+    OPTIONAL_KEYS,
     RECORD_KEYS,
     ChatRecord,
     Record,
@@ -41,7 +42,7 @@ from parallel.layout import (
     record_kinds,
 )
 
-CANONICAL_KEYS: frozenset[str] = frozenset().union(*RECORD_KEYS.values())
+CANONICAL_KEYS: frozenset[str] = frozenset().union(*RECORD_KEYS.values(), *OPTIONAL_KEYS.values())
 FORMATS: tuple[str, ...] = ("alpaca", "sharegpt", "messages", "prompt-response", "text", "canonical")
 MODES: tuple[str, ...] = ("sft", "pretrain")
 

@@ -182,19 +182,50 @@ def test_lead_needs_string_branches() -> None:
         parse_record(record)
 
 
-def test_split_lists_records_tokenize(
+def test_split_lists_records_keep_their_lead_through_convert_and_tokenize(
     plora_bin: Path, tiny_model_dir: Path, sample_dir: Path, tmp_path: Path
 ) -> None:
-    records, led = tmp_path / "lists.jsonl", tmp_path / "led.jsonl"
     answer = "Three of them:\n1. Walk.\n2. Cycle.\n3. Take the train."
     chat = [{"role": "user", "content": "Ways to get to work?"}, {"role": "assistant", "content": answer}]
+    led = tmp_path / "led.jsonl"
     led.write_text(json.dumps({"messages": chat}) + "\n")
-    alpaca = sample_dir / "sample_alpaca.json"
-    done = run_plora(plora_bin, "convert", alpaca, led, "--split-lists", "--out", records)
+    records, again = tmp_path / "lists.jsonl", tmp_path / "again.jsonl"
+    done = run_plora(plora_bin, "convert", led, "--split-lists", "--out", records)
     assert done.returncode == 0, done.stderr
-    parallel = [r for r in map(json.loads, records.read_text().splitlines()) if "branches" in r]
-    assert parallel and any("lead" in r for r in parallel)
+    [record] = [json.loads(line) for line in records.read_text().splitlines()]
+    assert record["lead"] == "Three of them:\n" and len(record["branches"]) == 3
+    done = run_plora(plora_bin, "convert", records, "--out", again)  # canonical records pass through whole
+    assert done.returncode == 0, done.stderr
+    assert json.loads(again.read_text()) == record
+
     shards = tmp_path / "shards"
     done = run_plora(plora_bin, "tokenize", records, "--tokenizer", tiny_model_dir, "--out", shards)
     assert done.returncode == 0, done.stderr
+    done = run_plora(plora_bin, "inspect", shards, "--row", 0, "--json")
+    assert done.returncode == 0, done.stderr
+    trunk, *branches = json.loads(done.stdout)["row"]["sequences"]
+    # The lead ends the trunk; its last token (":\n" for this tokenizer) is every branch's start.
+    assert trunk["text"].endswith("<|im_start|>assistant\nThree of them")
+    assert all(b["text"].startswith(":\n") for b in branches)
+    assert "1. Walk." in branches[0]["text"]
+
+    # The sample Alpaca lists tokenize whole.
+    alpaca = tmp_path / "alpaca.jsonl"
+    lists = sample_dir / "sample_alpaca.json"
+    done = run_plora(plora_bin, "convert", lists, "--split-lists", "--out", alpaca)
+    assert done.returncode == 0, done.stderr
+    done = run_plora(plora_bin, "tokenize", alpaca, "--tokenizer", tiny_model_dir, "--out", tmp_path / "s2")
+    assert done.returncode == 0, done.stderr
     assert "0 rejected" in done.stderr + done.stdout
+
+
+def test_a_lead_with_a_prompt_response_branch_is_one_line(plora_bin: Path, tmp_path: Path) -> None:
+    record = {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "lead": "Two ways:\n",
+        "branches": [{"prompt": "Why?", "response": "Because."}],
+    }
+    source = tmp_path / "bad.jsonl"
+    source.write_text(json.dumps(record) + "\n")
+    line = one_line_error(run_plora(plora_bin, "convert", source))
+    assert f"{source}:1" in line and "every branch must be a string" in line
