@@ -263,7 +263,6 @@ def _plan(
     )
 
 
-@torch.no_grad()
 def check_decoding(*, mask: str | None, align: str | None, max_new_tokens: int) -> None:
     """The decoding settings that need no model (None: the model's default), so that a caller can
     refuse a bad request before loading one."""
@@ -275,6 +274,7 @@ def check_decoding(*, mask: str | None, align: str | None, max_new_tokens: int) 
         raise PloraError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
 
 
+@torch.no_grad()
 def decode_parallel(
     model: torch.nn.Module,
     trunk: Sequence[int],

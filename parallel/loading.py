@@ -350,7 +350,8 @@ def export_model(
         tmp = atomic.make_temp_dir(target)
         try:
             _write_export(tmp, model, tokenizer, config, merge, dtype, Path(adapter_dir), source_base)
-            atomic.publish_dir(tmp, target)
+            # Without --overwrite, what appeared in --out while the model was being written is kept.
+            atomic.publish_dir(tmp, target, replace=overwrite)
         except (OSError, SafetensorError) as err:
             raise outdir.write_failure(out, "the exported model", err) from None
         finally:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +42,16 @@ def build_cached(
     *,
     what: str,
     overwrite: bool = False,
+    inputs: Iterable[outdir.Protected] = (),
 ) -> Path:
     """Run ``write(tmp_dir)`` and publish it with ``marker`` at ``out_dir``, unless ``out_dir`` already
     holds a build with ``marker["key"]``. Otherwise ``out_dir`` must be absent or empty, or anything
-    with ``overwrite`` (replaced once the new build is whole). ``what`` names the build in errors."""
+    with ``overwrite`` (replaced once the new build is whole) but the build's ``inputs``. ``what``
+    names the build in errors."""
     out_dir = Path(out_dir)
     if read_marker(out_dir, marker_name).get("key") == marker["key"]:
         return out_dir
-    outdir.refuse_protected(out_dir, "--out")
+    outdir.refuse_protected(out_dir, "--out", inputs)
     with outdir.lock(out_dir, "--out", wait=True):
         if read_marker(out_dir, marker_name).get("key") == marker["key"]:  # built by the one we waited for
             return out_dir
@@ -59,7 +61,8 @@ def build_cached(
         try:
             write(tmp_dir)
             atomic.write_json(tmp_dir / marker_name, marker)
-            atomic.publish_dir(tmp_dir, target)
+            # Without --overwrite, what appeared in --out during the build is kept.
+            atomic.publish_dir(tmp_dir, target, replace=overwrite)
         except (OSError, SafetensorError) as err:
             raise outdir.write_failure(out_dir, what, err) from None
         finally:

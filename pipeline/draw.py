@@ -80,11 +80,17 @@ def write_row_png(
 ) -> Path:
     """Draw the row of ``facts["row"]`` and write it as a PNG, atomically. Returns the path."""
     fig = row_figure(facts, view, tokens, title=title)
+    return save_png(fig, path, metadata={PNG_FACTS_KEY: json.dumps(facts["row"])})
+
+
+def save_png(fig: Any, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a matplotlib figure as a PNG, atomically, making missing directories; one line if the
+    system refuses."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic.open_atomic(path, "wb") as out:
-            fig.savefig(out, format="png", dpi=100, metadata={PNG_FACTS_KEY: json.dumps(facts["row"])})
+            fig.savefig(out, format="png", dpi=100, metadata=dict(metadata or {}))
     except OSError as err:
         raise PloraError(f"cannot write PNG {path}: {err.strerror or err}") from None
     return path

@@ -106,7 +106,7 @@ def build_gguf_model(path: Path, out_dir: Path, *, overwrite: bool = False) -> P
     marker = {"builder_version": BUILDER_VERSION, "key": gguf_key(path), "gguf": path.name}
     return build_cached(
         out_dir, marker, MARKER_NAME, lambda tmp: _write_gguf_model(path, tmp),
-        what=f"the model converted from {path.name}", overwrite=overwrite,
+        what=f"the model converted from {path.name}", overwrite=overwrite, inputs=[("the GGUF file", path)],
     )
 
 

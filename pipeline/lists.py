@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from parallel.layout import ChatRecord, ParallelRecord, Record, RecordError, TextRecord
+from parallel.layout import ChatParallelRecord, ChatRecord, ParallelRecord, Record, RecordError, TextRecord
 from pipeline.chat_parallel import chat_parallel_record
 
 DEFAULT_MIN_ITEMS = 3
@@ -95,7 +95,7 @@ def split_record(record: Record, min_items: int = DEFAULT_MIN_ITEMS) -> dict | s
     it is. RecordError for a record without assistant turns (nothing to split)."""
     if isinstance(record, TextRecord):
         raise RecordError("no assistant turn: --split-lists splits the assistant's answer of a chat record")
-    if isinstance(record, ParallelRecord):
+    if isinstance(record, ParallelRecord | ChatParallelRecord):
         return ALREADY_PARALLEL
     assert isinstance(record, ChatRecord)
     *context, answer = record.messages

@@ -3,6 +3,7 @@ an ordinary HF directory that loads, tokenizes and predicts exactly as transform
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,16 @@ def test_a_gguf_file_is_a_tokenizer_and_a_base_model(
     )
     assert done.returncode == 0, done.stderr
     assert '"loss"' in done.stdout
+
+
+def test_demo_model_never_replaces_a_directory_holding_its_gguf(plora_bin: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    source = models / "smol.gguf"
+    shutil.copyfile(demo_gguf(), source)
+    before = tree(models)
+    line = one_line_error(
+        run_plora(plora_bin, "demo-model", "--gguf", source, "--out", models, "--overwrite")
+    )
+    assert f"--out {models}: holds the GGUF file {source}" in line
+    assert tree(models) == before

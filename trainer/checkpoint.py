@@ -118,10 +118,12 @@ def save_checkpoint(
             tmp / STATE_DIR / STATE_FILE, {**state, "format": CHECKPOINT_FORMAT, "param_groups": groups}
         )
         atomic.publish_dir(tmp, path)
+        tmp = None
     except (OSError, SafetensorError) as err:
+        raise outdir.write_failure(path, "the checkpoint", err) from None
+    finally:  # a failed write, or Ctrl-C while writing: the partial temporary must not fill the disk
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise outdir.write_failure(path, "the checkpoint", err) from None
 
 
 def read_plora_json(path: str | Path) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import contextlib
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,13 +63,15 @@ from trainer.model import (
 )
 from trainer.rundir import claimed_out_dir, prune_checkpoints
 
-# Settings a resumed run must share with the checkpoint, or its data order and batches would differ.
+# Settings a resumed run must share with the checkpoint, or its data order and batches would differ
+# (and, for the run's length, its learning-rate schedule and where it ends).
 RESUME_MUST_MATCH: tuple[str, ...] = (
     "seed",
     "group_by_length",
     "val_fraction",
     "global_batch",
     "shards_digest",
+    "total_steps",
 )
 
 
@@ -126,13 +129,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     cfg.validate()
     env = init_distributed(cfg.device)
     try:
-        with claimed_out_dir(cfg, env.is_main):
-            return _train(cfg, env)
+        with claimed_out_dir(cfg, env.is_main) as clear_replaced_run:
+            return _train(cfg, env, clear_replaced_run)
     finally:
         shutdown(env)
 
 
-def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
+def _train(cfg: TrainConfig, env: DistEnv, clear_replaced_run: Callable[[], None]) -> TrainResult:
     # ---- setup: every check that can fail does so here, before the first step ----------------------
     if env.is_main:
         check_writable(cfg.out_dir)
@@ -157,6 +160,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         "val_fraction": cfg.val_fraction,
         "global_batch": plan.global_batch,
         "shards_digest": manifest["fingerprint"]["digest"],
+        "total_steps": plan.total_steps,
     }
     resume_dir = resolve_resume(cfg, env)
     resumed = read_trainer_state(resume_dir) if resume_dir is not None else None
@@ -194,6 +198,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         start_step = resumed["step"]
     total_steps = plan.total_steps
     run_id = (resumed or {}).get("run_id") or new_run_id()  # a resumed run keeps its TensorBoard directory
+    clear_replaced_run()  # every check has passed: only now may --overwrite remove the earlier run
     metrics = MetricsLog(cfg, enabled=env.is_main, start_step=start_step, run_id=run_id)
     plora_meta = _plora_metadata(cfg, rope, manifest, base, lora_settings(model))
     if env.is_main:
@@ -426,7 +431,6 @@ def _trainer_state(
         "step": step,
         "epoch": epoch,
         "step_in_epoch": step_in_epoch,
-        "total_steps": plan.total_steps,
         "world_size": plan.world_size,
         "tokens_seen": tokens_seen,
         "scaler": scaler.state_dict(),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,10 +26,13 @@ OUT_DIR_ENTRIES = ("lora", "logs", "shards")  # what plora writes in an --out-di
 
 
 @contextmanager
-def claimed_out_dir(cfg: TrainConfig, is_main: bool) -> Iterator[None]:
-    """Hold --out-dir for the run: only the writing process (global rank 0) checks and locks it."""
+def claimed_out_dir(cfg: TrainConfig, is_main: bool) -> Iterator[Callable[[], None]]:
+    """Hold --out-dir for the run: only the writing process (global rank 0) checks and locks it.
+
+    Yields the call that removes an earlier run ``--overwrite`` replaces: the trainer makes it once
+    every check of the new run has passed, so a run that cannot start leaves the old one intact."""
     if not is_main:
-        yield
+        yield lambda: None
         return
     if cfg.resume is not None and cfg.overwrite:
         raise PloraError("--resume and --overwrite contradict each other; pass one")
@@ -41,9 +44,13 @@ def claimed_out_dir(cfg: TrainConfig, is_main: bool) -> Iterator[None]:
     ]
     outdir.refuse_protected(cfg.out_dir, "--out-dir", inputs, may_hold_inputs=True)
     with outdir.lock(cfg.out_dir, "--out-dir"):
-        if cfg.resume is None:
-            _start_afresh(cfg)
-        yield
+        replaced = _replaced_run(cfg) if cfg.resume is None else []
+
+        def clear() -> None:
+            for path in replaced:
+                remove(path)
+
+        yield clear
 
 
 def earlier_run(out_dir: str | Path, name: str) -> list[Path]:
@@ -56,7 +63,9 @@ def earlier_run(out_dir: str | Path, name: str) -> list[Path]:
     return found + atomic.temporaries(lora_dir(out_dir), f"{name}_*")
 
 
-def _start_afresh(cfg: TrainConfig) -> None:
+def _replaced_run(cfg: TrainConfig) -> list[Path]:
+    """What a new run must replace in --out-dir: nothing, or (with --overwrite) an earlier run of
+    its name; refused without --overwrite."""
     out = Path(cfg.out_dir)
     if out.is_dir():  # a file there fails in check_writable, with its own message
         outdir.refuse_foreign(
@@ -64,7 +73,7 @@ def _start_afresh(cfg: TrainConfig) -> None:
         )
     earlier = earlier_run(out, cfg.lora_name)
     if not earlier:
-        return
+        return []
     if not cfg.overwrite:
         raise PloraError(
             f"--out-dir {out}: holds an earlier run of {cfg.lora_name} ({_listed(earlier, out)}); "
@@ -77,8 +86,7 @@ def _start_afresh(cfg: TrainConfig) -> None:
                 f"--load-lora {cfg.load_lora}: belongs to the earlier run that --overwrite would remove; "
                 "copy it elsewhere or choose another --out-dir or --lora-name"
             )
-    for path in earlier:
-        remove(path)
+    return earlier
 
 
 def _listed(paths: list[Path], out: Path) -> str:

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import atomic
 from pipeline.errors import PloraError
 from trainer.checkpoint import STATE_DIR, STATE_FILE, lora_dir, read_trainer_state
 from trainer.metrics import METRICS_FILE, read_metrics
@@ -102,13 +101,9 @@ def write_curves_png(runs: list[Run], path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     if ax.has_data():
         ax.legend()
-    path = Path(path)
-    try:
-        with atomic.open_atomic(path, "wb") as out:
-            fig.savefig(out, format="png", dpi=100)
-    except OSError as err:
-        raise PloraError(f"cannot write PNG {path}: {err.strerror or err}") from None
-    return path
+    from pipeline.draw import save_png  # noqa: PLC0415 - with matplotlib, only when drawing
+
+    return save_png(fig, path)
 
 
 def describe(run: Run) -> dict[str, Any]:
