@@ -99,7 +99,7 @@ class EvalOptions:
     adapter: str | None = None
     tokenizer_path: str | None = None
     batch_size: int = 16
-    dtype: str = "float32"
+    dtype: str | None = None  # None: the adapter's training dtype (its losses as trained), float32 without
     device: str = "auto"
     attn: str = "auto"
     # Used for a bare base model (an adapter brings its own from plora.json): the training defaults.
@@ -125,6 +125,7 @@ def run_eval(options: EvalOptions, on_batch: Callable[[int], None] | None = None
     meta = read_plora_json(options.adapter) if options.adapter is not None else None
     if meta is not None:
         settings = {key: meta[key] for key in settings}
+    dtype = options.dtype or (meta or {}).get("dtype", "float32")
     cfg = TrainConfig(
         shards=options.shards,
         base_model=options.base_model,
@@ -132,7 +133,7 @@ def run_eval(options: EvalOptions, on_batch: Callable[[int], None] | None = None
         trust_remote_code=options.trust_remote_code,
         attn=options.attn,
         batch_size=options.batch_size,
-        dtype=options.dtype,
+        dtype=dtype,
         device=options.device,
         **settings,
     ).validate()
