@@ -256,6 +256,7 @@ def generation(
         for t, r in zip(trunks, prompts, strict=True)
     ]
     own_loss = [mean_loss(base, t, [encode(i) for i in own]) for t, own in zip(trunks, owns, strict=True)]
+    decode_parallel(model, trunks[0], [[]], special=special, max_new_tokens=2)  # warm-up, not timed
     result: dict[str, Any] = {}
     for way, sampling in (("greedy", SamplingOptions()), ("sampled", SamplingOptions(0.7, 0.9, seed=0))):
         branches = distinct = eos = 0
