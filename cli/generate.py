@@ -65,6 +65,37 @@ def _dtype(dtype: str, device: str) -> str:
     return dtype
 
 
+def _check_request(
+    *,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    mask: str | None,
+    max_new_tokens: int,
+    attn: str,
+    device: str,
+    dtype: str,
+    bare_rope: tuple[float, int] | None,
+) -> None:
+    """Every setting that needs no model, refused before one loads (that takes seconds)."""
+    from parallel.forward import check_attn_device, resolve_attn  # noqa: PLC0415 - slow imports
+    from parallel.generation import SamplingOptions, check_decoding  # noqa: PLC0415
+    from parallel.loading import check_dtype  # noqa: PLC0415
+
+    SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    check_decoding(mask=mask, align=None, max_new_tokens=max_new_tokens)
+    resolve_attn(attn, device)
+    check_attn_device(attn, device)
+    check_dtype(dtype)
+    if bare_rope is not None:  # an adapter brings its own
+        ratio, stride = bare_rope
+        if not 0.0 <= ratio <= 1.0:
+            raise PloraError(f"--rope-2d-ratio must lie in [0, 1], got {ratio}")
+        if stride < 0:
+            raise PloraError(f"--stride must be >= 0, got {stride}")
+
+
 class BranchStream:
     """The branches' texts as they grow: token ids per branch, decoded text, and new text to emit."""
 
@@ -154,6 +185,18 @@ def generate_command(
     if adapter is None and base_model is None:
         raise PloraError("give --adapter DIR (or an exported model), or --base-model DIR for the bare base")
     where = _device(device)
+    _check_request(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        mask=mask,
+        max_new_tokens=max_new_tokens,
+        attn=attn,
+        device=where,
+        dtype=_dtype(dtype, where),
+        bare_rope=(rope_2d_ratio, stride) if adapter is None else None,
+    )
     err = Console(stderr=True)
     with err.status("loading the model", spinner="dots") if not as_json else contextlib.nullcontext():
         loaded = load_parallel_model(
@@ -191,7 +234,7 @@ def generate_command(
         for k, token in step.tokens.items():
             text = stream.add(k, token)
             line = {"type": "token", "step": step.step, "branch": k, "token_id": token, "text": text}
-            sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
+            sys.stdout.write(json.dumps(line, ensure_ascii=False, allow_nan=False) + "\n")
         sys.stdout.flush()
 
     with warnings.catch_warnings():
@@ -235,9 +278,10 @@ def generate_command(
             "kv_cache_tokens": decode.cache_tokens,
             "steps": decode.steps,
             "seconds": round(decode.seconds, 4),
-            "tokens_per_second": round(decode.tokens_per_second, 2),
+            # Infinity (no time measured) is not JSON
+            "tokens_per_second": round(decode.tokens_per_second, 2) if decode.seconds > 0 else None,
         }
-        sys.stdout.write(json.dumps(summary, ensure_ascii=False) + "\n")
+        sys.stdout.write(json.dumps(summary, ensure_ascii=False, allow_nan=False) + "\n")
         return
     counts = ", ".join(
         f"{k + 1}: {len(b.token_ids)} ({b.finish_reason})" for k, b in enumerate(result.branches)

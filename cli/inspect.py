@@ -109,7 +109,7 @@ def inspect_command(
         view = row_view(packed)
         facts["png"] = str(write_row_png(png, facts, view, token_texts(view, decode), title=title))
     if as_json:
-        json.dump(facts, sys.stdout, ensure_ascii=False, indent=2)
+        json.dump(facts, sys.stdout, ensure_ascii=False, indent=2, allow_nan=False)
         sys.stdout.write("\n")
     else:
         _print_facts(Console(), facts)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+from types import FrameType
 
 import typer
 
@@ -16,6 +18,7 @@ import cli.convert  # noqa: F401
 import cli.demomodel  # noqa: F401
 import cli.generate  # noqa: F401
 import cli.inspect  # noqa: F401
+import cli.runs  # noqa: F401
 import cli.tinymodel  # noqa: F401
 import cli.tokenize  # noqa: F401
 import cli.train  # noqa: F401
@@ -25,11 +28,39 @@ from pipeline.errors import PloraError
 # click < 8.2 prints the help itself on a bare `plora`; later ones raise this
 NO_ARGS_IS_HELP = getattr(click_exceptions, "NoArgsIsHelpError", ())
 
+# typer turns a KeyboardInterrupt inside a command into this *returned* status (standalone_mode=False)
+INTERRUPTED = 128 + signal.SIGINT
+STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
+_received: list[int] = []  # the signals that stopped the command, first one first
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    """SIGINT and SIGTERM both unwind as Ctrl-C does: finally blocks run, temporaries are removed, and
+    nothing half-written is left under a final name. A second one kills at once, as SIGKILL would."""
+    _received.append(signum)
+    signal.signal(signum, signal.SIG_DFL)
+    raise KeyboardInterrupt
+
+
+def _catch_stop_signals() -> None:
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL):  # not if ignored
+            signal.signal(signum, _stop)
+
+
+def _exit_stopped() -> None:
+    """One line and the shell's status for a process killed by that signal (130 Ctrl-C, 143 SIGTERM)."""
+    signum = _received[0] if _received else signal.SIGINT
+    print(f"plora: {STOP_SIGNALS[signum]}", file=sys.stderr)
+    sys.exit(128 + signum)
+
 
 def main() -> None:
-    """Console entry point: known errors become one line on stderr and exit status 2."""
+    """Console entry point: known errors become one line on stderr and exit status 2; Ctrl-C and
+    SIGTERM one line and 130 or 143."""
+    _catch_stop_signals()
     try:
-        app(standalone_mode=False)
+        status = app(standalone_mode=False)
     except PloraError as err:
         print(f"plora: error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -37,14 +68,13 @@ def main() -> None:
         sys.exit(done.exit_code)
     except typer.Abort:
         print("plora: aborted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
     except KeyboardInterrupt:
-        print("plora: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _exit_stopped()
     except OSError as err:  # the system refused (disk full, permissions, ...): say what and where
         where = f"{err.filename}: " if err.filename else ""
         print(f"plora: error: {where}{err.strerror or err}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
     except NO_ARGS_IS_HELP as err:  # bare `plora`: the help is the answer
         err.show()
         sys.exit(err.exit_code)
@@ -54,4 +84,6 @@ def main() -> None:
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         print(f"plora: error: {message}{hint}", file=sys.stderr)
         sys.exit(err.exit_code)
-
+    if status == INTERRUPTED or _received:
+        _exit_stopped()
+    sys.exit(status or 0)

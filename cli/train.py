@@ -18,7 +18,6 @@ from cli import options
 from cli.app import app
 from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE
 from pipeline.errors import PloraError
-from pipeline.shards import read_manifest
 from trainer.config import DEFAULT_LORA_NAME, TrainConfig
 
 
@@ -29,6 +28,29 @@ def _pair_indices(text: str | None) -> list[int] | None:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise PloraError(f"--pair-indices must be comma-separated integers, got {text!r}") from None
+
+
+def _check_attn(attn: str, device: str) -> None:
+    """--attn against the device, before the shards are verified and the model loads."""
+    from parallel.forward import check_attn_device  # noqa: PLC0415 - torch only when needed
+    from trainer.distributed import pick_device  # noqa: PLC0415
+
+    check_attn_device(attn, pick_device(device, 0))  # every rank's device has the same type
+
+
+def _check_adapter_agrees(adapter: str, **given: float | int | None) -> None:
+    """An adapter is evaluated with the 2D RoPE it was trained with (its plora.json); a flag that
+    asks for another one is refused rather than ignored."""
+    from trainer.checkpoint import read_plora_json  # noqa: PLC0415 - torch only when needed
+
+    recorded = read_plora_json(adapter)
+    for name, value in given.items():
+        if value is not None and value != recorded[name]:
+            flag = "--" + name.replace("_", "-")
+            raise PloraError(
+                f"{flag} {value} disagrees with adapter {adapter}, trained with {recorded[name]} "
+                "(its plora.json); leave the flag out: the adapter decides"
+            )
 
 
 @app.command("train")
@@ -52,7 +74,10 @@ def train_command(
         None, "--load-lora", "--load_lora", help="Continue training this adapter directory."
     ),
     lora_name: str = typer.Option(
-        DEFAULT_LORA_NAME, "--lora-name", "--lora_name", help="Adapter name: out/lora/<name>_step<N>, _final."
+        DEFAULT_LORA_NAME,
+        "--lora-name",
+        "--lora_name",
+        help="Adapter name: out/lora/NAME_stepN/ and NAME_final/.",
     ),
     patch_rope: bool = typer.Option(
         True, "--patch-rope/--no-patch-rope", "--patch_rope/--no_patch_rope", help="Apply 2D RoPE."
@@ -86,8 +111,8 @@ def train_command(
     max_steps: int = typer.Option(
         0,
         "--max-steps",
-        help="Cap on the total optimizer steps, which --epochs otherwise sets (0: no cap; the learning-rate "
-        "schedule spans the capped total).",
+        help="Length of the run in optimizer steps, overriding --epochs (more steps than --epochs makes go "
+        "on into further epochs; 0: --epochs decides). The learning-rate schedule spans this total.",
     ),
     dtype: str = typer.Option("bfloat16", "--dtype", help="float32 | float16 | bfloat16 (autocast)."),
     seed: int = typer.Option(42, "--seed", help="Seed of LoRA init, data order and dropout."),
@@ -126,6 +151,7 @@ def train_command(
     """Train LoRA adapters with 2D RoPE and branch-aware attention on shards (DDP under torchrun)."""
     from trainer.loop import train  # noqa: PLC0415 - torch/transformers only when training
 
+    _check_attn(attn, device)
     cfg = TrainConfig(
         shards=str(shards),
         base_model=base_model,
@@ -194,16 +220,37 @@ def eval_command(
         "--patch_rope/--no_patch_rope",
         help="Base model only: apply 2D RoPE (an adapter brings its settings in plora.json).",
     ),
-    rope_2d_ratio: float = typer.Option(DEFAULT_ROPE_2D_RATIO, "--rope-2d-ratio", "--rope_2d_ratio"),
-    stride: int = typer.Option(DEFAULT_STRIDE, "--stride"),
+    rope_2d_ratio: float | None = typer.Option(
+        None,
+        "--rope-2d-ratio",
+        "--rope_2d_ratio",
+        help=f"Base model only: share of frequency pairs for branches (default {DEFAULT_ROPE_2D_RATIO}); "
+        "an adapter's plora.json decides, and a different value is refused.",
+    ),
+    stride: int | None = typer.Option(
+        None,
+        "--stride",
+        help=f"Base model only: branch position = branch_id * stride (default {DEFAULT_STRIDE}); "
+        "an adapter's plora.json decides, and a different value is refused.",
+    ),
     mask: str = typer.Option("isolated", "--mask", help="Base model only: isolated | columnar."),
     trust_remote_code: bool = options.TRUST_REMOTE_CODE,
+    split: str = typer.Option(
+        "all",
+        "--split",
+        help="all | train | val: every row, or the rows the adapter's run trained on or held out "
+        "(--val-fraction).",
+    ),
+    max_rows: int = typer.Option(0, "--max-rows", help="Only the first N rows of the split (0: all)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
 ) -> None:
     """Mean loss per trained token (and per branch count) of a base model or an adapter on shards."""
     from trainer.evaluate import EvalOptions, run_eval  # noqa: PLC0415 - torch only when evaluating
 
+    _check_attn(attn, device)
+    if adapter is not None:
+        _check_adapter_agrees(adapter, rope_2d_ratio=rope_2d_ratio, stride=stride)
     eval_options = EvalOptions(
         shards=str(shards),
         base_model=base_model,
@@ -214,15 +261,19 @@ def eval_command(
         device=device,
         attn=attn,
         patch_rope=patch_rope,
-        rope_2d_ratio=rope_2d_ratio,
-        stride=stride,
+        rope_2d_ratio=DEFAULT_ROPE_2D_RATIO if rope_2d_ratio is None else rope_2d_ratio,
+        stride=DEFAULT_STRIDE if stride is None else stride,
         mask=mask,
         trust_remote_code=trust_remote_code,
+        split=split,
+        max_rows=max_rows,
     )
-    total_rows = read_manifest(shards)["num_rows"]
     columns = (TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     bar = Progress(*columns, console=Console(stderr=True), disable=not progress)
-    task = bar.add_task("eval", total=total_rows)
+    task = bar.add_task("eval", total=None)
+
+    def start(rows: int) -> None:
+        bar.update(task, total=rows)
 
     def advance(rows: int) -> None:
         # Started on the first batch, so that an error in the checks before it stays one line.
@@ -231,20 +282,22 @@ def eval_command(
         bar.advance(task, rows)
 
     try:
-        totals, described = run_eval(eval_options, on_batch=advance)
+        totals, described = run_eval(eval_options, on_batch=advance, on_start=start)
     finally:
         if bar.live.is_started:  # stopping a bar that never started still prints a newline
             bar.stop()
+    facts = totals.to_json()
     if as_json:
-        typer.echo(json.dumps({**totals.to_json(), "model": described}, allow_nan=True))
+        typer.echo(json.dumps({**facts, "model": described}, allow_nan=False))
         return
     who = f"adapter {adapter}" if adapter else f"base model {base_model}"
+    rows = "" if split == "all" and not max_rows else f", {split} split: {totals.rows} rows"
     typer.echo(
         f"{who} on {shards} (mask {described['mask']}, stride {described['stride']}, "
-        f"{len(described['pair_indices'])} branch pairs)"
+        f"{len(described['pair_indices'])} branch pairs{rows})"
     )
     typer.echo(f"{'branches':>8}  {'rows':>8}  {'tokens':>10}  {'loss':>8}")
-    for k, entry in totals.to_json()["by_branches"].items():
-        typer.echo(f"{k:>8}  {entry['rows']:>8}  {entry['tokens']:>10}  {entry['loss']:>8.4f}")
-    typer.echo(f"{'all':>8}  {totals.rows:>8}  {totals.tokens:>10}  {totals.mean:>8.4f}")
+    for k, entry in [*facts["by_branches"].items(), ("all", facts)]:
+        loss = "-" if entry["loss"] is None else f"{entry['loss']:.4f}"  # no trained token: no loss
+        typer.echo(f"{k:>8}  {entry['rows']:>8}  {entry['tokens']:>10}  {loss:>8}")
     sys.stdout.flush()

@@ -40,6 +40,13 @@ def resolve_attn(attn: str, device: torch.device | str) -> str:
     return _HF_NAMES[attn]
 
 
+def check_attn_device(attn: str, device: torch.device | str) -> None:
+    """Refuse flex attention on the CPU before anything loads: torch's CPU flex kernel has no backward
+    (training) and fails to compile for evaluation batches and for decoding against a KV cache."""
+    if _HF_NAMES.get(attn) == "flex_attention" and torch.device(device).type == "cpu":
+        raise PloraError("--attn flex needs CUDA; on the CPU use --attn sdpa (or auto)")
+
+
 def _model_attn(model: torch.nn.Module, attn: str | None, device: torch.device) -> str:
     current = getattr(model.config, "_attn_implementation", None) or "eager"
     if attn is not None and resolve_attn(attn, device) != current:

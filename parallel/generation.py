@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from parallel.forward import build_attention_mask
+from parallel.forward import build_attention_mask, check_attn_device
 from parallel.layout import (
     ALIGN_MODES,
     MASK_MODES,
@@ -262,6 +262,17 @@ def _plan(
 
 
 @torch.no_grad()
+def check_decoding(*, mask: str | None, align: str | None, max_new_tokens: int) -> None:
+    """The decoding settings that need no model (None: the model's default), so that a caller can
+    refuse a bad request before loading one."""
+    if mask is not None and mask not in MASK_MODES:
+        raise PloraError(f"--mask must be one of {', '.join(MASK_MODES)}, got {mask!r}")
+    if align is not None and align not in ALIGN_MODES:
+        raise PloraError(f"align must be one of {', '.join(ALIGN_MODES)}, got {align!r}")
+    if max_new_tokens < 1:
+        raise PloraError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+
+
 def decode_parallel(
     model: torch.nn.Module,
     trunk: Sequence[int],
@@ -286,12 +297,7 @@ def decode_parallel(
     1..K after a trunk, 0..K-1 without): in isolated mode a branch decoded alone with the id it had
     in a group yields the same tokens. ``stride`` defaults to the model's (see :func:`model_stride`).
     """
-    if mask not in MASK_MODES:
-        raise PloraError(f"--mask must be one of {', '.join(MASK_MODES)}, got {mask!r}")
-    if align not in ALIGN_MODES:
-        raise PloraError(f"align must be one of {', '.join(ALIGN_MODES)}, got {align!r}")
-    if max_new_tokens < 1:
-        raise PloraError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    check_decoding(mask=mask, align=align, max_new_tokens=max_new_tokens)
     if not prompts:
         raise PloraError("nothing to generate: give at least one branch")
     if not trunk and special.bos_id is None and any(len(p) == 0 for p in prompts):
@@ -301,9 +307,7 @@ def decode_parallel(
     stride = model_stride(model) if stride is None else stride
     stop_ids = {special.eos_id} if stop_ids is None else set(stop_ids)
     device = model.get_input_embeddings().weight.device
-    if getattr(model.config, "_attn_implementation", None) == "flex_attention" and device.type == "cpu":
-        # torch's CPU flex kernel fails to compile for a few queries against a longer cache.
-        raise PloraError("decoding with flex attention needs CUDA; on CPU load the model with --attn sdpa")
+    check_attn_device(getattr(model.config, "_attn_implementation", None) or "eager", device)
     started = time.perf_counter()
     plan = _plan(trunk, prompts, special, mask, align, branch_ids)
     _check_positions(model, plan, max_new_tokens, stride)

@@ -17,7 +17,10 @@ Weights are read from safetensors only; trust_remote_code stays off unless asked
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,11 @@ from pipeline.pretrained import resolve_pretrained
 from trainer.model import TORCH_DTYPES, load_adapter, load_causal_lm
 
 EXPORT_ADAPTER_DIR = "adapter"
+# An export's config.json names the model type "plora-<type>", which plain transformers (and vLLM)
+# refuse with a message naming it: loaded as an ordinary model, without plora's 2D RoPE, the weights
+# would give wrong outputs without a word. The real type is kept beside it for plora's own loader.
+EXPORT_MODEL_TYPE_PREFIX = "plora-"
+REAL_MODEL_TYPE_KEY = "plora_model_type"
 # What plora.json's ``model`` records of the base an adapter was trained on; a base model given at
 # load time must match every fact recorded.
 MODEL_FACTS: tuple[str, ...] = (
@@ -131,25 +139,62 @@ def _resolve_base(base_model: str | Path | None, config: AdapterConfig) -> str:
         ) from None
 
 
-def _load_tokenizer(path: str, config: AdapterConfig | None) -> Any:
-    from pipeline.fingerprint import check_same_tokenizer  # noqa: PLC0415
+def _load_tokenizer(path: str) -> Any:
     from pipeline.tokenize import load_tokenizer  # noqa: PLC0415
 
-    tokenizer = load_tokenizer(path)
-    if config is not None and config.tokenizer is not None:
-        check_same_tokenizer(
-            config.tokenizer,
-            tokenizer,
-            what=f"adapter {config.source}",
-            against=f"the tokenizer of {path}",
-            fix="load the adapter on its own base model",
-        )
-    return tokenizer
+    return load_tokenizer(path)
 
 
-def _load_weights(name: str, *, dtype: str, device: str, attn: str, trust_remote_code: bool) -> Any:
+@contextlib.contextmanager
+def _transformers_errors_only() -> Iterator[None]:
+    """transformers warns that an export's "plora-" model type is unknown to it: expected, not news."""
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _seal_export_config(directory: Path) -> None:
+    """Rename the model type in an export's config.json so that only plora loads it (see above)."""
+    path = directory / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config[REAL_MODEL_TYPE_KEY] = config["model_type"]
+    config["model_type"] = EXPORT_MODEL_TYPE_PREFIX + config["model_type"]
+    atomic.write_json(path, config)
+
+
+def _export_model_config(directory: str) -> Any:
+    """The transformers config of an export, with its real model type (None for an export from
+    before the type was sealed, which loads as it is)."""
+    from transformers import CONFIG_MAPPING  # noqa: PLC0415
+
+    path = Path(directory) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PloraError(f"{path}: cannot read the exported model's config ({err})") from None
+    if REAL_MODEL_TYPE_KEY not in config:
+        return None
+    model_type = config.pop(REAL_MODEL_TYPE_KEY)
+    if model_type not in CONFIG_MAPPING:
+        raise PloraError(f"{path}: model type {model_type!r} is unknown to this transformers")
+    config["model_type"] = model_type
+    return CONFIG_MAPPING[model_type].from_dict(config)
+
+
+def check_dtype(dtype: str) -> None:
     if dtype not in TORCH_DTYPES:
         raise PloraError(f"--dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
+
+
+def _load_weights(
+    name: str, *, dtype: str, device: str, attn: str, trust_remote_code: bool, config: Any = None
+) -> Any:
+    check_dtype(dtype)
     return load_causal_lm(
         name,
         what="model",
@@ -157,7 +202,28 @@ def _load_weights(name: str, *, dtype: str, device: str, attn: str, trust_remote
         attn=attn,
         device=device,
         trust_remote_code=trust_remote_code,
+        config=config,
     ).eval()
+
+
+def check_adapter_fits(
+    config: AdapterConfig, model: torch.nn.Module, tokenizer: Any, *, base: str, against: str
+) -> None:
+    """Refuse an adapter on a base model other than its own: the tokenizer (``tokenizer``: a loaded
+    one or a recorded identity, described by ``against``), the architecture and the sizes must be what
+    plora.json records. Every path that puts an adapter on a base calls this: generate, export, eval,
+    and train's --load-lora and --resume."""
+    from pipeline.fingerprint import check_same_tokenizer  # noqa: PLC0415
+
+    if config.tokenizer is not None:
+        check_same_tokenizer(
+            config.tokenizer,
+            tokenizer,
+            what=f"adapter {config.source}",
+            against=against,
+            fix="load the adapter on its own base model",
+        )
+    _check_facts(model, config, base)
 
 
 def _check_facts(model: torch.nn.Module, config: AdapterConfig, base: str) -> None:
@@ -225,13 +291,22 @@ def load_parallel_model(
     else:
         raise PloraError("give a base model, an adapter directory or an exported model directory")
 
-    tokenizer = _load_tokenizer(base, config)
-    model = _load_weights(base, dtype=dtype, device=device, attn=attn, trust_remote_code=trust_remote_code)
+    exported = config is not None and config.export is not None
+    with _transformers_errors_only() if exported else contextlib.nullcontext():
+        tokenizer = _load_tokenizer(base)
+    model = _load_weights(
+        base,
+        dtype=dtype,
+        device=device,
+        attn=attn,
+        trust_remote_code=trust_remote_code,
+        config=_export_model_config(base) if exported else None,
+    )
     if config is None:
         patch_model_2d_rope(model, ratio=ratio, stride=stride)
         return model, tokenizer, None
-    _check_facts(model, config, base)
-    if config.export is not None:
+    check_adapter_fits(config, model, tokenizer, base=base, against=f"the tokenizer of {base}")
+    if exported:
         restore_2d_rope(model)  # the exported config.json records the patch
     _apply_rope(model, config, base)
     if weights_dir is not None:
@@ -301,6 +376,7 @@ def _write_export(
         model.save_pretrained(str(tmp / EXPORT_ADAPTER_DIR), safe_serialization=True)
         base = model.unload()
     base.save_pretrained(str(tmp), safe_serialization=True)
+    _seal_export_config(tmp)
     tokenizer.save_pretrained(str(tmp))
     meta = {
         **config.raw,

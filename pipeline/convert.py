@@ -176,7 +176,7 @@ def _normalised(
                 record = _split_lists(record, options.min_items, summary.parallel)
         except RecordError as err:
             what = raw.raw if raw.error is not None else raw.value
-            rejects.reject(raw.source, raw.line, str(err), what)
+            rejects.reject(raw.source, raw.line, str(err), what, raw.index)
             counts.rejected += 1
             continue
         counts.written += 1
@@ -232,7 +232,7 @@ def _canonical(raw: RawRecord, options: ConvertOptions) -> tuple[str, Record, in
         raise RecordError(raw.error)
     fmt = formats.detect(raw.value) if options.fmt == "auto" else options.fmt
     if fmt is None:
-        raise RecordError(formats.unknown_format_reason(raw.value))
+        raise RecordError(formats.unknown_format_reason(raw.value, raw.nulls))
     empty = formats.empty_branches(raw.value) if fmt == "canonical" else []
     if empty and options.drop_empty_branches:
         kept = [b for i, b in enumerate(raw.value["branches"]) if i not in empty]

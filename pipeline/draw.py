@@ -58,12 +58,16 @@ def sequence_label(seq: Mapping[str, Any]) -> str:
 
 
 def check_png_target(path: str | Path) -> None:
-    """Fail before any work when the picture could not be written there."""
-    parent = Path(path).parent
-    if not parent.is_dir():
-        raise PloraError(f"cannot write PNG {path}: no such directory {parent}")
-    if not os.access(parent, os.W_OK):
-        raise PloraError(f"cannot write PNG {path}: directory {parent} is not writable")
+    """Fail before any work when the picture could not be written there: a name that promises
+    another format, or a directory that neither exists nor can be made (missing ones are made)."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise PloraError(f"cannot write PNG {path}: the picture is a PNG; give a name ending in .png")
+    existing = next((p for p in path.parents if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise PloraError(f"cannot write PNG {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK):
+        raise PloraError(f"cannot write PNG {path}: directory {existing} is not writable")
 
 
 def write_row_png(
@@ -78,6 +82,7 @@ def write_row_png(
     fig = row_figure(facts, view, tokens, title=title)
     path = Path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with atomic.open_atomic(path, "wb") as out:
             fig.savefig(out, format="png", dpi=100, metadata={PNG_FACTS_KEY: json.dumps(facts["row"])})
     except OSError as err:

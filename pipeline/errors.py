@@ -23,14 +23,16 @@ class PloraError(Exception):
 
 
 class InputError(PloraError):
-    """Bad input at a known place: ``FILE:LINE: message``."""
+    """Bad input at a known place: ``FILE:LINE: message``, and ``FILE:LINE: item [I] of the array:
+    message`` for an element of a JSON array (many of which can share a line)."""
 
-    def __init__(self, source: str, line: int | None, message: str) -> None:
+    def __init__(self, source: str, line: int | None, message: str, index: int | None = None) -> None:
         self.source = source
         self.line = line
         self.message = message
         where = f"{source}:{line}" if line is not None else source
-        super().__init__(f"{where}: {message}")
+        item = f"item [{index}] of the array: " if index is not None else ""
+        super().__init__(f"{where}: {item}{message}")
 
 
 @dataclass
@@ -43,15 +45,19 @@ class Rejects:
     counts: Counter[str] = field(default_factory=Counter)
     _file: TextIO | None = None
 
-    def reject(self, source: str, line: int | None, reason: str, raw: Any = None) -> None:
+    def reject(
+        self, source: str, line: int | None, reason: str, raw: Any = None, index: int | None = None
+    ) -> None:
         if self.on_error == "raise":
-            raise InputError(source, line, reason)
+            raise InputError(source, line, reason, index)
         self.counts[_reason_kind(reason)] += 1
         if self.path is not None:
             if self._file is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
             entry = {"source": source, "line": line, "reason": reason, "raw": raw}
+            if index is not None:
+                entry["index"] = index
             # default=str: table rows may carry dates, decimals or bytes.
             self._file.write(json.dumps(entry, ensure_ascii=False, default=_text) + "\n")
 

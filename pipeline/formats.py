@@ -122,8 +122,9 @@ def empty_branches(obj: Any) -> list[int]:
     return [i for i, r in enumerate(responses) if isinstance(r, str) and not r.strip()]
 
 
-def unknown_format_reason(obj: Any) -> str:
-    """Why :func:`detect` found no format, saying what was expected."""
+def unknown_format_reason(obj: Any, nulls: tuple[str, ...] = ()) -> str:
+    """Why :func:`detect` found no format, saying what was expected. ``nulls``: the table columns
+    that were null in this row (and so are not keys of ``obj``)."""
     if not isinstance(obj, dict):
         return f"not an object: got a JSON {_json_type(obj)}; expected a JSON object"
     kinds = record_kinds(obj)
@@ -132,10 +133,13 @@ def unknown_format_reason(obj: Any) -> str:
             f"ambiguous record: keys {sorted(obj)} hold {' and '.join(kinds)} records at once; "
             "pass --format to say which one to read"
         )
-    return (
-        f"unknown format: keys {sorted(obj)}; expected one of text, messages, conversations, "
-        "instruction+output, prompt+response, main+branches"
-    )
+    expected = "text, messages, conversations, instruction+output, prompt+response, main+branches"
+    if nulls:
+        names = ", ".join(repr(name) for name in sorted(nulls))
+        others = f" (other keys {sorted(obj)})" if obj else ""
+        verb = "is" if len(nulls) == 1 else "are"
+        return f"null field: {names} {verb} null{others}; expected one of {expected} with a value"
+    return f"unknown format: keys {sorted(obj)}; expected one of {expected}"
 
 
 def _chat(obj: dict[str, Any], fmt: str) -> list[dict[str, str]]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import json
 import re
 import sys
@@ -54,6 +55,8 @@ class RawRecord:
     value: Any
     error: str | None = None
     raw: Any = None
+    index: int | None = None  # 0-based position in a JSON array (one line may hold all of them)
+    nulls: tuple[str, ...] = ()  # table columns that were null in this row, left out of ``value``
 
 
 def input_kind(path: Path) -> str:
@@ -211,11 +214,11 @@ def _json_array(source: str, text: str, pos: int) -> Iterator[RawRecord]:
     pos = JSON_WHITESPACE.match(text, pos + 1).end()
     if text.startswith("]", pos):
         return pos + 1
-    while True:
+    for index in itertools.count():
         line += text.count("\n", counted, pos)
         counted = pos
         value, pos = decoder.raw_decode(text, pos)
-        yield RawRecord(source, line, value)
+        yield RawRecord(source, line, value, index=index)
         pos = JSON_WHITESPACE.match(text, pos).end()
         if text.startswith("]", pos):
             return pos + 1
@@ -236,7 +239,7 @@ def read_parquet(path: Path) -> Iterator[RawRecord]:
             for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS):
                 for value in batch.to_pylist():
                     row += 1
-                    yield RawRecord(source, row, _present(value))
+                    yield _table_row(source, row, value)
     except (pa.ArrowException, OSError) as err:
         raise PloraError(f"{source}: not a readable Parquet file: {_one_line(err)}") from err
 
@@ -365,15 +368,19 @@ def read_hf_dataset(
         else:
             rows = datasets.load_dataset(name, subset, split=split, streaming=streaming)
         for row, value in enumerate(rows, start=1):
-            yield RawRecord(source, row, _present(value))
+            yield _table_row(source, row, value)
     except Exception as err:  # noqa: BLE001 - datasets raises many kinds; all mean "cannot load"
         raise PloraError(f"{source}: cannot load the HuggingFace dataset: {_one_line(err)}") from err
 
 
-def _present(row: Any) -> Any:
+def _table_row(source: str, line: int, row: Any) -> RawRecord:
     """A table row without its null columns: in a table, a record of one format has nulls in
-    the columns that only records of another format use, and a null there means absent."""
-    return {k: v for k, v in row.items() if v is not None} if isinstance(row, dict) else row
+    the columns that only records of another format use, and a null there means absent. Which
+    ones were null is kept, to say so when what is left is no record."""
+    if not isinstance(row, dict):
+        return RawRecord(source, line, row)
+    nulls = tuple(k for k, v in row.items() if v is None)
+    return RawRecord(source, line, {k: v for k, v in row.items() if v is not None}, nulls=nulls)
 
 
 def _one_line(err: BaseException) -> str:

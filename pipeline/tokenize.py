@@ -39,13 +39,16 @@ uninterrupted run. ``manifest.json`` is written last; until then the directory i
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import itertools
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -461,6 +464,21 @@ def _worker_encode(batch: list[SourcedRecord]) -> list[PackItem | Rejected]:
     return _WORKER_ENCODER.encode(batch)
 
 
+@contextlib.contextmanager
+def _children_ignore_ctrl_c() -> Iterator[None]:
+    """Processes started here begin with SIGINT ignored (an ignored signal stays ignored across exec).
+    Ctrl-C in a terminal reaches the whole process group; only the parent acts on it, by terminating
+    the pool: a worker that died of it mid-task would leave the parent waiting for its result forever."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _encoded(
     records: Iterable[SourcedRecord],
     encoder: RecordEncoder,
@@ -481,9 +499,11 @@ def _encoded(
 
     context = multiprocessing.get_context("spawn")
     template = None if chat_template is None else str(chat_template)
-    with context.Pool(
-        num_proc, initializer=_worker_init, initargs=(str(tokenizer_path), template, encoder.options)
-    ) as pool:
+    with _children_ignore_ctrl_c():
+        pool = context.Pool(
+            num_proc, initializer=_worker_init, initargs=(str(tokenizer_path), template, encoder.options)
+        )
+    with pool:
         in_flight: deque[Any] = deque()
         for batch in _batches(records, ENCODE_BATCH):
             in_flight.append(pool.apply_async(_worker_encode, (batch,)))

@@ -5,7 +5,8 @@
 # adapters with 2D RoPE on them, evaluate base vs adapter, and generate four branches in parallel.
 #
 # Usage: scripts/demo.sh PY DEMO_DIR     (PY: the project's python; `plora` lives beside it)
-# Re-running is cheap: every step finds its output up to date or rewrites it atomically.
+# Re-running is cheap: every step finds its output up to date or rewrites it atomically, and training
+# resumes its finished run (--resume latest), which does nothing.
 set -euo pipefail
 
 if [[ $# -ne 2 ]]; then
@@ -26,7 +27,8 @@ if [[ ! -x "$PLORA" ]]; then
 fi
 
 step() { printf '\n== %s\n' "$*"; }
-run() { printf '$ %s\n' "$*" >&2; "$@"; }  # show each command (on stderr, so --json output stays clean)
+# Show each command as it can be pasted back into a shell (quoted by %q), on stderr so --json output stays clean.
+run() { { printf '$'; printf ' %q' "$@"; printf '\n'; } >&2; "$@"; }
 
 step "1. A tiny Qwen2-style model (random weights, byte-level BPE trained on data/, ChatML template)"
 run "$PLORA" tiny-model --out "$DEMO/tiny-model"
@@ -59,7 +61,8 @@ run "$PLORA" inspect "$DEMO/shards/fixed" --row 1 --json > "$DEMO/inspect/fixed-
 step "7. Train LoRA adapters on the fixed shards (2D RoPE, isolated mask); the loss falls"
 run "$PLORA" train --shards "$DEMO/shards/fixed" --base-model "$DEMO/tiny-model" --out-dir "$DEMO/out" \
     --epochs 8 --batch-size 4 --learning-rate 2e-2 --lora-alpha 32 --warmup 4 --dtype float32 \
-    --val-fraction 0.1 --log-interval 16 --save-interval 48 --no-progress --overwrite
+    --val-fraction 0.1 --log-interval 16 --save-interval 48 --no-progress --resume latest
+run "$PLORA" runs "$DEMO/out" --png "$DEMO/out/loss-curves.png"
 
 step "8. Evaluate: mean loss per trained token, base model vs the trained adapter"
 run "$PLORA" eval --shards "$DEMO/shards/fixed" --base-model "$DEMO/tiny-model"
@@ -75,5 +78,5 @@ step "Done"
 echo "model:   $DEMO/tiny-model"
 echo "records: $DEMO/records/{sft,text}.jsonl"
 echo "shards:  $DEMO/shards/{fixed,dynamic}"
-echo "picture: $DEMO/inspect/dynamic-row3.png"
+echo "picture: $DEMO/inspect/dynamic-row3.png, loss curves: $DEMO/out/loss-curves.png"
 echo "adapter: $DEMO/out/lora/hf_parallel_lora_final (metrics in $DEMO/out/logs)"

@@ -93,3 +93,26 @@ def test_gguf_bad_input_is_one_line(plora_bin: Path, tmp_path: Path) -> None:
     line = one_line_error(run_plora(plora_bin, "demo-model", "--out", tmp_path / "c", "--gguf", not_gguf))
     assert f"{not_gguf}: not a readable GGUF file" in line
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_gguf_file_is_a_tokenizer_and_a_base_model(
+    plora_bin: Path, smollm2_dir: Path, sample_dir: Path, tmp_path: Path
+) -> None:
+    source = demo_gguf()
+    shards = tmp_path / "shards"
+    done = run_plora(
+        plora_bin, "tokenize", sample_dir / "sample_parallel.jsonl", "--tokenizer", source,
+        "--out", shards, "--branches", "4", "--max-seq-len", "96",
+    )
+    assert done.returncode == 0, done.stderr
+    manifest = (shards / "manifest.json").read_text()
+    assert str(smollm2_dir) in manifest  # the converted directory is the tokenizer plora records
+
+    missing = tmp_path / "missing.gguf"
+    line = one_line_error(run_plora(plora_bin, "eval", "--shards", shards, "--base-model", missing))
+    assert line == f"plora: error: {missing}: no such file (expected a .gguf model file)"
+    done = run_plora(
+        plora_bin, "eval", "--shards", shards, "--base-model", source, "--max-rows", "2", "--json"
+    )
+    assert done.returncode == 0, done.stderr
+    assert '"loss"' in done.stdout

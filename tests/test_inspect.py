@@ -241,12 +241,14 @@ def test_numbers_drawn_are_the_facts() -> None:
     assert sum(len(ax.texts) for ax in fig.axes) == row["tokens"]
 
 
-def test_png_to_a_missing_directory_is_a_one_line_error(tmp_path) -> None:
+def test_png_under_a_file_is_a_one_line_error(tmp_path) -> None:
+    # issue 10 item 21 changed this: a missing directory is made, a file in the way is refused
+    (tmp_path / "a-file").write_text("")
     facts, view, tokens = draw_inputs(parallel_row())
     with pytest.raises(PloraError, match="cannot write PNG"):
-        write_row_png(tmp_path / "no" / "row.png", facts, view, tokens, title="t")
-    with pytest.raises(PloraError, match="no such directory"):
-        check_png_target(tmp_path / "no" / "row.png")
+        write_row_png(tmp_path / "a-file" / "row.png", facts, view, tokens, title="t")
+    with pytest.raises(PloraError, match="a-file is not a directory"):
+        check_png_target(tmp_path / "a-file" / "no" / "row.png")
 
 
 def test_long_row_is_drawn_from_a_sample_of_its_mask() -> None:
@@ -436,5 +438,6 @@ def test_cli_bad_requests_are_one_line_errors(
     assert "out of range" in one_line_error(run_plora(plora_bin, "inspect", shard_dir, "--row", rows))
     assert "no such" in one_line_error(run_plora(plora_bin, "inspect", tmp_path / "absent"))
     assert "--tokenizer" in one_line_error(run_plora(plora_bin, "inspect", records_file))
-    png = tmp_path / "missing-dir" / "row.png"
+    (tmp_path / "a-file").write_text("")  # issue 10 item 21: a missing directory is made, a file is not
+    png = tmp_path / "a-file" / "row.png"
     assert "cannot write PNG" in one_line_error(run_plora(plora_bin, "inspect", shard_dir, "--png", png))

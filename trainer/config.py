@@ -54,7 +54,7 @@ class TrainConfig:
     warmup: int = 0  # optimizer steps of linear warmup
     schedule: str = "cosine"  # decay after warmup, to min_lr_ratio * learning_rate
     min_lr_ratio: float = 0.1
-    max_steps: int = 0  # > 0 stops after this many optimizer steps
+    max_steps: int = 0  # > 0: the run's length in optimizer steps, overriding epochs (as in HF's Trainer)
     dtype: str = "bfloat16"
     seed: int = 42
     group_by_length: bool = False

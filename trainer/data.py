@@ -150,8 +150,14 @@ class DataPlan:
 
     @property
     def total_steps(self) -> int:
-        planned = self.epochs * self.steps_per_epoch
-        return min(planned, self.max_steps) if self.max_steps > 0 else planned
+        # As in HF's Trainer, --max-steps is the length of the run: it overrides --epochs either way,
+        # cycling through further epochs (each in its own seeded order) when it asks for more.
+        return self.max_steps if self.max_steps > 0 else self.epochs * self.steps_per_epoch
+
+    @property
+    def epochs_run(self) -> float:
+        """How many passes over the training rows ``total_steps`` makes (fractional under --max-steps)."""
+        return self.total_steps / self.steps_per_epoch
 
 
 def make_plan(
@@ -165,7 +171,16 @@ def make_plan(
     epochs: int,
     max_steps: int,
 ) -> DataPlan:
-    """Split rows into training and validation (a seeded choice of ``round(val_fraction * rows)`` rows)."""
+    """Split rows into training and validation, then count the steps."""
+    train_rows, val_rows = split_rows(num_rows, val_fraction=val_fraction, seed=seed)
+    return DataPlan(train_rows, val_rows, batch_size, world_size, accumulation_steps, epochs, max_steps)
+
+
+def split_rows(num_rows: int, *, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, validation rows): a seeded choice of ``round(val_fraction * rows)`` rows held out.
+
+    A function of these three numbers alone, so `plora eval --split val` finds a run's held-out rows again.
+    """
     if num_rows == 0:
         raise PloraError("the shards hold no rows to train on")
     num_val = round(val_fraction * num_rows)
@@ -174,9 +189,7 @@ def make_plan(
     if num_val >= num_rows:
         raise PloraError(f"--val-fraction {val_fraction} leaves no training rows out of {num_rows}")
     chosen = np.random.default_rng(seed + VALIDATION_SEED_OFFSET).permutation(num_rows)
-    val_rows = np.sort(chosen[:num_val])
-    train_rows = np.sort(chosen[num_val:])
-    return DataPlan(train_rows, val_rows, batch_size, world_size, accumulation_steps, epochs, max_steps)
+    return np.sort(chosen[num_val:]), np.sort(chosen[:num_val])
 
 
 def epoch_order(

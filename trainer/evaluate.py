@@ -1,11 +1,13 @@
 """Mean loss per trained token, overall and per branch count, with the training positions and mask.
 
-Shared by the training loop's validation and `plora eval` (base model, or base model + adapter).
+Shared by the training loop's validation and `plora eval` (base model, or base model + adapter), which
+evaluates every row, or the rows an adapter's run trained on or held out for validation (``--split``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +17,11 @@ import numpy as np
 import torch
 
 from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE
-from pipeline.fingerprint import check_same_tokenizer
-from trainer.checkpoint import read_plora_json
+from parallel.loading import AdapterConfig, check_adapter_fits
+from pipeline.errors import PloraError
+from trainer.checkpoint import STATE_DIR, STATE_FILE
 from trainer.config import TrainConfig
-from trainer.data import RowStore, open_checked_shards
+from trainer.data import RowStore, open_checked_shards, split_rows
 from trainer.distributed import pick_device
 from trainer.model import TORCH_DTYPES, PackedLoss, add_lora, load_rope_model
 
@@ -37,12 +40,13 @@ class LossTotals:
         return self.loss_sum / self.tokens if self.tokens else float("nan")
 
     def to_json(self) -> dict[str, Any]:
+        """The totals as strict JSON: a loss over no trained token is null (NaN is not JSON)."""
         return {
-            "loss": self.mean,
+            "loss": self.loss_sum / self.tokens if self.tokens else None,
             "tokens": self.tokens,
             "rows": self.rows,
             "by_branches": {
-                str(k): {"loss": s / n if n else float("nan"), "tokens": int(n), "rows": int(r)}
+                str(k): {"loss": s / n if n else None, "tokens": int(n), "rows": int(r)}
                 for k, (s, n, r) in sorted(self.by_branches.items())
             },
         }
@@ -108,12 +112,59 @@ class EvalOptions:
     stride: int = DEFAULT_STRIDE
     mask: str = "isolated"
     trust_remote_code: bool = False
+    split: str = "all"  # all | train | val: the rows the adapter's run trained on or held out
+    max_rows: int = 0  # > 0: only the first this many rows of the split
 
 
-def run_eval(options: EvalOptions, on_batch: Callable[[int], None] | None = None) -> tuple[LossTotals, dict]:
-    """Evaluate a base model or an adapter on every row of a shard directory.
+SPLITS: tuple[str, ...] = ("all", "train", "val")
 
-    Returns the totals and a description of what was evaluated (model, positions, mask).
+
+def _run_state(adapter: str | None, split: str) -> dict[str, Any]:
+    """The trainer state of the run that wrote ``adapter``: its seed and --val-fraction fix the split."""
+    if adapter is None:
+        raise PloraError(f"--split {split} needs --adapter: the rows are those its training run split off")
+    file = Path(adapter) / STATE_DIR / STATE_FILE
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PloraError(
+            f"--split {split}: {adapter} has no {STATE_DIR}/{STATE_FILE}, so which rows its run held out "
+            "is unknown; give a checkpoint of plora train"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PloraError(f"{file}: cannot read the trainer state ({err})") from None
+
+
+def select_rows(options: EvalOptions, num_rows: int, shards_digest: str) -> np.ndarray:
+    """The rows to evaluate: all, or the run's training or validation rows, then at most max_rows."""
+    if options.split not in SPLITS:
+        raise PloraError(f"--split must be one of {', '.join(SPLITS)}, got {options.split!r}")
+    if options.max_rows < 0:
+        raise PloraError(f"--max-rows must be >= 0 (0: all), got {options.max_rows}")
+    rows = np.arange(num_rows)
+    if options.split != "all":
+        state = _run_state(options.adapter, options.split)
+        if state["shards_digest"] != shards_digest:
+            raise PloraError(
+                f"--split {options.split}: {options.adapter} was trained on other shards than "
+                f"{options.shards} (their digests differ); give the --shards it was trained on"
+            )
+        if options.split == "val" and state["val_fraction"] == 0:
+            raise PloraError(f"--split val: the run of {options.adapter} held no rows out (--val-fraction 0)")
+        train_rows, val_rows = split_rows(num_rows, val_fraction=state["val_fraction"], seed=state["seed"])
+        rows = val_rows if options.split == "val" else train_rows
+    return rows[: options.max_rows] if options.max_rows else rows
+
+
+def run_eval(
+    options: EvalOptions,
+    on_batch: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> tuple[LossTotals, dict]:
+    """Evaluate a base model or an adapter on the rows of a shard directory that ``options`` select;
+    ``on_start`` learns how many rows that is before the model loads.
+
+    Returns the totals and a description of what was evaluated (model, positions, mask, split).
     """
     settings = {
         "patch_rope": options.patch_rope,
@@ -122,10 +173,10 @@ def run_eval(options: EvalOptions, on_batch: Callable[[int], None] | None = None
         "stride": options.stride,
         "mask": options.mask,
     }
-    meta = read_plora_json(options.adapter) if options.adapter is not None else None
-    if meta is not None:
-        settings = {key: meta[key] for key in settings}
-    dtype = options.dtype or (meta or {}).get("dtype", "float32")
+    adapter = AdapterConfig.read(options.adapter) if options.adapter is not None else None
+    if adapter is not None:
+        settings = {key: adapter.raw[key] for key in settings}
+    dtype = options.dtype or (adapter.raw.get("dtype", "float32") if adapter is not None else "float32")
     cfg = TrainConfig(
         shards=options.shards,
         base_model=options.base_model,
@@ -138,22 +189,18 @@ def run_eval(options: EvalOptions, on_batch: Callable[[int], None] | None = None
         **settings,
     ).validate()
     shards = open_checked_shards(cfg.shards, cfg.tokenizer_path or cfg.base_model, verify=True)
-    if meta is not None:
-        check_same_tokenizer(
-            meta["tokenizer"],
-            shards.manifest["tokenizer"],
-            what=f"adapter {options.adapter}",
-            against=f"the tokenizer of the shards in {options.shards}",
-            fix="evaluate it on shards tokenized for its base model",
-        )
     store = RowStore(shards)
+    rows = select_rows(options, len(store), shards.manifest["fingerprint"]["digest"])
+    if on_start is not None:
+        on_start(len(rows))
     device = pick_device(options.device, 0)
     vocab_size = shards.manifest["tokenizer"]["vocab_size"]
     model, rope = load_rope_model(cfg, vocab_size, store.max_coordinates, device)
-    if options.adapter is not None:
+    if adapter is not None:
+        against = f"the tokenizer of the shards in {options.shards}"
+        check_adapter_fits(adapter, model, shards.manifest["tokenizer"], base=cfg.base_model, against=against)
         model = add_lora(model, cfg, options.adapter).to(device)
-    rows = np.arange(len(store))
-    order = rows[np.argsort(-store.num_tokens, kind="stable")]  # similar lengths together: less padding
+    order = rows[np.argsort(-store.num_tokens[rows], kind="stable")]  # similar lengths together: less padding
     batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
     loss_module = PackedLoss(model, mask=cfg.mask, stride=rope.stride)
     totals = evaluate_rows(loss_module, store, batches, device=device, dtype=cfg.dtype, on_batch=on_batch)
@@ -165,5 +212,7 @@ def run_eval(options: EvalOptions, on_batch: Callable[[int], None] | None = None
         "stride": rope.stride,
         "pair_indices": list(rope.rope.pair_indices) if rope.rope is not None else [],
         "dtype": cfg.dtype,
+        "split": options.split,
+        "max_rows": options.max_rows,
     }
     return totals, described

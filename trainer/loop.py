@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +22,16 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from parallel.loading import model_facts
+from parallel.loading import AdapterConfig, check_adapter_fits, model_facts
 from pipeline.errors import PloraError
-from pipeline.fingerprint import check_same_tokenizer, plora_version
+from pipeline.fingerprint import plora_version
 from pipeline.pretrained import resolve_pretrained
 from trainer.checkpoint import (
     check_writable,
     final_checkpoint,
     latest_checkpoint,
     load_optimizer,
-    read_plora_json,
+    lora_dir,
     read_trainer_state,
     remove_stale_temporaries,
     save_checkpoint,
@@ -49,7 +50,7 @@ from trainer.data import (
 )
 from trainer.distributed import DistEnv, all_sum, init_distributed, shutdown, wait_for_all
 from trainer.evaluate import autocast, evaluate_rows
-from trainer.metrics import MetricsLog
+from trainer.metrics import MetricsLog, epochs_text, first_logged_loss, new_run_id
 from trainer.model import (
     PackedLoss,
     RopeSettings,
@@ -75,12 +76,13 @@ RESUME_MUST_MATCH: tuple[str, ...] = (
 class TrainResult:
     final_dir: Path
     steps: int
-    first_loss: float
+    first_loss: float  # the whole run's first step, also after a resume
     last_loss: float
     val_loss: float | None
-    tokens: int
+    tokens: int  # tokens this invocation trained on (a resumed run's earlier tokens are not in `seconds`)
     seconds: float
     data_seconds: float  # collation and host-to-device copies
+    epochs: float  # passes over the training rows the whole run makes
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -99,12 +101,25 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
-def resolve_resume(cfg: TrainConfig) -> Path | None:
+def resolve_resume(cfg: TrainConfig, env: DistEnv) -> Path | None:
     if cfg.resume is None:
         return None
     if cfg.resume == "latest":  # the newest checkpoint if there is one, else a fresh start (restart scripts)
-        return latest_checkpoint(cfg.out_dir, cfg.lora_name)
+        found = latest_checkpoint(cfg.out_dir, cfg.lora_name)
+        if found is None:
+            _say(
+                env,
+                f"--resume latest: no checkpoint of {cfg.lora_name} in {lora_dir(cfg.out_dir)}; "
+                "nothing to resume, starting a fresh run",
+            )
+        return found
     return Path(cfg.resume)
+
+
+def _say(env: DistEnv, message: str) -> None:
+    """One line on stderr from the main process, before the metrics log exists."""
+    if env.is_main:
+        print(message, file=sys.stderr, flush=True)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -143,7 +158,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         "global_batch": plan.global_batch,
         "shards_digest": manifest["fingerprint"]["digest"],
     }
-    resume_dir = resolve_resume(cfg)
+    resume_dir = resolve_resume(cfg, env)
     resumed = read_trainer_state(resume_dir) if resume_dir is not None else None
     if resumed is not None:
         for key in RESUME_MUST_MATCH:
@@ -152,12 +167,15 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
                     f"--resume {resume_dir}: {key} was {resumed[key]!r}, now {run_identity[key]!r}; "
                     "resume with the checkpoint's settings"
                 )
+        if resumed["step"] >= plan.total_steps:
+            assert resume_dir is not None
+            return _already_finished(cfg, env, plan, resume_dir, resumed)
 
     torch.manual_seed(cfg.seed)  # fresh LoRA weights are the same in every process and every run
     base, rope = load_rope_model(cfg, manifest["tokenizer"]["vocab_size"], store.max_coordinates, env.device)
     adapter_source = str(resume_dir) if resume_dir is not None else cfg.load_lora
     if adapter_source is not None:
-        _check_adapter(adapter_source, rope, manifest, cfg.shards)
+        _check_adapter(adapter_source, base, rope, manifest, cfg)
     model = add_lora(base, cfg, adapter_source).to(env.device)
     model.train()
     loss_module = PackedLoss(model, mask=cfg.mask, stride=rope.stride)
@@ -175,7 +193,8 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
             scaler.load_state_dict(resumed["scaler"])
         start_step = resumed["step"]
     total_steps = plan.total_steps
-    metrics = MetricsLog(cfg, enabled=env.is_main, start_step=start_step)
+    run_id = (resumed or {}).get("run_id") or new_run_id()  # a resumed run keeps its TensorBoard directory
+    metrics = MetricsLog(cfg, enabled=env.is_main, start_step=start_step, run_id=run_id)
     plora_meta = _plora_metadata(cfg, rope, manifest, base, lora_settings(model))
     if env.is_main:
         sizes = count_parameters(model)
@@ -183,17 +202,19 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
             f"{len(plan.train_rows)} training rows ({len(plan.val_rows)} validation), global batch "
             f"{plan.global_batch} = {cfg.batch_size} x {env.world_size} process(es) "
             f"x {cfg.accumulation_steps} accumulation, "
-            f"{total_steps} steps; {sizes['trainable']:,} of {sizes['total']:,} parameters trainable"
+            f"{total_steps} steps ({epochs_text(plan.epochs_run)} of {plan.steps_per_epoch} steps); "
+            f"{sizes['trainable']:,} of {sizes['total']:,} parameters trainable"
             + (f"; resuming at step {start_step} from {resume_dir}" if resumed else "")
         )
 
     # ---- training -------------------------------------------------------------------------------------
     is_ddp = isinstance(ddp_module, DistributedDataParallel)
     order_epoch, order = -1, np.empty(0, dtype=np.int64)
-    first_loss = last_loss = float("nan")
+    first_loss = _first_loss(resumed, cfg) if resumed else float("nan")
+    last_loss = float("nan")
     val_loss: float | None = None
     last_saved: Path | None = resume_dir
-    tokens_seen = resumed["tokens_seen"] if resumed else 0
+    tokens_before = tokens_seen = resumed["tokens_seen"] if resumed else 0
     started, data_seconds = time.perf_counter(), 0.0
     metrics.start(total_steps, start_step)
     try:
@@ -262,7 +283,8 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
                 metrics.validation(done, val_loss)
             if done % cfg.save_interval == 0 and done < total_steps:
                 path = step_checkpoint(cfg.out_dir, cfg.lora_name, done)
-                state = _trainer_state(done, plan, run_identity, tokens_seen, scaler, cfg)
+                losses = {"first_loss": first_loss, "last_loss": last_loss}
+                state = _trainer_state(done, plan, run_identity, tokens_seen, scaler, cfg, run_id, losses)
                 if env.is_main:
                     meta = {**plora_meta, "step": done}
                     save_checkpoint(path, model=model, plora_meta=meta, state=state, optimizer=optimizer)
@@ -272,17 +294,59 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         seconds = time.perf_counter() - started
         final = final_checkpoint(cfg.out_dir, cfg.lora_name)
         if env.is_main:
-            state = _trainer_state(total_steps, plan, run_identity, tokens_seen, scaler, cfg)
+            losses = {"first_loss": first_loss, "last_loss": last_loss}
+            state = _trainer_state(total_steps, plan, run_identity, tokens_seen, scaler, cfg, run_id, losses)
             meta = {**plora_meta, "step": total_steps}
             save_checkpoint(final, model=model, plora_meta=meta, state=state, optimizer=optimizer)
         wait_for_all(env)
     finally:
         metrics.close()
     result = TrainResult(
-        final, total_steps, first_loss, last_loss, val_loss, tokens_seen, seconds, data_seconds
+        final,
+        total_steps,
+        first_loss,
+        last_loss,
+        val_loss,
+        tokens_seen - tokens_before,
+        seconds,
+        data_seconds,
+        plan.epochs_run,
     )
     metrics.summary(result)
     return result
+
+
+def _first_loss(resumed: dict[str, Any], cfg: TrainConfig) -> float:
+    """The loss of the run's first step, so a resumed run's summary covers the whole run (checkpoints
+    from before the state recorded it: the first loss in the run's metrics.jsonl)."""
+    if "first_loss" in resumed:
+        return float(resumed["first_loss"])
+    return first_logged_loss(cfg.out_dir, cfg.lora_name)
+
+
+def _already_finished(
+    cfg: TrainConfig, env: DistEnv, plan: DataPlan, resume_dir: Path, resumed: dict[str, Any]
+) -> TrainResult:
+    """Resuming a run that already made its last step: nothing to train and nothing rewritten."""
+    final = final_checkpoint(cfg.out_dir, cfg.lora_name)
+    adapter = final if final.is_dir() else resume_dir
+    _say(
+        env,
+        f"plora train: nothing to do: the run already finished at step {resumed['step']} "
+        f"(this run has {plan.total_steps} steps); the final adapter is {adapter}",
+    )
+    nan = float("nan")
+    return TrainResult(
+        adapter,
+        int(resumed["step"]),
+        float(resumed.get("first_loss", nan)),
+        float(resumed.get("last_loss", nan)),
+        None,
+        0,
+        0.0,
+        0.0,
+        plan.epochs_run,
+    )
 
 
 def _validate(loss_module: PackedLoss, store: RowStore, plan: DataPlan, env: DistEnv, dtype: str) -> float:
@@ -293,24 +357,22 @@ def _validate(loss_module: PackedLoss, store: RowStore, plan: DataPlan, env: Dis
     return loss_sum / tokens if tokens else float("nan")
 
 
-def _check_adapter(adapter_dir: str, rope: RopeSettings, manifest: dict[str, Any], shards: str) -> None:
-    """An adapter continues only on the token ids and positions it was trained with."""
+def _check_adapter(
+    adapter_dir: str, base: torch.nn.Module, rope: RopeSettings, manifest: dict[str, Any], cfg: TrainConfig
+) -> None:
+    """An adapter continues only on its own base model, token ids and positions."""
     path = Path(adapter_dir)
     if not (path / "plora.json").is_file():
         return  # a plain PEFT adapter: nothing recorded to compare
-    meta = read_plora_json(path)
-    check_same_tokenizer(
-        meta["tokenizer"],
-        manifest["tokenizer"],
-        what=f"adapter {adapter_dir}",
-        against=f"the tokenizer of the shards in {shards}",
-        fix="continue it on shards tokenized for its base model",
-    )
+    config = AdapterConfig.read(path)
+    against = f"the tokenizer of the shards in {cfg.shards}"
+    check_adapter_fits(config, base, manifest["tokenizer"], base=cfg.base_model, against=against)
     have = list(rope.rope.pair_indices) if rope.rope is not None else []
-    if meta["pair_indices"] != have or meta["stride"] != rope.stride:
+    if list(config.pair_indices) != have or config.stride != rope.stride:
         raise PloraError(
-            f"{adapter_dir}: trained with 2D RoPE pairs {meta['pair_indices']} and stride {meta['stride']}, "
-            f"but this run uses pairs {have} and stride {rope.stride}; pass the same --rope-2d-ratio/--stride"
+            f"{adapter_dir}: trained with 2D RoPE pairs {list(config.pair_indices)} and stride "
+            f"{config.stride}, but this run uses pairs {have} and stride {rope.stride}; "
+            "pass the same --rope-2d-ratio/--stride"
         )
 
 
@@ -353,10 +415,14 @@ def _trainer_state(
     tokens_seen: int,
     scaler: torch.amp.GradScaler,
     cfg: TrainConfig,
+    run_id: str,
+    losses: dict[str, float],
 ) -> dict[str, Any]:
     epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
     return {
         **run_identity,
+        **losses,
+        "run_id": run_id,
         "step": step,
         "epoch": epoch,
         "step_in_epoch": step_in_epoch,

@@ -1,8 +1,10 @@
 """What a run reports: a progress bar (loss, lr, tokens/s, ETA), metrics.jsonl, TensorBoard, wandb.
 
-Only the main process reports; the others get a disabled log. Files live in ``<out_dir>/logs/<name>/``.
-On resume, lines of metrics.jsonl past the resumed step (written after the checkpoint by the run that
-was interrupted) are dropped so the file reads as one run.
+Only the main process reports; the others get a disabled log. Files live in ``<out_dir>/logs/<name>/``;
+TensorBoard's in ``tensorboard/<run id>/`` below it, one directory per run (a resumed run keeps its id,
+recorded in the checkpoints' trainer state), so TensorBoard shows each run as its own curve. On resume,
+lines of metrics.jsonl past the resumed step (written after the checkpoint by the run that was
+interrupted) are dropped so the file reads as one run.
 """
 
 from __future__ import annotations
@@ -27,6 +29,24 @@ def logs_dir(out_dir: str | Path, name: str) -> Path:
     return Path(out_dir) / "logs" / name
 
 
+def new_run_id() -> str:
+    """A fresh run's id: its start time, which sorts runs in TensorBoard's list as they were made."""
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def epochs_text(epochs: float) -> str:
+    """``1 epoch``, ``3 epochs``, ``1.54 epochs``."""
+    count = f"{epochs:.2f}".rstrip("0").rstrip(".")
+    return f"{count} epoch{'' if count == '1' else 's'}"
+
+
+def first_logged_loss(out_dir: str | Path, name: str) -> float:
+    """The first training loss in a run's metrics.jsonl (NaN if it has none)."""
+    path = logs_dir(out_dir, name) / METRICS_FILE
+    records = read_metrics(path) if path.is_file() else []
+    return next((float(r["loss"]) for r in records if "loss" in r), float("nan"))
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a metrics file; a last line cut short by a killed run is skipped."""
     records = []
@@ -39,7 +59,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    def __init__(self, cfg: TrainConfig, *, enabled: bool, start_step: int) -> None:
+    def __init__(self, cfg: TrainConfig, *, enabled: bool, start_step: int, run_id: str) -> None:
         self.enabled = enabled
         self.cfg = cfg
         self.console = Console(stderr=True)
@@ -68,7 +88,8 @@ class MetricsLog:
         except ImportError:
             self.announce("tensorboard is not installed: metrics go to metrics.jsonl only")
         else:
-            self._tensorboard = SummaryWriter(str(directory / TENSORBOARD_DIR), purge_step=start_step + 1)
+            runs = directory / TENSORBOARD_DIR / run_id
+            self._tensorboard = SummaryWriter(str(runs), purge_step=start_step + 1)
 
     def announce(self, message: str) -> None:
         if self.enabled:
@@ -148,8 +169,8 @@ class MetricsLog:
         val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
         rate = result.tokens / max(result.seconds, 1e-9)
         self.announce(
-            f"trained {result.steps} steps: loss {result.first_loss:.4f} -> {result.last_loss:.4f}{val}; "
-            f"{rate:,.0f} tokens/s; adapter in {result.final_dir}"
+            f"trained {result.steps} steps ({epochs_text(result.epochs)}): loss {result.first_loss:.4f} -> "
+            f"{result.last_loss:.4f}{val}; {rate:,.0f} tokens/s; adapter in {result.final_dir}"
         )
 
     def close(self) -> None:

@@ -61,9 +61,11 @@ def load_causal_lm(
     attn: str,
     device: torch.device | str,
     trust_remote_code: bool,
+    config: Any = None,
 ) -> nn.Module:
     """A causal LM (a local directory or a hub id) with the attention implementation plora's masks
-    need, weights from safetensors only, on ``device``; for training and inference alike."""
+    need, weights from safetensors only, on ``device``; for training and inference alike. ``config``
+    replaces the directory's config.json (an export's, whose model type only plora knows)."""
     from transformers import AutoModelForCausalLM  # noqa: PLC0415 - slow import, only when loading
     from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
@@ -76,6 +78,7 @@ def load_causal_lm(
         attn_implementation=resolve_attn(attn, device),
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
+        config=config,
     )
     return model.to(device)
 

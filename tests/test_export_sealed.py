@@ -1,0 +1,55 @@
+"""Issue 10 item 10: an exported model loads only through plora (with its 2D RoPE), never silently as an
+ordinary model in plain transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cli_helpers import run_plora
+from train_helpers import cli_args, subprocess_env
+
+from parallel.forward import forward_packed
+from parallel.loading import load_parallel_model
+from pipeline.shards import open_shards
+from trainer.checkpoint import final_checkpoint
+
+
+@pytest.fixture(scope="module")
+def adapter(train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sealed") / "out"
+    args = cli_args(train_shards, tiny_model_dir, out, "--max-steps", "2", "--lr", "2e-2")
+    done = run_plora(plora_bin, *args, env=subprocess_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return final_checkpoint(out, "hf_parallel_lora")
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_item10_export_refuses_plain_transformers_and_loads_in_plora(
+    adapter: Path, train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path, merge: bool
+) -> None:
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - slow import
+
+    out = tmp_path / "export"
+    export = ["export", "--adapter", adapter, "--out", out, *(["--merge"] if merge else [])]
+    exported = run_plora(plora_bin, *export, env=subprocess_env())
+    assert exported.returncode == 0, exported.stderr
+    with pytest.raises(Exception, match="plora") as refused:
+        AutoModelForCausalLM.from_pretrained(str(out))
+    assert "plora-qwen2" in str(refused.value)
+
+    row = open_shards(train_shards).row(0)
+    ids, branch, time = (torch.from_numpy(getattr(row, n).astype(np.int64))[None]
+                         for n in ("input_ids", "branch_id", "time_id"))  # fmt: skip
+    logits = []
+    for model, _, config in (load_parallel_model(out), load_parallel_model(tiny_model_dir, adapter)):
+        with torch.no_grad():
+            logits.append(forward_packed(model, ids, branch, time, mask=config.mask))
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=0)
+
+    generate = ["generate", "--adapter", out, "--prompt", "Three ways:", "--num-branches", "2"]
+    generated = run_plora(plora_bin, *generate, "--max-new-tokens", "3", "--json", env=subprocess_env())
+    assert generated.returncode == 0, generated.stderr
+    assert "plora-qwen2" not in generated.stderr  # transformers' warning about it is expected: not shown
