@@ -7,7 +7,8 @@
 #
 # Usage: scripts/demo_real.sh PY DEMO_DIR     (PY: the project's python; `plora` lives beside it)
 # PLORA_DEMO_BASE=DIR uses that model instead of building SmolLM2 (the tests use the tiny model);
-# PLORA_DEMO_STEPS=N trains N steps (default 24). Re-running reuses the model, records and shards.
+# PLORA_DEMO_STEPS=N trains N steps (default 24). Re-running is cheap: it reuses the model, records and
+# shards, and resumes the finished training run (--resume latest), which does nothing.
 set -euo pipefail
 
 if [[ $# -ne 2 ]]; then
@@ -28,7 +29,8 @@ if [[ ! -x "$PLORA" ]]; then
 fi
 
 step() { printf '\n== %s\n' "$*"; }
-run() { printf '$ %s\n' "$*" >&2; "$@"; }  # show each command (on stderr, so --json output stays clean)
+# Show each command, quoted so that it pastes back into a shell (on stderr, so --json output stays clean).
+run() { { printf '$'; printf ' %q' "$@"; printf '\n'; } >&2; "$@"; }
 
 if [[ -n "${PLORA_DEMO_BASE:-}" ]]; then
     BASE=$PLORA_DEMO_BASE
@@ -62,7 +64,7 @@ generate "$DEMO/generated/before.jsonl" --base-model "$BASE"
 step "5. Train LoRA adapters for $STEPS steps (bfloat16 autocast, isolated mask)"
 run "$PLORA" train --shards "$DEMO/shards/lists" --base-model "$BASE" --out-dir "$DEMO/out" \
     --max-steps "$STEPS" --batch-size 4 --learning-rate 1e-3 --lora-rank 16 --lora-alpha 32 --warmup 2 \
-    --dtype bfloat16 --log-interval 4 --save-interval 1000 --no-progress --overwrite
+    --dtype bfloat16 --log-interval 4 --save-interval 1000 --no-progress --resume latest
 
 step "6. After training: the adapter's loss on the same rows (in its training dtype), and the same list"
 ADAPTER="$DEMO/out/lora/hf_parallel_lora_final"
