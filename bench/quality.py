@@ -13,8 +13,9 @@ Held-out loss per trained token (the branch tokens and their EOS):
 - (d) a LoRA trained on the same records one branch per sequence (unpatched), with the same steps
   and about the same tokens per step. The parallel penalty is (c) - (d).
 
-(b) and (c) run for each setting: the default (isolated mask, --rope-2d-ratio 0.5, --stride 128)
-and one change at a time (columnar mask, another ratio, another stride).
+(b) and (c) run for each setting on set A: the default (isolated mask, --rope-2d-ratio 0.5,
+--stride 128) and one change at a time (columnar mask, ratio 0.25, stride 32); set B has the default.
+Lists of 3 to 6 items only (the cost of a row grows with its branches).
 
 Generation with the default setting's adapter on held-out prompts, K = the reference answer's item
 count, greedy and sampled: the share of distinct branches, the share that end at EOS, coherence
