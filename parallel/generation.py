@@ -1,9 +1,10 @@
 """Parallel generation: a trunk and K branches decoded together in one sequence with one KV cache.
 
-Coordinates are the contract's (parallel.layout.build_row): the trunk (the prompt) is branch 0 at
-times ``0..M-1``; branch b's prompt and then its generated tokens follow at times ``start_b + j``
-(``start_b = M`` with left align; with right align the branch prompts end on one column). Without
-a trunk the branches are numbered from 0 and start at time 0 (with BOS where the tokenizer uses one).
+Coordinates are the contract's (parallel.layout.build_row, docs/layout.md): the trunk (the prompt
+less its last token) is branch 0 at times ``0..M-1``; branch b's start token, its prompt and then
+its generated tokens follow at times ``start_b + j`` (``start_b = M`` with left align; with right
+align the branch prompts end on one column). Without a trunk the branches are numbered from 0,
+start at time 0 and begin with BOS (EOS where the tokenizer has no BOS).
 
 Decoding:
 
@@ -12,8 +13,9 @@ Decoding:
   encoded 2D ``position_ids [1, n]`` (parallel.rope2d) and the mask of those n queries against
   every token so far (``parallel.masks`` with ``num_queries``). A finished branch stays in the
   cache and costs nothing more.
-- the logits that predict a branch's next token are those of its last token; a branch that starts
-  empty takes its first token from the trunk's last token (sampled independently per branch).
+- every branch begins with the row's start token at its own coordinate (parallel.layout.branch_start:
+  the trunk's last token, moved into each branch); the logits that predict a branch's next token are
+  those of its last token, so a branch that starts empty takes its first token from its own start.
 
 Columnar mode lets a token see every branch's earlier columns, so tokens must be produced in time
 order for the result to be the sequence the contract describes: decoding runs column by column
@@ -41,6 +43,7 @@ from parallel.forward import build_attention_mask, check_attn_device
 from parallel.layout import (
     ALIGN_MODES,
     MASK_MODES,
+    Message,
     SpecialTokens,
     TokenSequence,
     branch_start_times,
@@ -228,9 +231,8 @@ def _plan(
         row_branch = np.concatenate([np.arange(first), ids_of_branch])[row_branch]
     row_time = row.time_id.astype(np.int64)
 
-    # Where each branch's prompt lies in the row, when it starts and when it first samples. A branch
-    # with no tokens (only possible under a trunk, as BOS fills one that starts at time 0) starts
-    # where the layout would put it and samples from the trunk's last token.
+    # Where each branch (its start token, then its prompt) lies in the row, when it starts and
+    # when it first samples: from its own last token, the start when the prompt is empty.
     slices = [np.flatnonzero(row.branch_id == first + k) for k in range(len(prompts))]
     lens = [len(w) for w in slices]
     starts = branch_start_times(row.trunk_len, lens, align)  # type: ignore[arg-type]
@@ -248,7 +250,7 @@ def _plan(
         if forced:
             state.pending = forced.popleft()
         else:
-            sources[k] = position_in_prefill[int(where[-1] if len(where) else row.trunk_len - 1)]
+            sources[k] = position_in_prefill[int(where[-1])]
         states.append(state)
     return Plan(
         prefill_ids=row.input_ids[prefill],
@@ -291,19 +293,16 @@ def decode_parallel(
 ) -> DecodeResult:
     """Generate up to ``max_new_tokens`` for each branch prompt, all in one sequence.
 
-    ``trunk`` and ``prompts`` are token ids without BOS (added per the contract). A branch stops at
-    a token of ``stop_ids`` (default: EOS; finish "eos"), when ``stop_when(index, generated)`` says
-    so ("stop"), or at the budget ("length"). ``branch_ids`` overrides the branches' ids (default
-    1..K after a trunk, 0..K-1 without): in isolated mode a branch decoded alone with the id it had
+    ``trunk`` and ``prompts`` are token ids without BOS or start tokens (added per the contract).
+    A branch stops at a token of ``stop_ids`` (default: EOS; finish "eos"), when
+    ``stop_when(index, generated)`` says so ("stop"), or at the budget ("length"). ``branch_ids``
+    overrides the branches' ids (default 1..K after a trunk of two tokens or more, 0..K-1
+    without; see parallel.layout.branch_start): in isolated mode a branch decoded alone with the id it had
     in a group yields the same tokens. ``stride`` defaults to the model's (see :func:`model_stride`).
     """
     check_decoding(mask=mask, align=align, max_new_tokens=max_new_tokens)
     if not prompts:
         raise PloraError("nothing to generate: give at least one branch")
-    if not trunk and special.bos_id is None and any(len(p) == 0 for p in prompts):
-        raise PloraError(
-            "a branch with no prompt needs a trunk prompt to start from (the tokenizer has no BOS token)"
-        )
     stride = model_stride(model) if stride is None else stride
     stop_ids = {special.eos_id} if stop_ids is None else set(stop_ids)
     device = model.get_input_embeddings().weight.device
@@ -447,14 +446,18 @@ def generation_defaults(model: torch.nn.Module) -> GenerationDefaults:
 
 def encode_prompt(tokenizer: Any, prompt: str, *, chat: bool) -> list[int]:
     """Token ids of the trunk prompt; with ``chat``, the user turn in the chat template plus the
-    assistant prefix, so the branches continue the assistant's answer."""
-    if chat:
-        if tokenizer.chat_template is None:
-            raise PloraError(f"{tokenizer.name_or_path}: --chat needs a tokenizer with a chat template")
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
-    return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assistant prefix (a chat parallel record's trunk), so the branches continue the assistant's answer."""
+    if not chat:
+        return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if tokenizer.chat_template is None:
+        raise PloraError(f"{tokenizer.name_or_path}: --chat needs a tokenizer with a chat template")
+    from pipeline.tokenize import chat_trunk  # noqa: PLC0415 - pulls in the tokenizer stack
+
+    try:
+        # The trunk tokenize builds for {"messages": [user prompt], "branches": [...]}.
+        return chat_trunk(tokenizer, [Message("user", prompt)]).ids.tolist()
+    except ValueError as err:
+        raise PloraError(f"{tokenizer.name_or_path}: {err}") from None
 
 
 def branch_prompts(prompt: str | None, branches: Sequence[str] | None, num_branches: int | None) -> list[str]:

@@ -1,7 +1,7 @@
 """The parallel layout contract: records, packing, coordinates, labels, masks and shards.
 
 This is the single definition shared by the pipeline, the trainer, `plora inspect` and
-parallel generation. Everything else derives what it needs from here and never
+parallel generation, written out in docs/layout.md. Everything else derives what it needs from here and never
 re-implements it. The functions are pure: they take plain values or arrays and return new
 ones.
 
@@ -24,7 +24,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-FORMAT_VERSION = 1
+# 2: every branch begins with its start token (branch_start); shards of version 1 have none.
+FORMAT_VERSION = 2
 IGNORE_INDEX = -100
 TOKEN_DTYPE = np.int32
 
@@ -33,12 +34,16 @@ Align = Literal["left", "right"]
 MASK_MODES: tuple[str, ...] = ("isolated", "columnar")
 ALIGN_MODES: tuple[str, ...] = ("left", "right")
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
-# The keys of each kind of canonical record (SPEC "Records"); a record has the keys of one kind only.
+# The keys of each kind of canonical record (docs/layout.md "Records"); a record has the keys of
+# one kind only. "messages" and "branches" together make a chat parallel record (record_kinds).
 RECORD_KEYS: dict[str, frozenset[str]] = {
     "text": frozenset({"text"}),
     "messages": frozenset({"messages"}),
     "parallel": frozenset({"main", "branches"}),
+    "chat_parallel": frozenset({"messages", "branches"}),
 }
+# Keys a record of a kind may have besides its own (they do not decide the kind).
+OPTIONAL_KEYS: dict[str, frozenset[str]] = {"chat_parallel": frozenset({"lead"})}
 
 # Shard columns: per-token lists (equal length, in the row's stored order) ...
 TOKEN_COLUMNS: tuple[str, ...] = ("input_ids", "branch_id", "time_id", "labels")
@@ -91,7 +96,18 @@ class ParallelRecord:
     branches: tuple[Branch, ...]
 
 
-Record = TextRecord | ChatRecord | ParallelRecord
+@dataclass(frozen=True)
+class ChatParallelRecord:
+    """A chat whose next assistant turn is written as parallel branches: the trunk is the chat
+    template's render of ``messages`` (which never end with an assistant turn), followed by
+    ``lead``, the start of the answer that every branch continues (a list's lead-in)."""
+
+    messages: tuple[Message, ...]
+    branches: tuple[Branch, ...]
+    lead: str = ""
+
+
+Record = TextRecord | ChatRecord | ParallelRecord | ChatParallelRecord
 
 
 def _require_text(value: Any, what: str, *, allow_empty: bool = False) -> str:
@@ -111,40 +127,70 @@ def parse_record(obj: Any) -> Record:
         raise RecordError(f"expected a JSON object, got {type(obj).__name__}")
     keys = set(obj)
     kinds = record_kinds(keys)
-    one_of = "a record is one of {'text'}, {'messages'}, {'main', 'branches'}"
+    one_of = "a record is one of {'text'}, {'messages'}, {'main', 'branches'}, {'messages', 'branches'}"
     if len(kinds) > 1:
         mixed = sorted(keys & frozenset().union(*(RECORD_KEYS[kind] for kind in kinds)))
         raise RecordError(f"keys {mixed} mix {' and '.join(kinds)} records; {one_of}")
-    unexpected = sorted(keys - RECORD_KEYS[kinds[0]]) if kinds else []
+    allowed = RECORD_KEYS[kinds[0]] | OPTIONAL_KEYS.get(kinds[0], frozenset()) if kinds else frozenset()
+    unexpected = sorted(keys - allowed) if kinds else []
     if unexpected:
         raise RecordError(f"unexpected keys {unexpected}; {one_of}")
-    if "branches" in keys or "main" in keys:
+    kind = kinds[0] if kinds else None
+    if kind == "chat_parallel":
+        messages = _parse_messages(obj["messages"])
+        if messages[-1].role == "assistant":
+            raise RecordError(
+                "chat parallel record: 'messages' end with an assistant turn, but the branches are "
+                "that turn; end 'messages' with a user (or system) turn"
+            )
+        branches = _parse_branches(obj["branches"])
+        lead = _require_text(obj.get("lead", ""), "'lead'", allow_empty=True)
+        if lead and any(b.prompt for b in branches):
+            raise RecordError(
+                "chat parallel record: a 'lead' starts the assistant's answer, which every branch "
+                "continues, so every branch must be a string (not a {prompt, response} turn)"
+            )
+        return ChatParallelRecord(messages=messages, branches=branches, lead=lead)
+    if kind == "parallel":
         if "branches" not in keys:
             raise RecordError("parallel record has 'main' but no 'branches' list")
         main = _require_text(obj.get("main", ""), "'main'", allow_empty=True)
-        branches = obj["branches"]
-        if not isinstance(branches, list) or not branches:
-            raise RecordError("'branches' must be a non-empty list")
-        return ParallelRecord(main=main, branches=tuple(_parse_branch(b, i) for i, b in enumerate(branches)))
-    if "messages" in keys:
-        messages = obj["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise RecordError("'messages' must be a non-empty list")
-        parsed = tuple(_parse_message(m, i) for i, m in enumerate(messages))
+        return ParallelRecord(main=main, branches=_parse_branches(obj["branches"]))
+    if kind == "messages":
+        parsed = _parse_messages(obj["messages"])
         if not any(m.role == "assistant" for m in parsed):
             raise RecordError("chat has no assistant message, so nothing would be trained")
         return ChatRecord(messages=parsed)
-    if "text" in keys:
+    if kind == "text":
         return TextRecord(text=_require_text(obj["text"], "'text'"))
     raise RecordError(
-        f"unknown record with keys {sorted(keys)}; expected 'text', 'messages', or 'main' + 'branches'"
+        f"unknown record with keys {sorted(keys)}; expected 'text', 'messages', 'main' + 'branches' "
+        "or 'messages' + 'branches'"
     )
 
 
 def record_kinds(keys: Iterable[str]) -> list[str]:
-    """The kinds of canonical record (keys of :data:`RECORD_KEYS`) whose keys are among ``keys``."""
+    """The kinds of canonical record (keys of :data:`RECORD_KEYS`) whose keys are among ``keys``.
+
+    'messages' and 'branches' together are a chat parallel record, not a chat mixed with a
+    parallel record; either alone is a key of its own kind."""
     present = set(keys)
-    return [kind for kind, own in RECORD_KEYS.items() if own & present]
+    together = RECORD_KEYS["chat_parallel"]
+    kinds = ["chat_parallel"] if together <= present else []
+    rest = present - together if kinds else present
+    return kinds + [kind for kind, own in RECORD_KEYS.items() if kind != "chat_parallel" and own & rest]
+
+
+def _parse_branches(branches: Any) -> tuple[Branch, ...]:
+    if not isinstance(branches, list) or not branches:
+        raise RecordError("'branches' must be a non-empty list")
+    return tuple(_parse_branch(b, i) for i, b in enumerate(branches))
+
+
+def _parse_messages(messages: Any) -> tuple[Message, ...]:
+    if not isinstance(messages, list) or not messages:
+        raise RecordError("'messages' must be a non-empty list")
+    return tuple(_parse_message(m, i) for i, m in enumerate(messages))
 
 
 def _parse_branch(value: Any, index: int) -> Branch:
@@ -165,15 +211,30 @@ def _parse_message(value: Any, index: int) -> Message:
     return Message(role=role, content=_require_text(value["content"], f"message {index} 'content'"))
 
 
+# Between a plain parallel branch's prompt and its response: a newline is a token boundary in
+# every BPE pre-tokenizer, so the response tokenizes as it would at the start of a line, and the
+# two read apart ("...four times?\nThe probability..." rather than "...times?The probability...").
+PROMPT_SEPARATOR = "\n"
+
+
+def branch_prompt_text(prompt: str) -> str:
+    """The context text a plain parallel branch's response follows: its prompt and the separator,
+    unless the prompt is empty or already ends with whitespace (a separator of its own)."""
+    return prompt if not prompt or prompt[-1].isspace() else prompt + PROMPT_SEPARATOR
+
+
 def record_to_json(record: Record) -> dict[str, Any]:
     """The canonical JSON object of a record (what `plora convert` writes)."""
     if isinstance(record, TextRecord):
         return {"text": record.text}
+    messages = [{"role": m.role, "content": m.content} for m in getattr(record, "messages", ())]
     if isinstance(record, ChatRecord):
-        return {"messages": [{"role": m.role, "content": m.content} for m in record.messages]}
+        return {"messages": messages}
     branches = [
         {"prompt": b.prompt, "response": b.response} if b.prompt else b.response for b in record.branches
     ]
+    if isinstance(record, ChatParallelRecord):
+        return {"messages": messages, "branches": branches}
     return {"main": record.main, "branches": branches}
 
 
@@ -313,25 +374,39 @@ def branch_start_times(trunk_len: int, branch_lens: Sequence[int], align: Align)
     return [trunk_len + longest - n for n in branch_lens]
 
 
+def branch_start(trunk: TokenSequence | None, special: SpecialTokens) -> tuple[TokenSequence | None, int]:
+    """The trunk a row stores and the token every branch of the row starts with.
+
+    A branch's first content token is predicted by its start, a token at the branch's own
+    coordinate ``(branch_id, first column)``, so it has a label and the branch coordinate can
+    decide it. The start reuses a token the model knows (LoRA trains no embeddings): the trunk's
+    last token, moved out of the trunk into every branch (a chat trunk's is the end of the
+    assistant prompt), so that with 2D RoPE off each branch reads exactly as its trunk followed by
+    the branch; without a trunk, BOS where the tokenizer uses one, else EOS (what precedes a
+    document in a stream of documents). A trunk of one token (BOS aside) leaves no trunk.
+    """
+    bos = special.bos_id
+    if trunk is not None and len(trunk) and bos is not None:
+        trunk = _with_bos(trunk, bos)
+    if trunk is None or len(trunk) == 0:
+        return None, special.eos_id if bos is None else bos
+    rest = TokenSequence(trunk.ids[:-1], trunk.trained[:-1])
+    return (rest if len(rest) else None), int(trunk.ids[-1])
+
+
 def build_row(
     trunk: TokenSequence | None, branches: Sequence[TokenSequence], align: Align, special: SpecialTokens
 ) -> PackedRow:
-    """Lay out ``[trunk?, b_1..b_K]``: add BOS where a sequence starts at time 0, then compute
-    coordinates and labels. An empty trunk counts as no trunk."""
+    """Lay out ``[trunk?, b_1..b_K]``: every branch begins with the row's start token
+    (:func:`branch_start`), then coordinates and labels follow. An empty trunk counts as no trunk."""
     if not branches:
         raise ValueError("a row needs at least one branch")
-    if trunk is not None and len(trunk) == 0:
-        trunk = None
-    bos = special.bos_id
-    if trunk is not None and bos is not None:
-        trunk = _with_bos(trunk, bos)
+    trunk, start = branch_start(trunk, special)
+    # A chat template may render BOS itself: that BOS is then the branch's start.
+    add = _with_bos if start == special.bos_id else _with_start
+    branches = [add(b, start) for b in branches]
     trunk_len = 0 if trunk is None else len(trunk)
-    lens = [len(b) for b in branches]
-    starts = branch_start_times(trunk_len, lens, align)
-    if bos is not None:
-        branches = [_with_bos(b, bos) if s == 0 else b for b, s in zip(branches, starts, strict=True)]
-        lens = [len(b) for b in branches]
-        starts = branch_start_times(trunk_len, lens, align)
+    starts = branch_start_times(trunk_len, [len(b) for b in branches], align)
     sequences = ([trunk] if trunk is not None else []) + list(branches)
     seq_starts = ([0] if trunk is not None else []) + starts
     # Whole-row array operations rather than per-sequence ones: rows often hold many short sequences.
@@ -344,11 +419,13 @@ def build_row(
     return PackedRow(ids, branch_id, time_id, labels, num_branches=len(branches), trunk_len=trunk_len)
 
 
-def _with_bos(seq: TokenSequence, bos_id: int) -> TokenSequence:
-    if len(seq) and seq.ids[0] == bos_id:
-        return seq
-    ids = np.concatenate([[bos_id], seq.ids]).astype(TOKEN_DTYPE)
+def _with_start(seq: TokenSequence, start: int) -> TokenSequence:
+    ids = np.concatenate([[start], seq.ids]).astype(TOKEN_DTYPE)
     return TokenSequence(ids, np.concatenate([[False], seq.trained]))
+
+
+def _with_bos(seq: TokenSequence, bos_id: int) -> TokenSequence:
+    return seq if len(seq) and seq.ids[0] == bos_id else _with_start(seq, bos_id)
 
 
 @dataclass
@@ -407,9 +484,9 @@ class PackerState:
     counts: dict[str, int] = field(default_factory=dict)  # Packer.counts so far
 
 
-def piece_len(options: PackingOptions, special: SpecialTokens) -> int:
-    """The longest sequence a row may hold: ``max_seq_len``, less the BOS a layout adds."""
-    return options.max_seq_len - (1 if special.bos_id is not None else 0)
+def piece_len(options: PackingOptions) -> int:
+    """The longest piece of text a branch may hold: ``max_seq_len``, less the branch's start token."""
+    return options.max_seq_len - 1
 
 
 class Packer:
@@ -421,8 +498,8 @@ class Packer:
     with more branches than ``max_branches`` becomes several rows of at most that many, each
     with the same trunk, trained in the first only so that every token is trained once; in
     fixed mode it stays whole (a row above K). The trunk must fit ``max_seq_len`` (the encoder
-    rejects longer ones). BOS (when the tokenizer uses one) is reserved inside ``max_seq_len``
-    so no branch exceeds it. :attr:`counts` says how often each of these happened.
+    rejects longer ones). Each branch's start token is reserved inside ``max_seq_len`` so no
+    branch exceeds it. :attr:`counts` says how often each of these happened.
     :meth:`state` snapshots the packer between items and ``Packer(..., state=...)`` restores it,
     so an interrupted run can resume exactly.
     """
@@ -430,7 +507,7 @@ class Packer:
     def __init__(self, options: PackingOptions, special: SpecialTokens, state: PackerState | None = None):
         self.options = options
         self.special = special
-        self._piece_len = piece_len(options, special)
+        self._piece_len = piece_len(options)
         self._counter = BranchCounter(options)
         self._pending: list[TokenSequence] = []
         self._target = self._counter.next()

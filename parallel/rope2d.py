@@ -1,6 +1,6 @@
 """2D RoPE for HuggingFace causal LMs, without state that outlives a forward call.
 
-The contract (SPEC "Coordinates") rotates some rotary frequency pairs by the branch position
+The contract (docs/layout.md "Coordinates") rotates some rotary frequency pairs by the branch position
 ``branch_id * stride`` and the rest by the time position ``time_id``. We patch only the model's
 rotary embedding module(s). The two positions travel together inside the ordinary ``[B, L]``
 int64 ``position_ids`` that transformers already passes to the rotary module::

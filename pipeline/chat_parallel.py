@@ -10,8 +10,8 @@ The trunk is the chat template's render of ``messages`` with the generation prom
 an assistant continuation of the trunk; a ``{prompt, response}`` branch is a user turn and the
 assistant's answer to it. For a split list, ``lead + "".join(branches)`` is the original answer.
 
-:func:`chat_parallel_record` is the one place that builds (and checks) this shape, so that the
-validator of the canonical record kind can share it.
+:func:`chat_parallel_record` is the one place that builds this shape; the contract's validator
+checks it.
 """
 
 from __future__ import annotations
@@ -21,58 +21,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from parallel.layout import ROLES, RecordError
+from parallel.layout import parse_record
 
 
 def chat_parallel_record(
     messages: Sequence[dict[str, str]], branches: Sequence[str | dict[str, str]], lead: str = ""
 ) -> dict[str, Any]:
-    """The JSON object of a chat parallel record; RecordError says what was expected."""
-    if not messages:
-        raise RecordError("'messages' must be a non-empty list")
-    for index, message in enumerate(messages):
-        _check_message(message, index)
-    if messages[-1]["role"] == "assistant":
-        raise RecordError(
-            "'messages' end with an assistant turn; expected the trunk to end before the answer"
-        )
-    if not isinstance(lead, str):
-        raise RecordError(f"'lead' must be a string, got {type(lead).__name__}")
-    if not branches:
-        raise RecordError("'branches' must be a non-empty list")
-    for index, branch in enumerate(branches):
-        _check_branch(branch, index)
+    """The JSON object of a chat parallel record, checked by the contract's one validator
+    (:func:`parallel.layout.parse_record`); RecordError says what was expected."""
     record: dict[str, Any] = {"messages": [dict(m) for m in messages]}
     if lead:
         record["lead"] = lead
     record["branches"] = [b if isinstance(b, str) else dict(b) for b in branches]
+    parse_record(record)
     return record
-
-
-def _check_message(message: Any, index: int) -> None:
-    if not isinstance(message, dict) or set(message) != {"role", "content"}:
-        raise RecordError(f"message {index} must be an object with 'role' and 'content'")
-    if message["role"] not in ROLES:
-        raise RecordError(f"message {index} has role {message['role']!r}; expected one of {', '.join(ROLES)}")
-    _check_text(message["content"], f"message {index} 'content'")
-
-
-def _check_branch(branch: Any, index: int) -> None:
-    if isinstance(branch, str):
-        _check_text(branch, f"branch {index}")
-        return
-    if not isinstance(branch, dict) or not set(branch) <= {"prompt", "response"} or "response" not in branch:
-        raise RecordError(f"branch {index} must be a string or {{'prompt': str, 'response': str}}")
-    _check_text(branch["response"], f"branch {index} 'response'")
-    if not isinstance(branch.get("prompt", ""), str):
-        raise RecordError(f"branch {index} 'prompt' must be a string")
-
-
-def _check_text(value: Any, what: str) -> None:
-    if not isinstance(value, str):
-        raise RecordError(f"{what} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise RecordError(f"{what} is empty")
 
 
 @dataclass

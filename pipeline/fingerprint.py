@@ -31,6 +31,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from parallel.layout import FORMAT_VERSION
 from pipeline.errors import PloraError
 
 # The identity formula; bump it whenever tokenizer_identity changes. Identities written before the
@@ -155,5 +156,6 @@ def run_fingerprint(
         "tokenizer": tokenizer_sha256,
         "options": options,
         "plora": plora_version(),
+        "format": FORMAT_VERSION,  # the layout: a journal of another one is never resumed
     }
     return {**parts, "digest": sha256_text(canonical_json(parts))}

@@ -179,8 +179,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise ShardError(f"{path}: missing keys {', '.join(missing)}")
     if manifest["format_version"] != FORMAT_VERSION:
         raise ShardError(
-            f"{path}: format_version {manifest['format_version']!r}, this plora reads {FORMAT_VERSION}; "
-            "re-run plora tokenize"
+            f"{path}: format_version {manifest['format_version']!r}, this plora reads {FORMAT_VERSION} "
+            "(a layout that changed, see docs/layout.md); re-run plora tokenize --overwrite"
         )
     problem = _shape_problem(manifest)
     if problem:

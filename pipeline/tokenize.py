@@ -17,8 +17,14 @@ with ``add_special_tokens=False`` and BOS, where the tokenizer uses one, is adde
   the render, trained, so generation still learns to stop; a template that closes the assistant
   turn with EOS (ChatML with EOS ``<|im_end|>``) gets none extra.
 - parallel: the trunk is ``ids(main)`` with no EOS, trained iff ``train_trunk``; a branch is
-  ``ids(prompt) + ids(response) + [eos]`` with the response and EOS trained. A trunk longer than
-  ``max_seq_len`` rejects the record: unlike a branch it cannot be split.
+  ``ids(prompt + "\n") + ids(response) + [eos]`` (parallel.layout.branch_prompt_text) with the
+  response and EOS trained. A trunk longer than ``max_seq_len`` rejects the record: unlike a
+  branch it cannot be split.
+- chat parallel: the trunk is :func:`chat_trunk` (also generation's trunk under ``--chat``),
+  never trained; a branch is what the template renders after the trunk for the branch's turns,
+  through the assistant's end of turn, trained from the answer on (``RecordEncoder._chat_branch``).
+
+Every branch then gets its start token from :func:`parallel.layout.build_row` (docs/layout.md).
 
 A chat template that leaves an assistant's text out of its render stops the run: it is the
 tokenizer's fault, not the record's.
@@ -65,7 +71,10 @@ from parallel.layout import (
     SHARD_SUFFIX,
     TOKEN_COLUMNS,
     TOKEN_DTYPE,
+    Branch,
+    ChatParallelRecord,
     ChatRecord,
+    Message,
     PackedRow,
     Packer,
     PackerState,
@@ -75,7 +84,7 @@ from parallel.layout import (
     SpecialTokens,
     TextRecord,
     TokenSequence,
-    piece_len,
+    branch_prompt_text,
 )
 from pipeline import atomic, outdir
 from pipeline.convert import (
@@ -103,6 +112,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_ROWS_PER_SHARD",
+    "chat_trunk",
     "RecordEncoder",
     "Rejected",
     "TokenizeJob",
@@ -164,6 +174,31 @@ def special_tokens(tokenizer: Any) -> SpecialTokens:
         if not ids or ids[0] != bos:
             bos = None
     return SpecialTokens(eos_id=int(eos), bos_id=None if bos is None else int(bos))
+
+
+def _apply_template(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool) -> str:
+    """The chat template's render of ``messages``; ValueError if the template fails on them."""
+    msgs = [{"role": m.role, "content": m.content} for m in messages]
+    try:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as err:  # noqa: BLE001 - Jinja raises anything the template author wrote
+        raise ValueError(f"the chat template failed on this chat: {err}") from None
+
+
+def chat_trunk(
+    tokenizer: Any, messages: Sequence[Message], *, generation_prompt: bool = True, lead: str = ""
+) -> TokenSequence:
+    """The trunk of a chat parallel record and of ``plora generate --chat``: the chat template's
+    render of ``messages`` (with the assistant's generation prompt unless a branch opens a turn
+    of its own) followed by ``lead``, tokenized without special tokens added. Only the lead is
+    trained: it is the assistant's text. Training and generation both take their trunk from here,
+    so they see the same ids. ValueError if the template fails on the chat."""
+    rendered = _apply_template(tokenizer, messages, generation_prompt)
+    encoded = tokenizer(rendered + lead, add_special_tokens=False, return_offsets_mapping=bool(lead))
+    ids = encoded["input_ids"]
+    if not lead:
+        return TokenSequence.of(ids, False)
+    return TokenSequence.of(ids, [end > len(rendered) for _, end in encoded["offset_mapping"]])
 
 
 # --------------------------------------------------------------------------------------
@@ -269,7 +304,7 @@ class RecordEncoder:
             elif isinstance(record, ParallelRecord):
                 texts.append(record.main)
                 for branch in record.branches:
-                    texts.extend((branch.prompt, branch.response))
+                    texts.extend((branch_prompt_text(branch.prompt), branch.response))
         ids = iter(self._ids(texts))
         chats = [(i, item) for i, item in enumerate(batch) if isinstance(item.record, ChatRecord)]
         chat_results = self._encode_chats(chats)
@@ -290,88 +325,127 @@ class RecordEncoder:
                 too_long = self._trunk_too_long(len(trunk))
                 packed = PackItem(tuple(branches), trunk=trunk)
                 results.append(Rejected(item.source, item.line, too_long) if too_long else packed)
+            elif isinstance(record, ChatParallelRecord):
+                results.append(self._encode_chat_parallel(item))
             else:
                 results.append(chat_results[i])
         return results
 
-    def _trunk_too_long(self, length: int) -> str | None:
+    def _trunk_too_long(self, length: int, what: str = "'main'") -> str | None:
         """Why a trunk of ``length`` tokens cannot be packed, or None. Unlike a branch it cannot be
         split: every branch attends to the whole trunk, so a piece of it would change the record."""
-        fits = piece_len(self.options, self.special)
+        fits = self.options.max_seq_len - (1 if self.special.bos_id is not None else 0)
         if length <= fits:
             return None
         bos = " (one position is kept for BOS)" if self.special.bos_id is not None else ""
         return (
-            f"trunk ('main') longer than --max-seq-len: {length:,} tokens, at most {fits:,} fit{bos}; "
+            f"trunk ({what}) longer than --max-seq-len: {length:,} tokens, at most {fits:,} fit{bos}; "
             "a trunk cannot be split like a branch, because every branch must see it whole: "
-            "shorten 'main' or raise --max-seq-len"
+            f"shorten {what} or raise --max-seq-len"
         )
 
     def _encode_chats(self, chats: list[tuple[int, SourcedRecord]]) -> dict[int, PackItem | Rejected]:
         if not chats:
             return {}
         if self.tokenizer.chat_template is None:
-            first = chats[0][1]
-            where = f"{first.source}:{first.line}" if first.line is not None else first.source
-            return {
-                i: Rejected(
-                    first.source,
-                    first.line,
-                    f"{where}: chat record, but the tokenizer {self.tokenizer.name_or_path} has no chat "
-                    "template; pass --chat-template FILE (a Jinja chat template)",
-                    fatal=True,
-                )
-                for i, _ in chats
-            }
+            return dict.fromkeys((i for i, _ in chats), self._no_template(chats[0][1]))
         results: dict[int, PackItem | Rejected] = {}
         rendered: list[tuple[int, str, list[tuple[int, int]]]] = []
         for i, item in chats:
             try:
                 text, spans = self._render(item.record)
             except _ContentNotRendered as err:
-                where = f"{item.source}:{item.line}" if item.line is not None else item.source
-                reason = (
-                    f"{self.tokenizer.name_or_path}: the chat template does not render the assistant's "
-                    f"text (assistant message {err.index} of {where} is missing from its render), so only "
-                    "end-of-turn tokens would be trained; use a template that renders assistant content "
-                    "(--chat-template FILE)"
-                )
-                fatal = Rejected(item.source, item.line, reason, fatal=True)
-                return dict.fromkeys((j for j, _ in chats), fatal)
+                return dict.fromkeys((j for j, _ in chats), self._not_rendered(item, err))
             except ValueError as err:
                 results[i] = Rejected(item.source, item.line, str(err))
                 continue
             rendered.append((i, text, spans))
         encodings = self._encode([text for _, text, _ in rendered], offsets=True)
-        for (i, _, spans), (ids, offsets) in zip(rendered, encodings, strict=True):
-            trained = np.zeros(len(ids), dtype=bool)
-            for start, end in spans:
-                trained |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
-            if not np.any(ids[trained] == self.special.eos_id):
-                ids = np.append(ids, TOKEN_DTYPE(self.special.eos_id))
-                trained = np.append(trained, True)
-            results[i] = PackItem((TokenSequence(ids, trained),))
+        for (i, _, spans), encoded in zip(rendered, encodings, strict=True):
+            results[i] = PackItem((self._trained_spans(*encoded, spans),))
         return results
+
+    def _trained_spans(
+        self, ids: np.ndarray, offsets: np.ndarray, spans: list[tuple[int, int]]
+    ) -> TokenSequence:
+        """The rendered chat's tokens, trained where they overlap a span; an EOS is appended (trained)
+        when none of the trained tokens is one, so generation still learns to stop."""
+        trained = np.zeros(len(ids), dtype=bool)
+        for start, end in spans:
+            trained |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
+        if not np.any(ids[trained] == self.special.eos_id):
+            ids = np.append(ids, TOKEN_DTYPE(self.special.eos_id))
+            trained = np.append(trained, True)
+        return TokenSequence(ids, trained)
+
+    def _no_template(self, item: SourcedRecord) -> Rejected:
+        where = f"{item.source}:{item.line}" if item.line is not None else item.source
+        reason = (
+            f"{where}: chat record, but the tokenizer {self.tokenizer.name_or_path} has no chat "
+            "template; pass --chat-template FILE (a Jinja chat template)"
+        )
+        return Rejected(item.source, item.line, reason, fatal=True)
+
+    def _not_rendered(self, item: SourcedRecord, err: _ContentNotRendered) -> Rejected:
+        where = f"{item.source}:{item.line}" if item.line is not None else item.source
+        reason = (
+            f"{self.tokenizer.name_or_path}: the chat template does not render the assistant's "
+            f"text (assistant message {err.index} of {where} is missing from its render), so only "
+            "end-of-turn tokens would be trained; use a template that renders assistant content "
+            "(--chat-template FILE)"
+        )
+        return Rejected(item.source, item.line, reason, fatal=True)
+
+    def _encode_chat_parallel(self, item: SourcedRecord) -> PackItem | Rejected:
+        """A chat parallel record: the trunk from :func:`chat_trunk`; each branch is what the
+        template renders after the trunk when the branch's turns follow ``messages`` (a string:
+        the assistant's answer; ``{prompt, response}``: a user turn and the assistant's answer),
+        through the assistant's end of turn, of which the answer and its end of turn are trained.
+        The trunk ends with the generation prompt unless a branch opens a user turn of its own."""
+        record = item.record
+        assert isinstance(record, ChatParallelRecord)
+        if self.tokenizer.chat_template is None:
+            return self._no_template(item)
+        answers_only = not any(b.prompt for b in record.branches)
+        try:
+            messages, lead = record.messages, record.lead
+            trunk_text = _apply_template(self.tokenizer, messages, answers_only) + lead
+            trunk = chat_trunk(self.tokenizer, messages, generation_prompt=answers_only, lead=lead)
+            branches = [self._chat_branch(messages, b, trunk_text, lead) for b in record.branches]
+        except _ContentNotRendered as err:
+            return self._not_rendered(item, err)
+        except ValueError as err:
+            return Rejected(item.source, item.line, str(err))
+        too_long = self._trunk_too_long(len(trunk), "the rendered 'messages'")
+        if too_long:
+            return Rejected(item.source, item.line, too_long)
+        return PackItem(tuple(branches), trunk=trunk)
+
+    def _chat_branch(
+        self, messages: tuple[Message, ...], branch: Branch, trunk_text: str, lead: str
+    ) -> TokenSequence:
+        asked = (Message("user", branch.prompt),) if branch.prompt else ()
+        turns = (*asked, Message("assistant", lead + branch.response))
+        full, spans = self._render(ChatRecord(messages + turns))
+        if not full.startswith(trunk_text):
+            raise ValueError(
+                "the chat template renders the conversation differently once a branch's turn follows it, "
+                "so the branches cannot share one trunk"
+            )
+        start, end = spans[-1]  # the answer (lead and branch), through its end of turn
+        cut = len(trunk_text)  # the lead is in the trunk
+        [(ids, offsets)] = self._encode([full[cut:end]], offsets=True)
+        return self._trained_spans(ids, offsets, [(start - cut, end - cut)])
 
     def _render(self, record: ChatRecord) -> tuple[str, list[tuple[int, int]]]:
         """The chat's full render and the character span of each assistant turn in it."""
         messages = [{"role": m.role, "content": m.content} for m in record.messages]
-
-        def render(msgs: list[dict[str, str]], generation_prompt: bool) -> str:
-            try:
-                out = self.tokenizer.apply_chat_template(
-                    msgs, tokenize=False, add_generation_prompt=generation_prompt
-                )
-            except Exception as err:  # noqa: BLE001 - Jinja raises anything the template author wrote
-                raise ValueError(f"the chat template failed on this chat: {err}") from None
-            return out
-
-        full = render(messages, False)
+        full = _apply_template(self.tokenizer, record.messages, False)
         befores, throughs = [], []
-        for i, message in enumerate(messages):
-            if message["role"] == "assistant":
-                befores.append(render(messages[:i], True))
-                throughs.append(render(messages[: i + 1], False).rstrip())
+        for i, message in enumerate(record.messages):
+            if message.role == "assistant":
+                befores.append(_apply_template(self.tokenizer, record.messages[:i], True))
+                throughs.append(_apply_template(self.tokenizer, record.messages[: i + 1], False).rstrip())
         prefix_stable = all(
             full.startswith(before) and full.startswith(through) and len(through) >= len(before)
             for before, through in zip(befores, throughs, strict=True)
@@ -735,7 +809,8 @@ def _prepare_out(out: Path) -> None:
 
 
 def _changed_parts(old: dict[str, Any], new: dict[str, Any]) -> str:
-    names = [key for key in ("inputs", "tokenizer", "options", "plora") if old.get(key) != new.get(key)]
+    keys = ("inputs", "tokenizer", "options", "plora", "format")
+    names = [key for key in keys if old.get(key) != new.get(key)]
     return ", ".join(names) or "digest"
 
 

@@ -138,8 +138,8 @@ def test_final_sequence_is_a_greedy_fixed_point(arch: str, mode: str) -> None:
     for k, (prompt, generated) in enumerate(zip(prompts, result.tokens, strict=True)):
         mine = np.flatnonzero(full.branch_id == k + 1)
         for j, token in enumerate(generated):
-            before = len(prompt) + j - 1  # the branch's token just before this one, or the trunk's last
-            scores = logits[mine[before] if before >= 0 else full.trunk_len - 1]
+            # The branch's token just before this one: its start token (docs/layout.md) for the first.
+            scores = logits[mine[len(prompt) + j]]
             assert int(scores.argmax()) == token
             torch.testing.assert_close(used[k][j], scores, atol=1e-4, rtol=0)
 
@@ -258,9 +258,11 @@ def test_bad_generation_input_is_one_line(bare_tiny, kwargs: dict, message: str)
     assert "\n" not in str(caught.value)
 
 
-def test_no_trunk_no_bos_empty_branch_is_refused() -> None:
-    with pytest.raises(PloraError, match="needs a trunk prompt"):
-        decode_parallel(patched("qwen2"), [], [[10], []], special=SPECIAL, max_new_tokens=2)
+def test_no_trunk_no_bos_empty_branch_starts_from_eos() -> None:
+    """Every branch has its own start token (issue 7 item 3): without a trunk or BOS, EOS."""
+    result = decode_parallel(patched("qwen2"), [], [[10], []], special=SPECIAL, max_new_tokens=2, stop_ids=())
+    assert [len(t) for t in result.tokens] == [2, 2]
+    assert result.prompt_tokens == 3  # [eos, 10] and [eos]
 
 
 def test_generate_command_json_and_table(tiny_model_dir, plora_bin) -> None:

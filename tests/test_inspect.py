@@ -117,7 +117,7 @@ def test_padding_waste_edges() -> None:
 
 
 def spec_visible(mode: str, bq: int, tq: int, bk: int, tk: int, same: bool, trunk: bool) -> bool:
-    """SPEC.md's attention rules, written out token by token."""
+    """docs/layout.md's attention rules, written out token by token."""
     if mode == "isolated":
         return tk <= tq and (bk == bq or (trunk and bk == 0))
     return tk < tq or same
@@ -134,21 +134,23 @@ def test_row_facts_follow_the_layout(align: str) -> None:
     facts = row_facts(row, 5, decode)
 
     assert facts["index"] == 5
-    assert facts["tokens"] == 4 + 3 + 5 + 2
+    # The trunk's last token (here its EOS) moves into every branch as its start (docs/layout.md).
+    assert facts["tokens"] == 3 + 4 + 6 + 3
     assert facts["trained_tokens"] == int((row.labels != IGNORE_INDEX).sum())
-    assert facts["has_trunk"] and facts["trunk_len"] == 4 and facts["num_branches"] == 3
+    assert facts["has_trunk"] and facts["trunk_len"] == 3 and facts["num_branches"] == 3
     sequences = facts["sequences"]
     assert [s["role"] for s in sequences] == ["trunk", "branch", "branch", "branch"]
-    assert [s["tokens"] for s in sequences] == [4, 3, 5, 2]
-    assert (sequences[0]["time_start"], sequences[0]["time_end"]) == (0, 3)
-    starts = [4, 4, 4] if align == "left" else [4 + 5 - 3, 4, 4 + 5 - 2]
+    assert [s["tokens"] for s in sequences] == [3, 4, 6, 3]
+    assert (sequences[0]["time_start"], sequences[0]["time_end"]) == (0, 2)
+    starts = [3, 3, 3] if align == "left" else [3 + 6 - 4, 3, 3 + 6 - 3]
     assert [s["time_start"] for s in sequences[1:]] == starts
-    assert [s["time_end"] - s["time_start"] + 1 for s in sequences] == [4, 3, 5, 2]
-    # trained targets: tokens 1.. of a fully trained branch, tokens 2..4 of the prompt/response one
-    assert [s["trained_tokens"] for s in sequences] == [0, 2, 3, 1]
-    assert sequences[2]["ids"] == [30, 31, 32, 33, EOS]
-    assert sequences[2]["text"] == "w30 w31 w32 w33 w1"
-    assert facts["time_span"] == 4 + 5
+    assert [s["time_end"] - s["time_start"] + 1 for s in sequences] == [3, 4, 6, 3]
+    # trained targets: every token after the start of a fully trained branch, tokens 2..4 of the
+    # prompt/response one
+    assert [s["trained_tokens"] for s in sequences] == [0, 3, 3, 2]
+    assert sequences[2]["ids"] == [EOS, 30, 31, 32, 33, EOS]
+    assert sequences[2]["text"] == "w1 w30 w31 w32 w33 w1"
+    assert facts["time_span"] == 3 + 6
 
 
 @pytest.mark.parametrize("row", [parallel_row("left"), parallel_row("right"), text_rows()[0]], ids=str)
@@ -166,8 +168,10 @@ def test_mask_facts_match_the_spec_rules(row: PackedRow) -> None:
 
 def test_targets_are_the_trained_tokens_after_each_sequence_start() -> None:
     view = row_view(parallel_row("right"))
-    # trunk untrained; branch 1 all trained; branch 2 trains its last 3; branch 3 all trained
-    expected = [False] * 4 + [False, True, True] + [False, False, True, True, True] + [False, True]
+    # trunk untrained; each branch starts with the start token, then: branch 1 all trained; branch 2
+    # trains its last 3; branch 3 all trained
+    expected = [False] * 3 + [False, True, True, True] + [False, False, False, True, True, True]
+    expected += [False, True, True]
     assert view.target.tolist() == expected
 
 
@@ -234,7 +238,7 @@ def test_numbers_drawn_are_the_facts() -> None:
         assert f"{m['visible_pairs']:,} visible pairs" in texts
         assert f"density {m['density']:.1%}" in texts
     assert f"{row['tokens']:,} tokens ({row['trained_tokens']:,} trained)" in texts
-    assert "trunk of 4 tokens + 3 branches" in texts
+    assert "trunk of 3 tokens + 3 branches" in texts
     legend = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
     assert legend == ["trunk", "branch 1", "branch 2", "branch 3", "not visible"]
     # every token has its cell text; w-prefixed decodes are shorter than the cells
@@ -266,7 +270,7 @@ def test_tokens_the_font_cannot_draw_show_their_id() -> None:
     row = build_row(None, [seq(3, 20)], "left", SPECIAL)
     facts, view, tokens = draw_inputs(row, lambda ids: "中文" if ids == [21] else "ok")
     fig = row_figure(facts, view, tokens, title="t")
-    assert sorted(t.get_text() for t in fig.axes[2].texts) == ["#21", "ok", "ok"]
+    assert sorted(t.get_text() for t in fig.axes[2].texts) == ["#21", "ok", "ok", "ok"]  # with the start
 
 
 # --------------------------------------------------------------------------------------
@@ -354,7 +358,8 @@ def test_cli_json_and_png_agree_with_the_shards(tiny_model_dir: Path, shard_dir:
         assert (s["time_start"], s["time_end"]) == (int(times.min()), int(times.max()))
         assert s["text"] == tokenizer.decode(row["input_ids"][at].tolist())
     texts = [s["text"] for s in facts["sequences"]]
-    assert texts[0].startswith("Two ways to greet:") and "Good day." in texts[1] and "Hey!" in texts[2]
+    # The trunk's last token starts each branch; a prompt and its response are split by a newline.
+    assert (texts[0] + texts[1]).startswith("Two ways to greet:Formal:\nGood day.") and "Hey!" in texts[2]
     # right alignment: both branches end on the same column
     assert len({s["time_end"] for s in facts["sequences"][1:]}) == 1
     for mode in MASK_MODES:

@@ -1,4 +1,4 @@
-"""Masks: dense, FlexAttention mask_mod/BlockMask and a brute force written from SPEC.md agree."""
+"""Masks: dense, FlexAttention mask_mod/BlockMask and a brute force written from docs/layout.md agree."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from parallel.masks import block_mask, dense_mask, mask_mod
 
 
 def brute_force(branch, time, valid, has_trunk, mode, window=None) -> torch.Tensor:
-    """SPEC "Attention", literally, one (q, k) pair at a time.
+    """docs/layout.md "Attention", literally, one (q, k) pair at a time.
 
     isolated: time(k) <= time(q) and (k in q's branch, or k in the trunk).
     columnar: time(k) < time(q) or k is q. Padding neither sees nor is seen; a padding query
@@ -46,7 +46,7 @@ def random_batch(seed: int) -> tuple[dict[str, torch.Tensor], list[bool]]:
         trunk_len = int(rng.choice([0, 0, 1, 3]))
         lens = [int(n) for n in rng.integers(1, 6, size=int(rng.integers(1, 4)))]
         rows.append(random_row(rng, trunk_len, lens, str(rng.choice(["left", "right"]))))
-        trunks.append(trunk_len > 0)
+        trunks.append(rows[-1].trunk_len > 0)  # a trunk of one token is the branches' start, not a trunk
     batch = collate(rows)
     order = torch.stack([torch.from_numpy(rng.permutation(batch["input_ids"].shape[1])) for _ in rows])
     return {name: torch.gather(t, 1, order) for name, t in batch.items()}, trunks
@@ -79,8 +79,9 @@ def test_no_padding_means_every_token_real() -> None:
 
 def test_block_mask_is_sparse_for_branch_contiguous_rows_and_covers_the_dense_mask() -> None:
     rng = np.random.default_rng(0)
-    # 8 branches of 128 tokens, no trunk: isolated attention stays inside the diagonal blocks.
-    batch = collate([random_row(rng, 0, [128] * 8)])
+    # 8 branches of 128 tokens (127 and the start token), no trunk: isolated attention stays inside
+    # the diagonal blocks.
+    batch = collate([random_row(rng, 0, [127] * 8)])
     branch, time, valid = batch["branch_id"], batch["time_id"], batch["attention_mask"].bool()
     blocks = block_mask(branch, time, "isolated", valid).to_dense()[0, 0]
     assert torch.equal(blocks.bool(), torch.eye(8, dtype=torch.bool))

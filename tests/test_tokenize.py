@@ -57,6 +57,17 @@ OWN_RECORDS: list[dict[str, Any]] = [
     {"text": "Unicode survives: naïve café, 東京, emoji 🙂, tabs\tand\nnewlines."},
     {"main": "", "branches": ["A branch with no trunk.", LONG]},
     {"text": "One more text to fill the last row."},
+    {
+        "messages": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Name two colours."},
+        ],
+        "branches": ["Blue.", "Green, like spring leaves."],
+    },
+    {
+        "messages": [{"role": "user", "content": "Here is a passage: the mill ground wheat."}],
+        "branches": [{"prompt": "What did it grind?", "response": "Wheat."}, "It is about a mill."],
+    },
 ]
 
 # A template whose assistant turn ends with the EOS '</s>' (as Llama-2's does), for the BOS tokenizer.
@@ -147,16 +158,19 @@ def test_bos_tokenizer_starts_sequences_with_bos(
     tokenizer = load_tokenizer(bos_tokenizer_dir)
     assert special_tokens(tokenizer).bos_id == tokenizer.bos_token_id == 0
     shards = tokenize(
-        [own_input], bos_tokenizer_dir, tmp_path / "shards", branches=2, max_seq_len=20, align=align
+        # 64: room for the chat parallel records' trunks in this small vocabulary; LONG is still split
+        [own_input], bos_tokenizer_dir, tmp_path / "shards", branches=2, max_seq_len=64, align=align
     )
     check(shards, [own_input], bos_tokenizer_dir)
+    # BOS starts the trunk, and every branch of a row without one (their start token, docs/layout.md;
+    # before issue 7 only the sequences that started at time 0 had it).
     for i in range(len(shards)):
         row = shards.row(i)
         for b in np.unique(row.branch_id):
             seq = row.input_ids[row.branch_id == b]
-            starts_at_zero = row.time_id[row.branch_id == b].min() == 0
-            assert (seq[0] == 0) == starts_at_zero, f"row {i} sequence {b}: BOS only where time 0 starts"
-            assert np.count_nonzero(seq == 0) == int(starts_at_zero)
+            has_bos = b == 0 or row.trunk_len == 0
+            assert (seq[0] == 0) == has_bos, f"row {i} sequence {b}: BOS starts the trunk or trunkless rows"
+            assert np.count_nonzero(seq == 0) == int(has_bos)
 
 
 def test_alpaca_2k_follows_the_contract(shared_file: Any, tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -206,14 +220,16 @@ def test_chat_eos_is_added_only_when_the_template_lacks_it(tiny_model_dir: Path,
     tokenizer = load_tokenizer(tiny_model_dir)
     eos = tokenizer.eos_token_id
     (row,) = pack_records([chat], tokenizer, PackingOptions(branches=1), Rejects())
-    assert np.count_nonzero(row.input_ids == eos) == 2  # ChatML closes both turns with <|im_end|>: no extra
+    assert row.input_ids[0] == eos  # the branch's start token (no BOS, no trunk: EOS)
+    # ChatML closes both turns with <|im_end|>: no extra
+    assert np.count_nonzero(row.input_ids[1:] == eos) == 2
     template = tmp_path / "no_eos.jinja"
     template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")
     (row,) = pack_records(
         [chat], load_tokenizer(tiny_model_dir, template), PackingOptions(branches=1), Rejects()
     )
     assert row.input_ids[-1] == eos and row.labels[-2] == eos
-    assert np.count_nonzero(row.input_ids == eos) == 1
+    assert np.count_nonzero(row.input_ids[1:] == eos) == 1
 
 
 def test_template_that_is_not_prefix_stable_is_rejected(tiny_model_dir: Path, tmp_path: Path) -> None:

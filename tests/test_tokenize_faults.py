@@ -87,7 +87,8 @@ def test_item6_trunk_longer_than_max_seq_len_is_rejected(
     assert "2 records in, 1 out, 1 rejected" in done.stderr
     (entry,) = [json.loads(line) for line in Path(f"{out}.rejects.jsonl").read_text().splitlines()]
     assert entry["line"] == 1 and entry["reason"].startswith("trunk ('main') longer than --max-seq-len")
-    assert [r.trunk_len for r in rows_of(out)] == [2]  # only the short trunk ("Q:") made a row
+    # only the short trunk ("Q:") made a row; its last token starts the branches (docs/layout.md)
+    assert [r.trunk_len for r in rows_of(out)] == [1]
 
 
 def test_item6_train_advice_names_a_max_seq_len_that_fits(
@@ -96,8 +97,9 @@ def test_item6_train_advice_names_a_max_seq_len_that_fits(
     model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 256}))
-    # A trunk and a branch of 200 tokens each (both within --max-seq-len) reach time 400 > 256.
-    records = write_records(tmp_path / "records.jsonl", [{"main": words(200), "branches": [words(199)]}])
+    # A trunk and a branch of 200 tokens each (both within --max-seq-len; the branch is its start
+    # token, 198 words and EOS) reach time 400 > 256.
+    records = write_records(tmp_path / "records.jsonl", [{"main": words(200), "branches": [words(198)]}])
     shards = tmp_path / "shards"
     tokenize = ["tokenize", records, "--tokenizer", model, "--out", shards, "--max-seq-len", 200]
     assert run_plora(plora_bin, *tokenize).returncode == 0

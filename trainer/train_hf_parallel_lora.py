@@ -27,7 +27,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from parallel.layout import DEFAULT_BRANCHES, DEFAULT_MAX_SEQ_LEN, PackingOptions  # noqa: E402
+from parallel.layout import DEFAULT_BRANCHES, DEFAULT_MAX_SEQ_LEN, FORMAT_VERSION, PackingOptions  # noqa: E402
 from parallel.rope2d import auto_pair_indices  # noqa: E402, F401 - the guide imports it from this module
 from pipeline.errors import PloraError  # noqa: E402
 
@@ -62,6 +62,7 @@ def cache_dir(args: argparse.Namespace, packing: PackingOptions) -> Path:
         "inputs": input_fingerprint_parts(inputs, args.hf_dataset, options=options),
         "tokenizer": resolve_pretrained(args.tokenizer_path or args.base_model, what="tokenizer").name,
         "packing": packing.to_json(),
+        "format": FORMAT_VERSION,  # shards of another layout go elsewhere, never reused
     }
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
     return Path(args.out_dir) / "shards" / key
