@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from parallel.generation import SamplingOptions, decode_parallel
-from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE, PackingOptions, RecordError, parse_record
+from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE, PackingOptions
 from pipeline.convert import ConvertOptions, convert, open_rejects
 from pipeline.errors import Rejects
 from pipeline.ggufmodel import demo_gguf, ensure_gguf_model
@@ -115,24 +115,18 @@ def list_records(path: Path, work: Path) -> list[dict[str, Any]]:
     return [r for r in records if MIN_K <= len(r.get("branches", ())) <= MAX_K]
 
 
-def chat_records_tokenize() -> bool:
-    """Whether this plora tokenizes chat parallel records itself (issue 7 item 2)."""
-    try:
-        parse_record({"messages": [{"role": "user", "content": "q"}], "lead": "a", "branches": ["b"]})
-    except RecordError:
-        return False
-    return True
-
-
 def trunk_text(record: dict[str, Any], tokenizer: Any) -> str:
     rendered = tokenizer.apply_chat_template(record["messages"], add_generation_prompt=True, tokenize=False)
     return rendered + record.get("lead", "")
 
 
-def as_tokenizable(record: dict[str, Any], tokenizer: Any, chat: bool) -> dict[str, Any]:
-    """The record itself, or where plora cannot tokenize chat parallel records yet, the same trunk
-    rendered into a plain parallel record's ``main`` (trunk not trained either way)."""
-    return record if chat else {"main": trunk_text(record, tokenizer), "branches": record["branches"]}
+def as_tokenizable(record: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """A plain parallel record whose ``main`` is the chat parallel record's trunk text (the template's
+    render plus the lead-in). Tokenized without training the trunk, so that no trunk token is
+    trained in either layout (a chat record trains its lead-in, which the sequential layout would
+    count once per branch) and every loss below is over the same tokens: each branch's start, content
+    and EOS."""
+    return {"main": trunk_text(record, tokenizer), "branches": record["branches"]}
 
 
 def one_branch_each(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -314,12 +308,11 @@ def generation(
 def run(args: argparse.Namespace, budget: Budget, work: Path) -> dict[str, Any]:
     model_dir = ensure_gguf_model(demo_gguf())
     tokenizer = load_tokenizer(model_dir)
-    chat = chat_records_tokenize()
     records = list_records(args.data, work)
     random.Random(args.seed).shuffle(records)
     train_records, held_a = records[budget.heldout :], records[: budget.heldout]
     held_b = list_records(args.data_b, work)[: budget.heldout]
-    ready = lambda rs: [as_tokenizable(r, tokenizer, chat) for r in rs]  # noqa: E731
+    ready = lambda rs: [as_tokenizable(r, tokenizer) for r in rs]  # noqa: E731
     data = {
         "train": shards(ready(train_records), "train", work, model_dir),
         "train_seq": shards(ready(one_branch_each(train_records)), "train_seq", work, model_dir),
@@ -369,9 +362,6 @@ def run(args: argparse.Namespace, budget: Budget, work: Path) -> dict[str, Any]:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "budget": dataclasses.asdict(budget),
         "lora": LORA,
-        "layout": "chat parallel records"
-        if chat
-        else "trunk rendered into 'main' (chat records not tokenized yet)",
         "records": {
             "train": len(train_records),
             "A": len(held_a),
@@ -399,7 +389,7 @@ def verdict(ok: bool) -> str:
 
 def report(result: dict[str, Any]) -> str:
     lines = [
-        f"bench.quality: {result['machine']}; layout: {result['layout']}",
+        f"bench.quality: {result['machine']}",
         f"budget: {result['budget']}",
         f"records: {result['records']}; LoRA {result['lora']}",
         "",
