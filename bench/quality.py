@@ -453,7 +453,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     args = parser.parse_args()
     budget = QUICK if args.quick else FULL
-    print(f"budget: {budget}", flush=True)
+    say(f"budget: {budget}")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="plora-quality-") as temp:
         work = args.work or Path(temp)
