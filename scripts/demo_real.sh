@@ -7,8 +7,8 @@
 #
 # Usage: scripts/demo_real.sh PY DEMO_DIR     (PY: the project's python; `plora` lives beside it)
 # PLORA_DEMO_BASE=DIR uses that model instead of building SmolLM2 (the tests use the tiny model);
-# PLORA_DEMO_STEPS=N trains N steps (default 24). Re-running is cheap: it reuses the model, records and
-# shards, and resumes the finished training run (--resume latest), which does nothing.
+# PLORA_DEMO_STEPS=N trains N steps (default 24, 0.8 epochs). Re-running is cheap: it reuses the model,
+# records and shards, and resumes the finished training run (--resume latest), which does nothing.
 set -euo pipefail
 
 if [[ $# -ne 2 ]]; then
