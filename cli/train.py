@@ -207,7 +207,11 @@ def eval_command(
     ),
     tokenizer_path: str | None = options.TOKENIZER_PATH,
     batch_size: int = typer.Option(16, "--batch-size", "--batch_size", help="Rows per forward."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 | bfloat16."),
+    dtype: str | None = typer.Option(
+        None,
+        "--dtype",
+        help="float32 | float16 | bfloat16 (default: the adapter's training dtype, else float32).",
+    ),
     device: str = options.DEVICE,
     attn: str = typer.Option("auto", "--attn", help="auto | flex | sdpa | eager."),
     patch_rope: bool = typer.Option(

@@ -142,3 +142,19 @@ def test_guide_script_on_two_nodes_tokenizes_once_on_global_rank_0(
     summaries = [err.count("plora tokenize: ") for _, err in outputs]
     assert summaries == [1, 0]
     assert (final_checkpoint(tmp_path, NAME) / "adapter_model.safetensors").is_file()
+
+
+def test_issue7_item5_eval_defaults_to_the_adapters_training_dtype(
+    train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    trained = _run(
+        plora_bin, *cli_args(train_shards, tiny_model_dir, out, "--dtype", "bfloat16", "--max-steps", "2")
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    evaluate = [plora_bin, "eval", "--shards", train_shards, "--base-model", tiny_model_dir, "--json"]
+    by_default = _run(*evaluate, "--adapter", final_checkpoint(out, NAME))
+    assert by_default.returncode == 0, by_default.stderr[-3000:]
+    assert json.loads(by_default.stdout)["model"]["dtype"] == "bfloat16"
+    base = _run(*evaluate)  # a base model alone has no training dtype: float32 as before
+    assert json.loads(base.stdout)["model"]["dtype"] == "float32"

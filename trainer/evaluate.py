@@ -103,7 +103,7 @@ class EvalOptions:
     adapter: str | None = None
     tokenizer_path: str | None = None
     batch_size: int = 16
-    dtype: str = "float32"
+    dtype: str | None = None  # None: the adapter's training dtype (its losses as trained), float32 without
     device: str = "auto"
     attn: str = "auto"
     # Used for a bare base model (an adapter brings its own from plora.json): the training defaults.
@@ -176,6 +176,7 @@ def run_eval(
     adapter = AdapterConfig.read(options.adapter) if options.adapter is not None else None
     if adapter is not None:
         settings = {key: adapter.raw[key] for key in settings}
+    dtype = options.dtype or (adapter.raw.get("dtype", "float32") if adapter is not None else "float32")
     cfg = TrainConfig(
         shards=options.shards,
         base_model=options.base_model,
@@ -183,7 +184,7 @@ def run_eval(
         trust_remote_code=options.trust_remote_code,
         attn=options.attn,
         batch_size=options.batch_size,
-        dtype=options.dtype,
+        dtype=dtype,
         device=options.device,
         **settings,
     ).validate()
