@@ -57,7 +57,7 @@ PLORA_CONFIG_ATTR = "plora_config"  # set by parallel.loading on the model it re
 
 
 class IdenticalBranchesWarning(UserWarning):
-    """Greedy decoding of branches with the same prompt: they begin with the same token."""
+    """Greedy decoding of branches with the same prompt: only the branch coordinate sets them apart."""
 
 
 # --------------------------------------------------------------------------------------
@@ -516,8 +516,9 @@ def generate(
     sampling = SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     if sampling.greedy and len(texts) > 1 and len(set(texts)) < len(texts):
         warnings.warn(
-            "greedy decoding of branches with the same prompt: they start with the same token; "
-            "use --temperature > 0 or distinct branch prompts for different branches",
+            "greedy decoding of branches with the same prompt: only their branch coordinate (2D RoPE) "
+            "tells them apart, and they often write the same text; use --temperature > 0 or "
+            "distinct branch prompts for different branches",
             IdenticalBranchesWarning,
             stacklevel=2,
         )
