@@ -296,9 +296,10 @@ def decode_parallel(
     ``trunk`` and ``prompts`` are token ids without BOS or start tokens (added per the contract).
     A branch stops at a token of ``stop_ids`` (default: EOS; finish "eos"), when
     ``stop_when(index, generated)`` says so ("stop"), or at the budget ("length"). ``branch_ids``
-    overrides the branches' ids (default 1..K after a trunk of two tokens or more, 0..K-1
-    without; see parallel.layout.branch_start): in isolated mode a branch decoded alone with the id it had
-    in a group yields the same tokens. ``stride`` defaults to the model's (see :func:`model_stride`).
+    overrides the branches' ids (default 1..K where a trunk remains after its last token became the
+    start, BOS counted; else 0..K-1; see parallel.layout.branch_start): in isolated mode a branch
+    decoded alone with the id it had in a group yields the same tokens. ``stride`` defaults to the
+    model's (see :func:`model_stride`).
     """
     check_decoding(mask=mask, align=align, max_new_tokens=max_new_tokens)
     if not prompts:

@@ -384,7 +384,8 @@ def branch_start(trunk: TokenSequence | None, special: SpecialTokens) -> tuple[T
     last token, moved out of the trunk into every branch (a chat trunk's is the end of the
     assistant prompt), so that with 2D RoPE off each branch reads exactly as its trunk followed by
     the branch; without a trunk, BOS where the tokenizer uses one, else EOS (what precedes a
-    document in a stream of documents). A trunk of one token (BOS aside) leaves no trunk.
+    document in a stream of documents). A trunk of one token (BOS included) leaves no trunk; so
+    with a BOS tokenizer a one-token trunk keeps ``[BOS]``.
     """
     bos = special.bos_id
     if trunk is not None and len(trunk) and bos is not None:
