@@ -44,6 +44,11 @@ def _inside(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
+def holds(directory: str | Path, path: str | Path) -> bool:
+    """Whether ``path`` is ``directory`` or lies inside it, every symlink followed."""
+    return _inside(real_target(path), real_target(directory))
+
+
 def refuse_protected(
     out: str | Path, flag: str, inputs: Iterable[Protected] = (), *, may_hold_inputs: bool = False
 ) -> None:

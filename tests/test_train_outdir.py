@@ -4,6 +4,7 @@ a full disk while saving a checkpoint is one line, and --save-total-limit rotate
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -76,6 +77,16 @@ def test_item2_out_dir_that_plora_did_not_write_or_that_is_protected(
         assert f"--out-dir {out}: " in line and "choose another --out-dir" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
+def test_an_out_dir_may_hold_the_runs_own_shards(
+    train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(train_shards, out / "data")
+    done = train_run(plora_bin, out / "data", tiny_model_dir, out, "--max-steps", 1)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["data", "logs", "lora"]
 
 
 def test_item2_second_train_into_one_out_dir_stops_at_once(

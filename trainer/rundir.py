@@ -36,13 +36,7 @@ def claimed_out_dir(cfg: TrainConfig, is_main: bool) -> Iterator[Callable[[], No
         return
     if cfg.resume is not None and cfg.overwrite:
         raise PloraError("--resume and --overwrite contradict each other; pass one")
-    inputs = [
-        ("the shards", cfg.shards),
-        ("the base model", cfg.base_model),
-        ("the tokenizer", cfg.tokenizer_path),
-        ("the adapter", cfg.load_lora),
-    ]
-    outdir.refuse_protected(cfg.out_dir, "--out-dir", inputs, may_hold_inputs=True)
+    outdir.refuse_protected(cfg.out_dir, "--out-dir", _inputs(cfg), may_hold_inputs=True)
     with outdir.lock(cfg.out_dir, "--out-dir"):
         replaced = _replaced_run(cfg) if cfg.resume is None else []
 
@@ -63,13 +57,26 @@ def earlier_run(out_dir: str | Path, name: str) -> list[Path]:
     return found + atomic.temporaries(lora_dir(out_dir), f"{name}_*")
 
 
+def _inputs(cfg: TrainConfig) -> list[outdir.Protected]:
+    return [
+        ("the shards", cfg.shards),
+        ("the base model", cfg.base_model),
+        ("the tokenizer", cfg.tokenizer_path),
+        ("the adapter", cfg.load_lora),
+    ]
+
+
 def _replaced_run(cfg: TrainConfig) -> list[Path]:
     """What a new run must replace in --out-dir: nothing, or (with --overwrite) an earlier run of
     its name; refused without --overwrite."""
     out = Path(cfg.out_dir)
     if out.is_dir():  # a file there fails in check_writable, with its own message
         outdir.refuse_foreign(
-            out, "--out-dir", cfg.overwrite, _holds_only_runs, overwrite_does="write into it anyway"
+            out,
+            "--out-dir",
+            cfg.overwrite,
+            lambda directory: _holds_only_runs(directory, cfg),
+            overwrite_does="write into it anyway",
         )
     earlier = earlier_run(out, cfg.lora_name)
     if not earlier:
@@ -94,8 +101,13 @@ def _listed(paths: list[Path], out: Path) -> str:
     return f"{paths[0].relative_to(out)}{more}"
 
 
-def _holds_only_runs(directory: Path) -> bool:
-    return all(entry.name in OUT_DIR_ENTRIES for entry in directory.iterdir())
+def _holds_only_runs(directory: Path, cfg: TrainConfig) -> bool:
+    """Whether ``directory`` holds only what plora train writes, and this run's own inputs."""
+    inputs = [outdir.real_target(path) for _, path in _inputs(cfg) if path is not None]
+    return all(
+        entry.name in OUT_DIR_ENTRIES or any(outdir.holds(entry, path) for path in inputs)
+        for entry in directory.iterdir()
+    )
 
 
 def remove(path: Path) -> None:
