@@ -152,9 +152,14 @@ def shards(records: list[dict[str, Any]], name: str, work: Path, model_dir: Path
 # ----------------------------------------------------------------------------------------------
 
 
+def layout_options(setting: Setting | None) -> dict[str, Any]:
+    """The 2D RoPE and mask options of eval and training for ``setting`` (None: unpatched)."""
+    s = setting or SETTINGS[0]
+    return {"patch_rope": setting is not None, "rope_2d_ratio": s.ratio, "stride": s.stride, "mask": s.mask}
+
+
 def heldout_loss(shard_dir: Path, model_dir: Path, adapter: Path | None, setting: Setting | None) -> float:
     """Mean loss per trained token; ``setting`` None: the unpatched base model (or an unpatched LoRA)."""
-    s = setting or SETTINGS[0]
     options = EvalOptions(
         shards=str(shard_dir),
         base_model=str(model_dir),
@@ -163,10 +168,7 @@ def heldout_loss(shard_dir: Path, model_dir: Path, adapter: Path | None, setting
         dtype="bfloat16",
         device="cpu",
         attn="sdpa",
-        patch_rope=setting is not None,
-        rope_2d_ratio=s.ratio,
-        stride=s.stride,
-        mask=s.mask,
+        **layout_options(setting),
     )
     totals, _ = run_eval(options)
     return totals.mean
@@ -175,16 +177,12 @@ def heldout_loss(shard_dir: Path, model_dir: Path, adapter: Path | None, setting
 def train_lora(
     shard_dir: Path, model_dir: Path, out: Path, setting: Setting | None, batch: int, budget: Budget
 ) -> Path:
-    s = setting or SETTINGS[0]
     cfg = TrainConfig(
         shards=str(shard_dir),
         base_model=str(model_dir),
         attn="sdpa",
         device="cpu",
-        patch_rope=setting is not None,
-        rope_2d_ratio=s.ratio,
-        stride=s.stride,
-        mask=s.mask,
+        **layout_options(setting),
         batch_size=batch,
         epochs=100,
         max_steps=budget.steps,

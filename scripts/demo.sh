@@ -9,26 +9,8 @@
 # resumes its finished run (--resume latest), which does nothing.
 set -euo pipefail
 
-if [[ $# -ne 2 ]]; then
-    echo "usage: $0 PY DEMO_DIR" >&2
-    exit 2
-fi
-PY=$1
-PLORA="$(cd "$(dirname "$PY")" && pwd)/plora"
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/demo_common.sh"
 DATA="$ROOT/data"
-mkdir -p "$2"
-DEMO="$(cd "$2" && pwd)"
-export HF_HUB_OFFLINE=1  # everything below is local; never reach for the model hub
-
-if [[ ! -x "$PLORA" ]]; then
-    echo "demo: $PLORA not found; install the project first (make install)" >&2
-    exit 2
-fi
-
-step() { printf '\n== %s\n' "$*"; }
-# Show each command as it can be pasted back into a shell (quoted by %q), on stderr so --json output stays clean.
-run() { { printf '$'; printf ' %q' "$@"; printf '\n'; } >&2; "$@"; }
 
 step "1. A tiny Qwen2-style model (random weights, byte-level BPE trained on data/, ChatML template)"
 run "$PLORA" tiny-model --out "$DEMO/tiny-model"

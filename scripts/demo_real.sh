@@ -11,26 +11,8 @@
 # records and shards, and resumes the finished training run (--resume latest), which does nothing.
 set -euo pipefail
 
-if [[ $# -ne 2 ]]; then
-    echo "usage: $0 PY DEMO_DIR" >&2
-    exit 2
-fi
-PY=$1
-PLORA="$(cd "$(dirname "$PY")" && pwd)/plora"
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-mkdir -p "$2"
-DEMO="$(cd "$2" && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/demo_common.sh"
 STEPS=${PLORA_DEMO_STEPS:-24}
-export HF_HUB_OFFLINE=1  # everything below is local; never reach for the model hub
-
-if [[ ! -x "$PLORA" ]]; then
-    echo "demo: $PLORA not found; install the project first (make install)" >&2
-    exit 2
-fi
-
-step() { printf '\n== %s\n' "$*"; }
-# Show each command, quoted so that it pastes back into a shell (on stderr, so --json output stays clean).
-run() { { printf '$'; printf ' %q' "$@"; printf '\n'; } >&2; "$@"; }
 
 if [[ -n "${PLORA_DEMO_BASE:-}" ]]; then
     BASE=$PLORA_DEMO_BASE

@@ -132,7 +132,8 @@ def test_item17_eval_split_val_is_the_runs_held_out_rows_and_max_rows_caps(
 
 def test_item20_demo_echoes_commands_that_paste_back_and_resumes_its_training() -> None:
     script = (REPO_ROOT / "scripts" / "demo.sh").read_text()
-    run_definition = next(line for line in script.splitlines() if line.startswith("run()"))
+    common = (REPO_ROOT / "scripts" / "demo_common.sh").read_text()  # the demos' shared `run`
+    run_definition = next(line for line in common.splitlines() if line.startswith("run()"))
     command = ["printf", "%s|", "Four ways to spend a rainy afternoon: it's \"wet\"", "$HOME"]
     shown = subprocess.run(["bash", "-c", f'{run_definition}\nrun "$@"', "demo", *command],
                            capture_output=True, text=True, check=True)  # fmt: skip
