@@ -32,10 +32,10 @@ from rich.table import Table
 
 from bench.shapes import QWEN2_5_0_5B
 from parallel.generation import decode_parallel, kv_cache_bytes
+from parallel.hfmodel import TORCH_DTYPES
 from parallel.layout import SpecialTokens
 from parallel.rope2d import patch_model_2d_rope
 from parallel.skinny_linear import weight_major_linears
-from trainer.model import TORCH_DTYPES
 
 SHAPES: dict[str, dict[str, Any]] = {
     # Small enough for a 2-core CPU, big enough that matmuls, not Python, dominate a step.

@@ -42,13 +42,14 @@ from typing import Any
 
 import torch
 
+from parallel.errors import Rejects
 from parallel.generation import SamplingOptions, decode_parallel
+from parallel.ggufmodel import demo_gguf, ensure_gguf_model
 from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE, PackingOptions
+from parallel.tokenizer import load_tokenizer, special_tokens
 from pipeline.convert import ConvertOptions, convert, open_rejects
-from pipeline.errors import Rejects
-from pipeline.ggufmodel import demo_gguf, ensure_gguf_model
 from pipeline.lists import ListSplit, split_answer
-from pipeline.tokenize import TokenizeJob, load_tokenizer, special_tokens, tokenize_to_shards
+from pipeline.tokenize import TokenizeJob, tokenize_to_shards
 from trainer.config import TrainConfig
 from trainer.evaluate import EvalOptions, run_eval
 from trainer.loop import train

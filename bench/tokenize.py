@@ -37,7 +37,7 @@ def corpus_texts(copies: int) -> tuple[list[str], str]:
 
 
 def run_raw(texts_path: Path, tokenizer_dir: Path) -> dict[str, float]:
-    from pipeline.tokenize import load_tokenizer
+    from parallel.tokenizer import load_tokenizer
 
     texts = [json.loads(line)["text"] for line in texts_path.read_text(encoding="utf-8").splitlines()]
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -50,9 +50,10 @@ def run_raw(texts_path: Path, tokenizer_dir: Path) -> dict[str, float]:
 
 
 def run_plora(texts_path: Path, tokenizer_dir: Path) -> dict[str, float]:
+    from parallel.errors import Rejects
     from parallel.layout import PackingOptions
-    from pipeline.errors import Rejects
-    from pipeline.tokenize import TokenizeJob, load_tokenizer, tokenize_to_shards
+    from parallel.tokenizer import load_tokenizer
+    from pipeline.tokenize import TokenizeJob, tokenize_to_shards
 
     load_tokenizer(tokenizer_dir)  # warm the same caches the raw run warms before its clock starts
     with tempfile.TemporaryDirectory() as out:
@@ -111,13 +112,17 @@ def main() -> None:
     raw_cpu, plora_cpu = rate("raw", "cpu"), rate("plora", "cpu")
     cpu = platform.processor() or platform.machine()
     print(f"bench.tokenize: {os.cpu_count()} CPUs ({cpu}), python {platform.python_version()}")
-    print(f"texts: {len(texts):,} blocks of {source} x{args.copies}; tokenizer {tokenizer_dir.name}; "
-          f"median of {args.repeats} alternating runs, each in a fresh process")
+    print(
+        f"texts: {len(texts):,} blocks of {source} x{args.copies}; tokenizer {tokenizer_dir.name}; "
+        f"median of {args.repeats} alternating runs, each in a fresh process"
+    )
     print(f"{'way':<28}{'tokens':>12}{'tokens/s wall':>16}{'tokens/s CPU':>15}{'peak RSS MB':>13}")
     for way, label in (("raw", "raw tokenizer(batch)"), ("plora", "plora tokenize -> shards")):
         r = runs[way]
-        print(f"{label:<28}{int(r[0]['tokens']):>12,}{rate(way, 'seconds'):>16,.0f}{rate(way, 'cpu'):>15,.0f}"
-              f"{max(x['peak_rss_mb'] for x in r):>13,.0f}")
+        print(
+            f"{label:<28}{int(r[0]['tokens']):>12,}{rate(way, 'seconds'):>16,.0f}{rate(way, 'cpu'):>15,.0f}"
+            f"{max(x['peak_rss_mb'] for x in r):>13,.0f}"
+        )
     print(f"ratio plora/raw: {plora / raw:.2f} wall, {plora_cpu / raw_cpu:.2f} CPU (goal >= 0.80)")
 
 

@@ -47,11 +47,12 @@ import numpy as np
 import torch
 
 from bench.shapes import QWEN2_5_0_5B
+from parallel.errors import Rejects
 from parallel.forward import resolve_attn
+from parallel.hfmodel import TORCH_DTYPES
 from parallel.layout import IGNORE_INDEX, PackingOptions, SpecialTokens, TokenSequence, build_row
 from parallel.masks import block_mask, dense_mask
 from pipeline.convert import ConvertOptions
-from pipeline.errors import Rejects
 from pipeline.shards import open_shards
 from pipeline.tinymodel import ensure_tiny_model
 from pipeline.tokenize import TokenizeJob, tokenize_to_shards
@@ -60,7 +61,6 @@ from trainer.data import RowStore
 from trainer.evaluate import autocast
 from trainer.loop import train
 from trainer.model import (
-    TORCH_DTYPES,
     PackedLoss,
     add_lora,
     apply_rope,
@@ -314,8 +314,12 @@ def main() -> None:
     parser.add_argument("--attn", default="sdpa", help="CPU comparison only; CUDA compares flex and sdpa.")
     parser.add_argument("--dtype", default=None, help="Default float32 on CPU, bfloat16 on CUDA.")
     parser.add_argument("--model-shape", choices=tuple(SHAPES), default="small")
-    parser.add_argument("--peak-tflops", type=float, default=989.0,
-                        help="Peak dense TFLOP/s of the device in --dtype, for MFU (H100 SXM bf16: 989).")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=989.0,
+        help="Peak dense TFLOP/s of the device in --dtype, for MFU (H100 SXM bf16: 989).",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU).")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="Step time clock (CPU).")
     parser.add_argument("--json", type=Path, help="Also write the results here.")

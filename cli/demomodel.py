@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from cli.app import app
-from pipeline.ggufmodel import build_gguf_model, demo_gguf
+from parallel.ggufmodel import build_gguf_model, demo_gguf
 
 
 @app.command("demo-model")

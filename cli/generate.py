@@ -19,8 +19,8 @@ from rich.text import Text
 
 from cli import options
 from cli.app import app
+from parallel.errors import InputError, PloraError
 from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE
-from pipeline.errors import InputError, PloraError
 
 DEVICES = ("auto", "cpu", "cuda")
 

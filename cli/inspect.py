@@ -22,10 +22,11 @@ from rich.text import Text
 
 from cli import options
 from cli.app import app
+from parallel.errors import PloraError, Rejects
 from parallel.layout import PackedRow, PackingOptions
+from parallel.tokenizer import load_tokenizer
 from pipeline.convert import ConvertOptions, iter_records
 from pipeline.draw import check_png_target, write_row_png
-from pipeline.errors import PloraError, Rejects
 from pipeline.inspect import (
     DEFAULT_BATCH_SIZE,
     Decode,
@@ -38,7 +39,7 @@ from pipeline.inspect import (
     totals_facts,
 )
 from pipeline.shards import ShardError, open_shards
-from pipeline.tokenize import load_tokenizer, pack_records
+from pipeline.tokenize import pack_records
 
 # Terminal only; --json carries everything in full.
 TEXT_PREVIEW_CHARS = 240

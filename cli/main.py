@@ -23,7 +23,7 @@ import cli.tinymodel  # noqa: F401
 import cli.tokenize  # noqa: F401
 import cli.train  # noqa: F401
 from cli.app import app
-from pipeline.errors import PloraError
+from parallel.errors import PloraError
 
 # click < 8.2 prints the help itself on a bare `plora`; later ones raise this
 NO_ARGS_IS_HELP = getattr(click_exceptions, "NoArgsIsHelpError", ())

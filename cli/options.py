@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import typer
 
+from parallel.errors import PloraError
 from parallel.layout import ALIGN_MODES, DEFAULT_BRANCHES, DEFAULT_MAX_SEQ_LEN, PackingOptions
-from pipeline.errors import PloraError
 from pipeline.formats import FORMATS, MODES
 from pipeline.readers import TXT_SPLITS
 
@@ -122,4 +122,3 @@ def packing_options(
         )
     except ValueError as err:
         raise PloraError(f"bad packing options: {err}") from None
-

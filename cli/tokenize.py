@@ -8,7 +8,7 @@ import typer
 
 from cli import options
 from cli.app import app
-from pipeline import outdir
+from parallel import outdir
 from pipeline.convert import ConvertOptions, open_rejects
 from pipeline.tokenize import DEFAULT_ROWS_PER_SHARD, TokenizeJob, tokenize_to_shards
 

@@ -16,8 +16,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cli import options
 from cli.app import app
+from parallel.adaptermeta import read_plora_json
+from parallel.errors import PloraError
 from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE
-from pipeline.errors import PloraError
 from trainer.config import DEFAULT_LORA_NAME, TrainConfig
 
 
@@ -41,7 +42,6 @@ def _check_attn(attn: str, device: str) -> None:
 def _check_adapter_agrees(adapter: str, **given: float | int | None) -> None:
     """An adapter is evaluated with the 2D RoPE it was trained with (its plora.json); a flag that
     asks for another one is refused rather than ignored."""
-    from trainer.checkpoint import read_plora_json  # noqa: PLC0415 - torch only when needed
 
     recorded = read_plora_json(adapter)
     for name, value in given.items():

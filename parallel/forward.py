@@ -16,10 +16,10 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 
+from parallel.errors import PloraError
 from parallel.layout import IGNORE_INDEX
 from parallel.masks import block_mask, dense_mask
 from parallel.rope2d import encode_positions, model_stride
-from pipeline.errors import PloraError
 
 ATTN_CHOICES: tuple[str, ...] = ("auto", "flex", "sdpa", "eager")
 _HF_NAMES = {"flex": "flex_attention", "flex_attention": "flex_attention", "sdpa": "sdpa", "eager": "eager"}
@@ -167,7 +167,13 @@ def forward_packed(
     :func:`packed_token_losses`, which never builds the full logits.
     """
     inputs = packed_model_inputs(
-        model, input_ids, branch_id, time_id, mask=mask, stride=stride, attention_mask=attention_mask,
+        model,
+        input_ids,
+        branch_id,
+        time_id,
+        mask=mask,
+        stride=stride,
+        attention_mask=attention_mask,
         attn=attn,
     )
     return model(**inputs).logits
@@ -236,7 +242,13 @@ def packed_token_losses(
     """
     parts = _CausalLMParts(model)
     inputs = packed_model_inputs(
-        model, input_ids, branch_id, time_id, mask=mask, stride=stride, attention_mask=attention_mask,
+        model,
+        input_ids,
+        branch_id,
+        time_id,
+        mask=mask,
+        stride=stride,
+        attention_mask=attention_mask,
         attn=attn,
     )
     hidden = parts.decoder(**inputs).last_hidden_state

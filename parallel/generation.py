@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from parallel.errors import PloraError
 from parallel.forward import build_attention_mask, check_attn_device
 from parallel.layout import (
     ALIGN_MODES,
@@ -51,7 +52,7 @@ from parallel.layout import (
 )
 from parallel.rope2d import encode_positions, model_stride, position_overflow
 from parallel.skinny_linear import weight_major_linears
-from pipeline.errors import PloraError
+from parallel.tokenizer import chat_trunk, special_tokens
 
 PLORA_CONFIG_ATTR = "plora_config"  # set by parallel.loading on the model it returns
 
@@ -452,8 +453,6 @@ def encode_prompt(tokenizer: Any, prompt: str, *, chat: bool) -> list[int]:
         return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     if tokenizer.chat_template is None:
         raise PloraError(f"{tokenizer.name_or_path}: --chat needs a tokenizer with a chat template")
-    from pipeline.tokenize import chat_trunk  # noqa: PLC0415 - pulls in the tokenizer stack
-
     try:
         # The trunk tokenize builds for {"messages": [user prompt], "branches": [...]}.
         return chat_trunk(tokenizer, [Message("user", prompt)]).ids.tolist()
@@ -511,8 +510,6 @@ def generate(
     empty from the trunk). ``mask``/``align`` default to the adapter's (see parallel.loading). The
     text of a branch stops before its EOS or its first stop string.
     """
-    from pipeline.tokenize import special_tokens  # noqa: PLC0415 - pulls in the tokenizer stack
-
     texts = branch_prompts(prompt, branches, num_branches)
     sampling = SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     if sampling.greedy and len(texts) > 1 and len(set(texts)) < len(texts):

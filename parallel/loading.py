@@ -6,7 +6,7 @@ mode and the alignment, so the user never repeats those numbers. Before anything
 base model is checked against what the adapter was trained on: tokenizer identity, rotary size and,
 where plora.json records them (``model``), architecture and sizes. It loads three kinds of directory:
 
-- a base model (a local directory or a hub id, see pipeline.pretrained) plus an adapter
+- a base model (a local directory or a hub id, see parallel.pretrained) plus an adapter
   directory (PEFT files + plora.json);
 - an exported directory (``plora export``): weights, tokenizer and plora.json in one place, the
   adapter merged in or kept beside the base weights in ``adapter/``;
@@ -28,13 +28,16 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from parallel import atomic, outdir
+from parallel.adaptermeta import PLORA_JSON, read_plora_json
+from parallel.errors import PloraError
+from parallel.fingerprint import check_same_tokenizer
 from parallel.generation import PLORA_CONFIG_ATTR
+from parallel.hfmodel import TORCH_DTYPES, load_adapter, load_causal_lm
 from parallel.layout import ALIGN_MODES, DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE, MASK_MODES
+from parallel.pretrained import resolve_pretrained
 from parallel.rope2d import patch_model_2d_rope, restore_2d_rope
-from pipeline import atomic, outdir
-from pipeline.errors import PloraError
-from pipeline.pretrained import resolve_pretrained
-from trainer.model import TORCH_DTYPES, load_adapter, load_causal_lm
+from parallel.tokenizer import load_tokenizer
 
 EXPORT_ADAPTER_DIR = "adapter"
 # An export's config.json names the model type "plora-<type>", which plain transformers (and vLLM)
@@ -73,8 +76,6 @@ class AdapterConfig:
 
     @staticmethod
     def read(directory: str | Path) -> AdapterConfig:
-        from trainer.checkpoint import PLORA_JSON, read_plora_json  # noqa: PLC0415 - the writer's own reader
-
         obj = read_plora_json(directory)
         where = Path(directory) / PLORA_JSON
         required = ("patch_rope", "stride", "pair_indices", "mask", "align")
@@ -113,10 +114,7 @@ def model_facts(model: torch.nn.Module) -> dict[str, Any]:
     }
 
 
-
 def _is_plora_dir(path: Path) -> bool:
-    from trainer.checkpoint import PLORA_JSON  # noqa: PLC0415
-
     return (path / PLORA_JSON).is_file()
 
 
@@ -137,12 +135,6 @@ def _resolve_base(base_model: str | Path | None, config: AdapterConfig) -> str:
             f"{config.source}: its base model {config.base_model} (from plora.json) is not a directory here; "
             "pass --base-model"
         ) from None
-
-
-def _load_tokenizer(path: str) -> Any:
-    from pipeline.tokenize import load_tokenizer  # noqa: PLC0415
-
-    return load_tokenizer(path)
 
 
 @contextlib.contextmanager
@@ -213,8 +205,6 @@ def check_adapter_fits(
     one or a recorded identity, described by ``against``), the architecture and the sizes must be what
     plora.json records. Every path that puts an adapter on a base calls this: generate, export, eval,
     and train's --load-lora and --resume."""
-    from pipeline.fingerprint import check_same_tokenizer  # noqa: PLC0415
-
     if config.tokenizer is not None:
         check_same_tokenizer(
             config.tokenizer,
@@ -293,7 +283,7 @@ def load_parallel_model(
 
     exported = config is not None and config.export is not None
     with _transformers_errors_only() if exported else contextlib.nullcontext():
-        tokenizer = _load_tokenizer(base)
+        tokenizer = load_tokenizer(base)
     model = _load_weights(
         base,
         dtype=dtype,
@@ -369,8 +359,6 @@ def _write_export(
     adapter_dir: Path,
     source_base: str,
 ) -> None:
-    from trainer.checkpoint import PLORA_JSON  # noqa: PLC0415
-
     if merge:
         base = model.merge_and_unload()
     else:

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from parallel.errors import PloraError
 from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE, branch_pair_indices, rope_positions
-from pipeline.errors import PloraError
 
 # Time positions must stay below this; a power of two so decoding is exact and cheap.
 TIME_SPAN = 2**20

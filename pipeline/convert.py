@@ -2,7 +2,7 @@
 
 Inputs are read by :mod:`pipeline.readers` (one container format each, in bounded memory),
 each raw record is recognised and normalised by :mod:`pipeline.formats`, and every record
-that fails goes through :class:`pipeline.errors.Rejects`: a one-line error in ``raise`` mode,
+that fails goes through :class:`parallel.errors.Rejects`: a one-line error in ``raise`` mode,
 a line of the rejects file and a count in ``skip`` mode. Every raw record is either written
 or rejected, so ``records in == records out + rejected`` (``--group-by`` writes one record per
 group, and its summary line counts the records that went into each). An empty input is not an
@@ -27,11 +27,12 @@ from rich.console import Console
 from rich.progress import Progress, ProgressColumn, SpinnerColumn, Task, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
+from parallel import atomic
+from parallel.errors import OnError, PloraError, Rejects
+from parallel.fingerprint import file_sha256
 from parallel.layout import Record, RecordError, record_to_line
-from pipeline import atomic, formats, grouping, lists
+from pipeline import formats, grouping, lists
 from pipeline.chat_parallel import ParallelCounts
-from pipeline.errors import OnError, PloraError, Rejects
-from pipeline.fingerprint import file_sha256
 from pipeline.readers import TXT_SPLITS, RawRecord, check_readable, hf_source, read_file, read_hf_dataset
 
 PROGRESS_EVERY = 256  # records between progress updates; keeps the bar's cost negligible

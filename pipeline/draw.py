@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from parallel import atomic
+from parallel.errors import PloraError
 from parallel.layout import MASK_MODES
-from pipeline import atomic
-from pipeline.errors import PloraError
 from pipeline.inspect import RowView, human_bytes, visibility
 
 PNG_FACTS_KEY = "plora-facts"
@@ -48,9 +48,7 @@ def sequence_colours(sequences: Sequence[Mapping[str, Any]]) -> list[str]:
     hues = [to_hex(colormaps["tab10"](i)) for i in range(10) if i not in greys]
     hues += [to_hex(colormaps["tab20"](i)) for i in range(1, 20, 2) if i not in greys]
     first_branch = 1 if sequences and sequences[0]["role"] == "trunk" else 0
-    return [TRUNK_COLOUR] * first_branch + [
-        hues[i % len(hues)] for i in range(len(sequences) - first_branch)
-    ]
+    return [TRUNK_COLOUR] * first_branch + [hues[i % len(hues)] for i in range(len(sequences) - first_branch)]
 
 
 def sequence_label(seq: Mapping[str, Any]) -> str:
@@ -125,7 +123,11 @@ def row_figure(
     legend = [Patch(facecolor=c, label=sequence_label(s)) for s, c in zip(sequences, colours, strict=True)]
     legend.append(Patch(facecolor=HIDDEN_COLOUR, edgecolor="#999999", label="not visible"))
     ax.legend(
-        handles=legend, loc="upper left", bbox_to_anchor=(1.02, 1.0), title="key k's sequence", fontsize=9,
+        handles=legend,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        title="key k's sequence",
+        fontsize=9,
         ncols=1 + len(legend) // 24,
     )
 

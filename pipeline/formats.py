@@ -178,8 +178,12 @@ def _turn(turn: Any, index: int) -> dict[str, str]:
 
 def _content(value: Any, index: int, key: str) -> str:
     # OpenAI content may be a list of parts; text parts are joined, anything else is refused
-    if isinstance(value, list) and value and all(
-        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value
+    if (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value
+        )
     ):
         value = "".join(p["text"] for p in value)
     if not isinstance(value, str):

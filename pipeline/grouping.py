@@ -47,9 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from parallel.errors import InputError, PloraError, Rejects, first_line
 from parallel.layout import RecordError, parse_record, record_to_json
 from pipeline.chat_parallel import ParallelCounts, chat_parallel_record
-from pipeline.errors import InputError, PloraError, Rejects, first_line
 from pipeline.readers import input_kind, read_file
 
 DEFAULT_MAX_BRANCHES = 8

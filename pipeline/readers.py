@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from pipeline.errors import PloraError
+from parallel.errors import PloraError
 from pipeline.formats import detect
 
 UTF8_BOM = b"\xef\xbb\xbf"

@@ -3,10 +3,10 @@
 A shard directory holds ``shard-00000.arrow``, ``shard-00001.arrow``, ... (Arrow IPC *file* format,
 one record batch each, columns :data:`SCHEMA`) and ``manifest.json``, written last. The manifest is
 the directory's seal: without it the directory is incomplete and readers refuse it. Every file is
-written under a temporary name, fsynced and renamed (:mod:`pipeline.atomic`), so a file that has
+written under a temporary name, fsynced and renamed (:mod:`parallel.atomic`), so a file that has
 its final name is whole.
 
-This module imports only numpy and pyarrow (plus :mod:`pipeline.fingerprint` lazily, to compare a
+This module imports only numpy and pyarrow (plus :mod:`parallel.fingerprint` lazily, to compare a
 tokenizer), so the trainer can read shards on a machine without the conversion dependencies.
 """
 
@@ -21,6 +21,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from parallel import atomic
+from parallel.errors import PloraError
+from parallel.fingerprint import canonical_json, file_sha256, sha256_text
 from parallel.layout import (
     ALIGN_MODES,
     FORMAT_VERSION,
@@ -30,9 +33,6 @@ from parallel.layout import (
     TOKEN_COLUMNS,
     PackedRow,
 )
-from pipeline import atomic
-from pipeline.errors import PloraError
-from pipeline.fingerprint import canonical_json, file_sha256, sha256_text
 
 # Where an unfinished `plora tokenize` keeps the state it resumes from (see pipeline.tokenize).
 JOURNAL_NAME = ".progress.npz"
@@ -341,7 +341,7 @@ class ShardSet:
 
     def check_tokenizer(self, tokenizer: Any) -> None:
         """Refuse a tokenizer that does not give the ids the shards were built with."""
-        from pipeline.fingerprint import check_same_tokenizer  # noqa: PLC0415 - hashing a tokenizer is rare
+        from parallel.fingerprint import check_same_tokenizer  # noqa: PLC0415 - hashing a tokenizer is rare
 
         check_same_tokenizer(self.manifest["tokenizer"], tokenizer, what=f"shards {self.directory}")
 

@@ -15,9 +15,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.cachedbuild import REPO_ROOT, build_cached, default_cache_root
-from pipeline.cachedbuild import read_marker as read_cached_marker
-from pipeline.errors import PloraError
+from parallel.cachedbuild import REPO_ROOT, build_cached, default_cache_root
+from parallel.cachedbuild import read_marker as read_cached_marker
+from parallel.errors import PloraError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -97,14 +97,22 @@ def ensure_tiny_model(cache_dir: Path | None = None, arch: str = "qwen2") -> Pat
 
 def build_tiny_model(out_dir: Path, arch: str = "qwen2", *, overwrite: bool = False) -> Path:
     """Build the tiny model into ``out_dir`` atomically and return it; nothing to do if it is already
-    there (see :func:`pipeline.cachedbuild.build_cached`)."""
+    there (see :func:`parallel.cachedbuild.build_cached`)."""
     _check_arch(arch)
     files = sample_files()
-    marker = {"builder_version": BUILDER_VERSION, "arch": arch, "key": tiny_model_key(files, arch),
-              "sample_files": [p.name for p in files]}
+    marker = {
+        "builder_version": BUILDER_VERSION,
+        "arch": arch,
+        "key": tiny_model_key(files, arch),
+        "sample_files": [p.name for p in files],
+    }
     return build_cached(
-        out_dir, marker, MARKER_NAME, lambda tmp: _write_model(tmp, arch, files),
-        what="the tiny model", overwrite=overwrite,
+        out_dir,
+        marker,
+        MARKER_NAME,
+        lambda tmp: _write_model(tmp, arch, files),
+        what="the tiny model",
+        overwrite=overwrite,
     )
 
 
@@ -164,10 +172,12 @@ def train_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
 
     backend = Tokenizer(models.BPE())
     backend.normalizer = normalizers.NFC()
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
@@ -195,7 +205,10 @@ def _write_model(out_dir: Path, arch: str, files: Sequence[Path]) -> None:
     tokenizer = train_tokenizer(sample_texts(files))
     im_end, endoftext = tokenizer.convert_tokens_to_ids([IM_END, ENDOFTEXT])
     config = getattr(transformers, CONFIG_CLASSES[arch])(
-        vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=im_end, pad_token_id=endoftext,
+        vocab_size=len(tokenizer),
+        bos_token_id=None,
+        eos_token_id=im_end,
+        pad_token_id=endoftext,
         **MODEL_SHAPE,
     )
     with torch.random.fork_rng(devices=[]):

@@ -64,6 +64,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from parallel import atomic, outdir
+from parallel.errors import PloraError, Rejects
+from parallel.fingerprint import file_sha256, plora_version, run_fingerprint, tokenizer_identity
 from parallel.layout import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -81,12 +84,11 @@ from parallel.layout import (
     PackingOptions,
     PackItem,
     ParallelRecord,
-    SpecialTokens,
     TextRecord,
     TokenSequence,
     branch_prompt_text,
 )
-from pipeline import atomic, outdir
+from parallel.tokenizer import apply_template, chat_trunk, load_tokenizer, special_tokens
 from pipeline.convert import (
     ConvertOptions,
     ConvertSummary,
@@ -94,9 +96,6 @@ from pipeline.convert import (
     input_fingerprint_parts,
     iter_records,
 )
-from pipeline.errors import PloraError, Rejects
-from pipeline.fingerprint import file_sha256, plora_version, run_fingerprint, tokenizer_identity
-from pipeline.pretrained import load_pretrained
 from pipeline.readers import check_readable
 from pipeline.shards import (
     JOURNAL_NAME,
@@ -108,20 +107,16 @@ from pipeline.shards import (
 )
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast
+    pass
 
 __all__ = [
     "DEFAULT_ROWS_PER_SHARD",
-    "chat_trunk",
     "RecordEncoder",
     "Rejected",
     "TokenizeJob",
     "TokenizeSummary",
-    "load_tokenizer",
     "pack_records",
-    "special_tokens",
     "tokenize_to_shards",
-    "tokenizer_identity",
 ]
 
 DEFAULT_ROWS_PER_SHARD = 2048
@@ -139,66 +134,6 @@ _CUT_CANDIDATE = re.compile(r"(?<=\S)(?= )|(?<=\n)(?=\S)")
 # --------------------------------------------------------------------------------------
 # Tokenizer
 # --------------------------------------------------------------------------------------
-
-
-def load_tokenizer(path: str | Path, chat_template: str | Path | None = None) -> PreTrainedTokenizerFast:
-    """A fast tokenizer from a local directory or a hub id (see pipeline.pretrained), never remote code.
-
-    ``chat_template`` is a Jinja template file that replaces the tokenizer's own.
-    """
-    from transformers import AutoTokenizer  # noqa: PLC0415 - slow import, only when tokenizing
-
-    tokenizer = load_pretrained(AutoTokenizer, path, what="tokenizer", trust_remote_code=False)
-    if not getattr(tokenizer, "is_fast", False):
-        raise PloraError(f"{path}: needs a fast (tokenizers-backed) tokenizer with a tokenizer.json")
-    if chat_template is not None:
-        template_path = Path(chat_template)
-        try:
-            tokenizer.chat_template = template_path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise PloraError(f"{template_path}: cannot read the chat template: {err}") from None
-    return tokenizer
-
-
-def special_tokens(tokenizer: Any) -> SpecialTokens:
-    """EOS (required) and BOS, the latter only if the tokenizer starts its default encoding with it."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise PloraError(
-            f"{tokenizer.name_or_path}: the tokenizer has no EOS token; "
-            "the contract ends every branch with one"
-        )
-    bos = tokenizer.bos_token_id
-    if bos is not None:
-        ids = tokenizer("a")["input_ids"]
-        if not ids or ids[0] != bos:
-            bos = None
-    return SpecialTokens(eos_id=int(eos), bos_id=None if bos is None else int(bos))
-
-
-def _apply_template(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool) -> str:
-    """The chat template's render of ``messages``; ValueError if the template fails on them."""
-    msgs = [{"role": m.role, "content": m.content} for m in messages]
-    try:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
-    except Exception as err:  # noqa: BLE001 - Jinja raises anything the template author wrote
-        raise ValueError(f"the chat template failed on this chat: {err}") from None
-
-
-def chat_trunk(
-    tokenizer: Any, messages: Sequence[Message], *, generation_prompt: bool = True, lead: str = ""
-) -> TokenSequence:
-    """The trunk of a chat parallel record and of ``plora generate --chat``: the chat template's
-    render of ``messages`` (with the assistant's generation prompt unless a branch opens a turn
-    of its own) followed by ``lead``, tokenized without special tokens added. Only the lead is
-    trained: it is the assistant's text. Training and generation both take their trunk from here,
-    so they see the same ids. ValueError if the template fails on the chat."""
-    rendered = _apply_template(tokenizer, messages, generation_prompt)
-    encoded = tokenizer(rendered + lead, add_special_tokens=False, return_offsets_mapping=bool(lead))
-    ids = encoded["input_ids"]
-    if not lead:
-        return TokenSequence.of(ids, False)
-    return TokenSequence.of(ids, [end > len(rendered) for _, end in encoded["offset_mapping"]])
 
 
 # --------------------------------------------------------------------------------------
@@ -409,7 +344,7 @@ class RecordEncoder:
         answers_only = not any(b.prompt for b in record.branches)
         try:
             messages, lead = record.messages, record.lead
-            trunk_text = _apply_template(self.tokenizer, messages, answers_only) + lead
+            trunk_text = apply_template(self.tokenizer, messages, answers_only) + lead
             trunk = chat_trunk(self.tokenizer, messages, generation_prompt=answers_only, lead=lead)
             branches = [self._chat_branch(messages, b, trunk_text, lead) for b in record.branches]
         except _ContentNotRendered as err:
@@ -440,12 +375,12 @@ class RecordEncoder:
     def _render(self, record: ChatRecord) -> tuple[str, list[tuple[int, int]]]:
         """The chat's full render and the character span of each assistant turn in it."""
         messages = [{"role": m.role, "content": m.content} for m in record.messages]
-        full = _apply_template(self.tokenizer, record.messages, False)
+        full = apply_template(self.tokenizer, record.messages, False)
         befores, throughs = [], []
         for i, message in enumerate(record.messages):
             if message.role == "assistant":
-                befores.append(_apply_template(self.tokenizer, record.messages[:i], True))
-                throughs.append(_apply_template(self.tokenizer, record.messages[: i + 1], False).rstrip())
+                befores.append(apply_template(self.tokenizer, record.messages[:i], True))
+                throughs.append(apply_template(self.tokenizer, record.messages[: i + 1], False).rstrip())
         prefix_stable = all(
             full.startswith(before) and full.startswith(through) and len(through) >= len(before)
             for before, through in zip(befores, throughs, strict=True)
@@ -611,7 +546,7 @@ class TokenizeJob:
     """Everything `plora tokenize` was asked to do."""
 
     inputs: tuple[Path, ...]
-    tokenizer: str | Path  # a local directory or a hub id (see pipeline.pretrained)
+    tokenizer: str | Path  # a local directory or a hub id (see parallel.pretrained)
     out: Path
     packing: PackingOptions = field(default_factory=PackingOptions)
     convert: ConvertOptions = field(default_factory=ConvertOptions)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import atomic
+from parallel import atomic
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path) -> None:

@@ -14,14 +14,15 @@ from cli_helpers import one_line_error, run_plora
 from contract_check import check_rows
 from models import tiny_model
 
+from parallel.errors import Rejects
 from parallel.forward import forward_packed
 from parallel.generation import DecodeStep, decode_parallel
 from parallel.layout import PackingOptions, SpecialTokens, TokenSequence, build_row, record_to_json
 from parallel.rope2d import patch_model_2d_rope
+from parallel.tokenizer import load_tokenizer
 from pipeline.convert import ConvertOptions, iter_records
-from pipeline.errors import Rejects
 from pipeline.shards import MANIFEST_NAME, SEAL_KEY, manifest_seal
-from pipeline.tokenize import load_tokenizer, pack_records
+from pipeline.tokenize import pack_records
 
 # Every content token of these records is trained (texts, and parallel string branches).
 TRAINED_RECORDS: list[dict[str, Any]] = [

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from cli_helpers import one_line_error, run_plora
 
+from parallel.errors import Rejects
 from parallel.generation import _plan, encode_prompt
 from parallel.layout import PackedRow, PackingOptions, parse_record, record_to_json
+from parallel.tokenizer import load_tokenizer, special_tokens
 from pipeline.convert import SourcedRecord
-from pipeline.errors import Rejects
-from pipeline.tokenize import load_tokenizer, pack_records, special_tokens
+from pipeline.tokenize import pack_records
 
 # SmolLM2-135M-Instruct's template: a default system prompt when the chat has none.
 DEFAULT_SYSTEM_TEMPLATE = (

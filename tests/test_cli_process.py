@@ -15,8 +15,8 @@ import pytest
 from cli_helpers import one_line_error, run_plora
 from train_helpers import cli_args, subprocess_env
 
+from parallel.errors import Rejects
 from parallel.layout import PackingOptions
-from pipeline.errors import Rejects
 from pipeline.shards import JOURNAL_NAME, open_shards
 from pipeline.tokenize import TokenizeJob, tokenize_to_shards
 from trainer.checkpoint import final_checkpoint, lora_dir

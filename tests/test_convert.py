@@ -20,6 +20,7 @@ from inputs import (
     write_parquet,
 )
 
+from parallel.errors import InputError, PloraError, Rejects
 from parallel.layout import (
     ChatRecord,
     ParallelRecord,
@@ -37,7 +38,6 @@ from pipeline.convert import (
     iter_records,
     open_rejects,
 )
-from pipeline.errors import InputError, PloraError, Rejects
 
 
 def converted(inputs, options=None, rejects=None, hf_dataset=None) -> list[dict]:
@@ -276,6 +276,7 @@ def test_options_are_validated() -> None:
 
 def test_dataset_saved_to_disk(tmp_path: Path) -> None:
     import datasets  # noqa: PLC0415 - a dependency, imported only where a test needs it
+
     raw, expected = SAMPLES["sharegpt"]
     folder = tmp_path / "saved"
     datasets.DatasetDict(
@@ -288,6 +289,7 @@ def test_dataset_saved_to_disk(tmp_path: Path) -> None:
 
 def test_dataset_folder_of_data_files(tmp_path: Path, monkeypatch) -> None:
     import datasets  # noqa: PLC0415 - a dependency, imported only where a test needs it
+
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     folder = tmp_path / "folder"
     folder.mkdir()

@@ -11,9 +11,9 @@ import polars as pl
 import pytest
 from cli_helpers import one_line_error, run_plora
 
+from parallel.errors import Rejects
 from pipeline import grouping
 from pipeline.chat_parallel import ParallelCounts
-from pipeline.errors import Rejects
 from pipeline.grouping import group_query, scan
 
 QA = [

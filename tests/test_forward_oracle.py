@@ -14,9 +14,9 @@ import torch
 from models import ARCHS, VOCAB, collate, random_row, tiny_model
 
 from parallel import forward_packed, patch_model_2d_rope, token_losses
+from parallel.errors import PloraError
 from parallel.forward import packed_loss
 from parallel.layout import IGNORE_INDEX
-from pipeline.errors import PloraError
 
 TOL = 1e-5
 STRIDE = 16

@@ -12,6 +12,7 @@ from cli_helpers import one_line_error, run_plora
 from models import tiny_model
 
 import parallel
+from parallel.errors import PloraError
 from parallel.forward import forward_packed
 from parallel.generation import (
     DecodeStep,
@@ -24,7 +25,6 @@ from parallel.generation import (
 from parallel.layout import PackedRow, SpecialTokens, TokenSequence, build_row
 from parallel.loading import load_parallel_model
 from parallel.rope2d import patch_model_2d_rope
-from pipeline.errors import PloraError
 
 SPECIAL = SpecialTokens(eos_id=2)
 STRIDE = 16  # tests/models.py models have 256 positions: room for a few branches at this stride
@@ -92,7 +92,7 @@ CASES = [
 def test_kv_cached_decoding_matches_recomputation(
     arch: str, mode: str, prompts: list[list[int]], request: pytest.FixtureRequest
 ) -> None:
-    """"local" is the tiny Qwen2-style model on disk (pipeline.tinymodel); the others tests/models.py's."""
+    """ "local" is the tiny Qwen2-style model on disk (pipeline.tinymodel); the others tests/models.py's."""
     model = request.getfixturevalue("bare_tiny")[0] if arch == "local" else patched(arch)
     steps: list[DecodeStep] = []
     result = decode_parallel(
@@ -120,7 +120,13 @@ def test_final_sequence_is_a_greedy_fixed_point(arch: str, mode: str) -> None:
     probe = decode_parallel(model, TRUNK, prompts, special=SPECIAL, max_new_tokens=8, mask=mode, stop_ids=())
     stop = probe.tokens[1][2]
     result = decode_parallel(
-        model, TRUNK, prompts, special=SPECIAL, max_new_tokens=8, mask=mode, stop_ids={stop},
+        model,
+        TRUNK,
+        prompts,
+        special=SPECIAL,
+        max_new_tokens=8,
+        mask=mode,
+        stop_ids={stop},
         on_step=steps.append,
     )
     assert "eos" in result.finish_reasons and len({len(t) for t in result.tokens}) > 1
@@ -162,7 +168,12 @@ def test_isolated_branches_decode_alone_as_together(arch: str, trunk: list[int])
     seen: list[DecodeStep] = []
     for branch_id in (first, first + 7):
         decode_parallel(
-            model, trunk, prompts[:1], special=SPECIAL, max_new_tokens=1, branch_ids=[branch_id],
+            model,
+            trunk,
+            prompts[:1],
+            special=SPECIAL,
+            max_new_tokens=1,
+            branch_ids=[branch_id],
             on_step=seen.append,
         )
     assert not torch.allclose(seen[0].logits[0], seen[1].logits[0], atol=1e-6, rtol=0)
@@ -189,8 +200,15 @@ def test_sampling_is_reproducible_with_a_seed(bare_tiny) -> None:
 
     def run(seed: int) -> list[list[int]]:
         out = generate(
-            model, tokenizer, "Once upon a time", num_branches=3, max_new_tokens=8,
-            temperature=1.0, top_k=50, top_p=0.9, seed=seed,
+            model,
+            tokenizer,
+            "Once upon a time",
+            num_branches=3,
+            max_new_tokens=8,
+            temperature=1.0,
+            top_k=50,
+            top_p=0.9,
+            seed=seed,
         )
         return [b.token_ids for b in out.branches]
 
@@ -306,7 +324,7 @@ def test_generate_command_json_and_table(tiny_model_dir, plora_bin) -> None:
 def test_generate_command_bad_input_is_one_line(
     tiny_model_dir, plora_bin, tmp_path, args: list[str], message: str
 ) -> None:
-    (tmp_path / "bad.json").write_text("[\"a\", ")
+    (tmp_path / "bad.json").write_text('["a", ')
     names = {"missing": tmp_path / "missing.txt", "bad_json": tmp_path / "bad.json"}
     argv = ["generate", "--base-model", tiny_model_dir, *(a.format(**names) for a in args)]
     assert message in one_line_error(run_plora(plora_bin, *argv))

@@ -12,7 +12,7 @@ from cli_helpers import one_line_error, run_plora
 from outdir_helpers import tree, user_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.ggufmodel import MARKER_NAME, demo_gguf, ensure_gguf_model
+from parallel.ggufmodel import MARKER_NAME, demo_gguf, ensure_gguf_model
 
 CHAT = [{"role": "user", "content": "List five ways to save energy at home."}]
 
@@ -41,6 +41,7 @@ def test_converted_model_equals_transformers_gguf_load(smollm2_dir: Path) -> Non
     source = demo_gguf()
     reference_tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+
     def render(t: object) -> str:
         return t.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
 
@@ -102,8 +103,17 @@ def test_a_gguf_file_is_a_tokenizer_and_a_base_model(
     source = demo_gguf()
     shards = tmp_path / "shards"
     done = run_plora(
-        plora_bin, "tokenize", sample_dir / "sample_parallel.jsonl", "--tokenizer", source,
-        "--out", shards, "--branches", "4", "--max-seq-len", "96",
+        plora_bin,
+        "tokenize",
+        sample_dir / "sample_parallel.jsonl",
+        "--tokenizer",
+        source,
+        "--out",
+        shards,
+        "--branches",
+        "4",
+        "--max-seq-len",
+        "96",
     )
     assert done.returncode == 0, done.stderr
     manifest = (shards / "manifest.json").read_text()

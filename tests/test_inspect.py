@@ -13,6 +13,7 @@ import pytest
 from cli_helpers import one_line_error, run_plora
 from PIL import Image
 
+from parallel.errors import PloraError
 from parallel.layout import (
     IGNORE_INDEX,
     MASK_MODES,
@@ -25,7 +26,6 @@ from parallel.layout import (
     pack_rows,
 )
 from pipeline.draw import MAX_MASK_PIXELS, PNG_FACTS_KEY, check_png_target, row_figure, write_row_png
-from pipeline.errors import PloraError
 from pipeline.inspect import (
     Decode,
     RowView,

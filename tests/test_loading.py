@@ -13,12 +13,12 @@ import pytest
 import torch
 from cli_helpers import one_line_error, run_plora
 
+from parallel.atomic import temporaries
+from parallel.errors import PloraError
 from parallel.forward import forward_packed
 from parallel.generation import generate
 from parallel.loading import MODEL_FACTS, load_parallel_model
 from parallel.rope2d import rope2d_config
-from pipeline.atomic import temporaries
-from pipeline.errors import PloraError
 from pipeline.shards import open_shards
 from pipeline.tinymodel import ensure_tiny_model
 from trainer.config import TrainConfig
@@ -41,14 +41,39 @@ def trained(tmp_path_factory, tiny_model_dir: Path, plora_bin: Path, sample_dir:
     records = work / "rec.jsonl"
     run_ok(plora_bin, "convert", str(sample_dir / "sample_parallel.jsonl"), "--out", str(records))
     run_ok(
-        plora_bin, "tokenize", str(records), "--tokenizer", str(tiny_model_dir),
-        "--out", str(work / "shards"), "--branches", "4", "--max-seq-len", "64",
+        plora_bin,
+        "tokenize",
+        str(records),
+        "--tokenizer",
+        str(tiny_model_dir),
+        "--out",
+        str(work / "shards"),
+        "--branches",
+        "4",
+        "--max-seq-len",
+        "64",
     )
     flags = [part for item in TRAIN_FLAGS.items() for part in item]
     run_ok(
-        plora_bin, "train", "--shards", str(work / "shards"), "--base-model", str(tiny_model_dir),
-        "--out-dir", str(work / "out"), "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2",
-        "--dtype", "float32", "--device", "cpu", *flags,
+        plora_bin,
+        "train",
+        "--shards",
+        str(work / "shards"),
+        "--base-model",
+        str(tiny_model_dir),
+        "--out-dir",
+        str(work / "out"),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        *flags,
     )
     adapter = work / "out" / "lora" / "hf_parallel_lora_final"
     return {"adapter": adapter, "shards": work / "shards", "work": work}
@@ -76,8 +101,14 @@ def test_adapter_reproduces_training_time_logits(trained, tiny_model_dir: Path) 
 
     # The training-time model: the trainer's own code path, with the settings the run was given.
     cfg = TrainConfig(
-        shards=str(trained["shards"]), base_model=str(tiny_model_dir), mask="columnar", stride=16,
-        rope_2d_ratio=0.25, attn="sdpa", device="cpu", dtype="float32",
+        shards=str(trained["shards"]),
+        base_model=str(tiny_model_dir),
+        mask="columnar",
+        stride=16,
+        rope_2d_ratio=0.25,
+        attn="sdpa",
+        device="cpu",
+        dtype="float32",
     )
     base = load_base_model(cfg.base_model, attn="sdpa", device=torch.device("cpu"), dtype="float32")
     rope = apply_rope(base, cfg)
@@ -113,8 +144,15 @@ def test_export_loads_without_the_base_model(
     shutil.copytree(tiny_model_dir, base_copy)
     out = work / f"export-{merge}"
     run_ok(
-        plora_bin, "export", "--adapter", str(trained["adapter"]), "--out", str(out), "--base-model",
-        str(base_copy), *(["--merge"] if merge else []),
+        plora_bin,
+        "export",
+        "--adapter",
+        str(trained["adapter"]),
+        "--out",
+        str(out),
+        "--base-model",
+        str(base_copy),
+        *(["--merge"] if merge else []),
     )
     shutil.rmtree(base_copy)  # the export must stand on its own
     meta = json.loads((out / "plora.json").read_text())

@@ -1,4 +1,4 @@
-"""Tokenizers and models from a local directory or a HuggingFace hub id (pipeline.pretrained), through
+"""Tokenizers and models from a local directory or a HuggingFace hub id (parallel.pretrained), through
 every loader: `plora tokenize` (pipeline), `plora eval` (trainer) and `plora generate` (parallel)."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from cli_helpers import one_line_error, run_plora
 
-from pipeline.errors import PloraError
-from pipeline.fingerprint import tokenizer_identity
-from pipeline.pretrained import Pretrained, resolve_pretrained
-from pipeline.tokenize import load_tokenizer
+from parallel.errors import PloraError
+from parallel.fingerprint import tokenizer_identity
+from parallel.pretrained import Pretrained, resolve_pretrained
+from parallel.tokenizer import load_tokenizer
 
 HUB_ID = "plora-test/tiny-model"
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as the hub cache names snapshots
@@ -50,9 +50,7 @@ def test_an_existing_relative_directory_is_local_and_absolute(
         resolve_pretrained("weights.bin", what="model")
 
 
-def test_cli_uncached_hub_id_offline_is_one_line(
-    plora_bin: Path, sample_dir: Path, tmp_path: Path
-) -> None:
+def test_cli_uncached_hub_id_offline_is_one_line(plora_bin: Path, sample_dir: Path, tmp_path: Path) -> None:
     records = sample_dir / "sample_parallel.jsonl"
     out = tmp_path / "shards"
     env = {**OFFLINE, "HF_HUB_CACHE": str(tmp_path / "empty-hub-cache")}

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 import pipeline.tokenize
+from parallel.atomic import temp_sibling
+from parallel.errors import PloraError, Rejects
 from parallel.layout import (
     Packer,
     PackerState,
@@ -24,8 +26,6 @@ from parallel.layout import (
     TokenSequence,
     pack_rows,
 )
-from pipeline.atomic import temp_sibling
-from pipeline.errors import PloraError, Rejects
 from pipeline.shards import JOURNAL_NAME, ShardError, open_shards
 from pipeline.tokenize import TokenizeJob, tokenize_to_shards
 

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 from parallel import forward_packed, patch_model_2d_rope
 from parallel.columnar import patch_model_with_interleaved_2d_rope
+from parallel.errors import PloraError
 from parallel.forward import resolve_attn
 from parallel.layout import branch_pair_indices
 from parallel.rope2d import (
@@ -25,7 +26,6 @@ from parallel.rope2d import (
     restore_2d_rope,
     rope2d_config,
 )
-from pipeline.errors import PloraError
 
 
 @pytest.mark.parametrize("arch", ARCHS)

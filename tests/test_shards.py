@@ -13,11 +13,12 @@ import pyarrow as pa
 import pytest
 from cli_helpers import one_line_error, run_plora
 
+from parallel.errors import Rejects
+from parallel.fingerprint import TokenizerMismatch, check_same_tokenizer, tokenizer_identity
 from parallel.layout import META_COLUMNS, TOKEN_COLUMNS, PackingOptions
-from pipeline.errors import Rejects
-from pipeline.fingerprint import TokenizerMismatch, check_same_tokenizer, tokenizer_identity
+from parallel.tokenizer import load_tokenizer
 from pipeline.shards import ShardError, open_shards
-from pipeline.tokenize import TokenizeJob, load_tokenizer, tokenize_to_shards
+from pipeline.tokenize import TokenizeJob, tokenize_to_shards
 
 RECORDS = [
     {"text": "A first text about rivers and the mills that stood along them."},

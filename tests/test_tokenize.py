@@ -14,19 +14,13 @@ from cli_helpers import one_line_error, run_plora
 from contract_check import check_rows
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from parallel.errors import InputError, PloraError, Rejects
+from parallel.fingerprint import IDENTITY_VERSION, tokenizer_identity
 from parallel.layout import IGNORE_INDEX, PackingOptions, parse_record, record_to_json
+from parallel.tokenizer import load_tokenizer, special_tokens
 from pipeline.convert import ConvertOptions, SourcedRecord, iter_records
-from pipeline.errors import InputError, PloraError, Rejects
-from pipeline.fingerprint import IDENTITY_VERSION
 from pipeline.shards import open_shards
-from pipeline.tokenize import (
-    TokenizeJob,
-    load_tokenizer,
-    pack_records,
-    special_tokens,
-    tokenize_to_shards,
-    tokenizer_identity,
-)
+from pipeline.tokenize import TokenizeJob, pack_records, tokenize_to_shards
 
 LONG = (
     "The old mill by the river ground wheat for two hundred years. Its wheel turned day and night "
@@ -159,7 +153,12 @@ def test_bos_tokenizer_starts_sequences_with_bos(
     assert special_tokens(tokenizer).bos_id == tokenizer.bos_token_id == 0
     shards = tokenize(
         # 64: room for the chat parallel records' trunks in this small vocabulary; LONG is still split
-        [own_input], bos_tokenizer_dir, tmp_path / "shards", branches=2, max_seq_len=64, align=align
+        [own_input],
+        bos_tokenizer_dir,
+        tmp_path / "shards",
+        branches=2,
+        max_seq_len=64,
+        align=align,
     )
     check(shards, [own_input], bos_tokenizer_dir)
     # BOS starts the trunk, and every branch of a row without one (their start token, docs/layout.md;

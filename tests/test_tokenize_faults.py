@@ -18,8 +18,9 @@ from cli_helpers import one_line_error, run_plora
 from contract_check import check_rows
 
 from parallel.layout import IGNORE_INDEX, PackingOptions
+from parallel.tokenizer import load_tokenizer
 from pipeline.shards import open_shards
-from pipeline.tokenize import RecordEncoder, load_tokenizer
+from pipeline.tokenize import RecordEncoder
 
 
 def write_records(path: Path, records: list[dict[str, Any]]) -> Path:
@@ -339,7 +340,7 @@ def test_item19_summary_counts_survive_resume(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import pipeline.tokenize
-    from pipeline.errors import Rejects
+    from parallel.errors import Rejects
     from pipeline.tokenize import TokenizeJob, tokenize_to_shards
 
     records = [ELEVEN if i % 3 == 0 else {"text": words(10 + i)} for i in range(30)]

@@ -129,10 +129,30 @@ def test_guide_script_on_two_nodes_tokenizes_once_on_global_rank_0(
     ]  # fmt: skip
     nodes = [
         subprocess.Popen(
-            [str(a) for a in (torchrun_bin, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
-                              str(node), "--rdzv_backend", "static", "--master_addr", "127.0.0.1",
-                              "--master_port", str(port), *guide)],  # fmt: skip
-            env=subprocess_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                str(a)
+                for a in (
+                    torchrun_bin,
+                    "--nnodes",
+                    "2",
+                    "--nproc_per_node",
+                    "1",
+                    "--node_rank",
+                    str(node),
+                    "--rdzv_backend",
+                    "static",
+                    "--master_addr",
+                    "127.0.0.1",
+                    "--master_port",
+                    str(port),
+                    *guide,
+                )
+            ],  # fmt: skip
+            env=subprocess_env(),
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for node in (0, 1)
     ]

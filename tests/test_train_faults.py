@@ -134,7 +134,7 @@ def test_item20_demo_echoes_commands_that_paste_back_and_resumes_its_training() 
     script = (REPO_ROOT / "scripts" / "demo.sh").read_text()
     common = (REPO_ROOT / "scripts" / "demo_common.sh").read_text()  # the demos' shared `run`
     run_definition = next(line for line in common.splitlines() if line.startswith("run()"))
-    command = ["printf", "%s|", "Four ways to spend a rainy afternoon: it's \"wet\"", "$HOME"]
+    command = ["printf", "%s|", 'Four ways to spend a rainy afternoon: it\'s "wet"', "$HOME"]
     shown = subprocess.run(["bash", "-c", f'{run_definition}\nrun "$@"', "demo", *command],
                            capture_output=True, text=True, check=True)  # fmt: skip
     echoed = shown.stderr.splitlines()[0]

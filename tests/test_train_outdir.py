@@ -49,8 +49,18 @@ def test_item2_new_run_into_a_used_out_dir_refuses_and_overwrite_starts_clean(
     one_line_error(train_run(plora_bin, missing, tiny_model_dir, out, "--max-steps", 2, "--overwrite"))
     assert tree(out) == before
     # A resume that would change the run's length is refused: its schedule and end are the checkpoint's.
-    line = one_line_error(train_run(plora_bin, train_shards, tiny_model_dir, out, "--max-steps", 5,
-                                    "--resume", out / "lora" / f"{NAME}_step2"))
+    line = one_line_error(
+        train_run(
+            plora_bin,
+            train_shards,
+            tiny_model_dir,
+            out,
+            "--max-steps",
+            5,
+            "--resume",
+            out / "lora" / f"{NAME}_step2",
+        )
+    )
     assert "total_steps was 3, now 5" in line
     assert tree(out) == before
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from train_helpers import max_adapter_difference, quick_config
 
+from parallel.errors import PloraError
 from parallel.layout import IGNORE_INDEX
-from pipeline.errors import PloraError
 from pipeline.shards import open_shards
 from trainer.data import (
     RowStore,

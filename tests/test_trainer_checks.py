@@ -13,8 +13,8 @@ from models import ARCHS, collate, random_row, tiny_model
 from train_helpers import quick_config
 
 from parallel import forward_packed, patch_model_2d_rope, token_losses
+from parallel.errors import PloraError
 from parallel.forward import packed_token_losses
-from pipeline.errors import PloraError
 from pipeline.shards import open_shards
 from trainer.data import RowStore
 from trainer.loop import train

@@ -8,7 +8,7 @@ Layout of ``out/lora/<name>_step<N>/`` and ``out/lora/<name>_final/``::
     trainer_state/state.json                          # step, data position, scaler, param groups, config
 
 A checkpoint is written into a temporary directory next to its final place, every file fsynced, then
-renamed into place (:mod:`pipeline.atomic`), so a directory with a final name is always whole; a
+renamed into place (:mod:`parallel.atomic`), so a directory with a final name is always whole; a
 killed run leaves at most a hidden temporary directory, removed by the next run. Nothing is ever
 unpickled: tensors are safetensors and everything else is JSON.
 
@@ -31,11 +31,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline import atomic, outdir
-from pipeline.errors import PloraError
+from parallel import atomic, outdir
+from parallel.adaptermeta import PLORA_JSON
+from parallel.errors import PloraError
 
 CHECKPOINT_FORMAT = 1
-PLORA_JSON = "plora.json"
 STATE_DIR = "trainer_state"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
@@ -124,16 +124,6 @@ def save_checkpoint(
     finally:  # a failed write, or Ctrl-C while writing: the partial temporary must not fill the disk
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def read_plora_json(path: str | Path) -> dict[str, Any]:
-    file = Path(path) / PLORA_JSON
-    if not file.is_file():
-        raise PloraError(f"{path}: no {PLORA_JSON}; not an adapter written by plora train")
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PloraError(f"{file}: not valid JSON ({err})") from None
 
 
 def read_trainer_state(path: str | Path) -> dict[str, Any]:

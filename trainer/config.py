@@ -2,7 +2,7 @@
 
 The CLI (`plora train`), the guide-compatible script (trainer/train_hf_parallel_lora.py) and the tests all
 build a :class:`TrainConfig`; :meth:`TrainConfig.validate` turns an impossible setting into a one-line
-:class:`~pipeline.errors.PloraError` before anything is loaded.
+:class:`~parallel.errors.PloraError` before anything is loaded.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from parallel.errors import PloraError
+from parallel.hfmodel import DTYPES
 from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE, MASK_MODES
-from pipeline.errors import PloraError
 
-DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 SCHEDULES: tuple[str, ...] = ("cosine", "linear", "constant")
 DEFAULT_LORA_NAME = "hf_parallel_lora"  # the original guide's file names: out/lora/hf_parallel_lora_final...
 

@@ -29,8 +29,8 @@ from functools import cached_property
 import numpy as np
 import torch
 
+from parallel.errors import PloraError
 from parallel.layout import IGNORE_INDEX, TOKEN_COLUMNS
-from pipeline.errors import PloraError
 from pipeline.shards import ShardSet, flat_columns, open_shards
 
 MEGABATCH_GLOBAL_BATCHES = 64
@@ -59,7 +59,7 @@ class Batch:
 
 def open_checked_shards(shards: str, tokenizer_path: str, *, verify: bool) -> ShardSet:
     """A shard directory, refused unless it was tokenized by the tokenizer at ``tokenizer_path``."""
-    from pipeline.tokenize import load_tokenizer  # noqa: PLC0415 - transformers import, only when used
+    from parallel.tokenizer import load_tokenizer  # noqa: PLC0415 - transformers import, only when used
 
     shard_set = open_shards(shards, verify=verify)
     shard_set.check_tokenizer(load_tokenizer(tokenizer_path))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import PloraError
+from parallel.errors import PloraError
 
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=3)
 

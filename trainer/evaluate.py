@@ -16,14 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from parallel.errors import PloraError
+from parallel.hfmodel import TORCH_DTYPES
 from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE
 from parallel.loading import AdapterConfig, check_adapter_fits
-from pipeline.errors import PloraError
 from trainer.checkpoint import STATE_DIR, STATE_FILE
 from trainer.config import TrainConfig
 from trainer.data import RowStore, open_checked_shards, split_rows
 from trainer.distributed import pick_device
-from trainer.model import TORCH_DTYPES, PackedLoss, add_lora, load_rope_model
+from trainer.model import PackedLoss, add_lora, load_rope_model
 
 
 @dataclass

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from parallel.errors import PloraError
+from parallel.fingerprint import plora_version
 from parallel.loading import AdapterConfig, check_adapter_fits, model_facts
-from pipeline.errors import PloraError
-from pipeline.fingerprint import plora_version
-from pipeline.pretrained import resolve_pretrained
+from parallel.pretrained import resolve_pretrained
 from trainer.checkpoint import (
     check_writable,
     final_checkpoint,

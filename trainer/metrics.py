@@ -17,8 +17,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline import atomic
-from pipeline.errors import PloraError
+from parallel import atomic
+from parallel.errors import PloraError
 from trainer.config import TrainConfig
 
 METRICS_FILE = "metrics.jsonl"

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,13 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from parallel.forward import forward_packed, packed_token_losses, resolve_attn
+from parallel.errors import PloraError, first_line
+from parallel.forward import forward_packed, packed_token_losses
+from parallel.hfmodel import TORCH_DTYPES, load_adapter, load_causal_lm, quiet_peft
 from parallel.rope2d import Rope2DConfig, patch_model_2d_rope, position_overflow
-from pipeline.errors import PloraError, first_line
-from pipeline.pretrained import load_pretrained
-from trainer.config import DTYPES, TrainConfig
-
-TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPES}
+from trainer.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -31,7 +26,6 @@ class RopeSettings:
     def stride(self) -> int:
         # An unpatched model rotates by time only, so the branch must not enter its position ids.
         return self.rope.stride if self.rope is not None else 0
-
 
 
 def load_base_model(
@@ -51,36 +45,6 @@ def load_base_model(
         device=device,
         trust_remote_code=trust_remote_code,
     )
-
-
-def load_causal_lm(
-    name: str,
-    *,
-    what: str,
-    dtype: torch.dtype,
-    attn: str,
-    device: torch.device | str,
-    trust_remote_code: bool,
-    config: Any = None,
-) -> nn.Module:
-    """A causal LM (a local directory or a hub id) with the attention implementation plora's masks
-    need, weights from safetensors only, on ``device``; for training and inference alike. ``config``
-    replaces the directory's config.json (an export's, whose model type only plora knows)."""
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - slow import, only when loading
-    from transformers.utils import logging as hf_logging  # noqa: PLC0415
-
-    hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
-    model = load_pretrained(
-        AutoModelForCausalLM,
-        name,
-        what=what,
-        dtype=dtype,
-        attn_implementation=resolve_attn(attn, device),
-        trust_remote_code=trust_remote_code,
-        use_safetensors=True,
-        config=config,
-    )
-    return model.to(device)
 
 
 def check_vocabulary(model: nn.Module, vocab_size: int, path: str) -> None:
@@ -156,38 +120,10 @@ def add_lora(model: nn.Module, cfg: TrainConfig, adapter_dir: str | None) -> nn.
         task_type="CAUSAL_LM",
     )
     try:
-        with _quiet_peft():
+        with quiet_peft():
             return get_peft_model(model, lora)
     except ValueError as err:
         raise PloraError(f"--lora-targets {cfg.lora_targets!r}: {first_line(err)}") from None
-
-
-def load_adapter(model: nn.Module, adapter_dir: Path, *, trainable: bool) -> nn.Module:
-    """The PEFT adapter in ``adapter_dir`` on ``model``; safetensors only (never a pickled .bin)."""
-    from peft import PeftModel  # noqa: PLC0415
-
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise PloraError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
-        found = " (it has adapter_model.bin)" if (adapter_dir / "adapter_model.bin").exists() else ""
-        raise PloraError(
-            f"{adapter_dir}: no adapter_model.safetensors{found}; plora loads safetensors adapters only"
-        )
-    try:
-        with _quiet_peft():
-            return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise PloraError(
-            f"{adapter_dir}: the adapter does not fit this base model: {first_line(err)}"
-        ) from None
-
-
-@contextlib.contextmanager
-def _quiet_peft() -> Iterator[None]:
-    """peft probes a deprecated transformers property; not ours to fix, and not the user's concern."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
 
 
 def lora_settings(model: nn.Module) -> dict[str, Any]:

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline import atomic, outdir
-from pipeline.errors import PloraError
+from parallel import atomic, outdir
+from parallel.errors import PloraError
 from trainer.checkpoint import final_checkpoint, lora_dir, step_checkpoints
 from trainer.config import TrainConfig
 from trainer.metrics import METRICS_FILE, TENSORBOARD_DIR, logs_dir

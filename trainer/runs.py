@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PloraError
+from parallel.errors import PloraError
 from trainer.checkpoint import STATE_DIR, STATE_FILE, lora_dir, read_trainer_state
 from trainer.metrics import METRICS_FILE, read_metrics
 

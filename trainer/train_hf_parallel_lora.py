@@ -27,9 +27,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from parallel.errors import PloraError  # noqa: E402
 from parallel.layout import DEFAULT_BRANCHES, DEFAULT_MAX_SEQ_LEN, FORMAT_VERSION, PackingOptions  # noqa: E402
 from parallel.rope2d import auto_pair_indices  # noqa: E402, F401 - the guide imports it from this module
-from pipeline.errors import PloraError  # noqa: E402
 
 
 def guide_data_parser() -> argparse.ArgumentParser:
@@ -53,8 +53,8 @@ def guide_data_parser() -> argparse.ArgumentParser:
 
 
 def cache_dir(args: argparse.Namespace, packing: PackingOptions) -> Path:
+    from parallel.pretrained import resolve_pretrained  # noqa: PLC0415
     from pipeline.convert import ConvertOptions, input_fingerprint_parts  # noqa: PLC0415
-    from pipeline.pretrained import resolve_pretrained  # noqa: PLC0415
 
     options = ConvertOptions(hf_subset=args.hf_subset, hf_split=args.hf_split, streaming=args.use_streaming)
     inputs = [args.data_path] if args.data_path else []
@@ -81,8 +81,8 @@ def packing_options(args: argparse.Namespace) -> PackingOptions:
 
 def tokenize_guide_data(args: argparse.Namespace, out: Path, packing: PackingOptions) -> None:
     """Tokenize the guide's data flags into ``out`` (nothing to do when the cache is up to date)."""
+    from parallel.errors import Rejects  # noqa: PLC0415
     from pipeline.convert import ConvertOptions  # noqa: PLC0415
-    from pipeline.errors import Rejects  # noqa: PLC0415
     from pipeline.tokenize import TokenizeJob, tokenize_to_shards  # noqa: PLC0415
 
     job = TokenizeJob(

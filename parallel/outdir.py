@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.errors import PloraError, first_line
+from parallel.errors import PloraError, first_line
 
 LOCK_SUFFIX = ".plora-lock"
 

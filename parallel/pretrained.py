@@ -9,7 +9,7 @@ The original guide's users pass ``--base_model Qwen/Qwen2.5-0.5B-Instruct``, so 
 - a hub id: ``name`` or ``org/name`` (the hub's own spelling rules) that is not a local path.
   transformers resolves it from the HuggingFace cache first, without the network; only when it is
   not cached, and ``HF_HUB_OFFLINE`` is not set, from the hub itself.
-- a ``.gguf`` file: converted once into a cached local directory (:mod:`pipeline.ggufmodel`).
+- a ``.gguf`` file: converted once into a cached local directory (:mod:`parallel.ggufmodel`).
 
 Anything else is a one-line "no such directory". Remote code stays off unless the caller asks.
 """
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PloraError, first_line
-from pipeline.ggufmodel import ensure_gguf_model, is_gguf
+from parallel.errors import PloraError, first_line
+from parallel.ggufmodel import ensure_gguf_model, is_gguf
 
 # The hub's repo id rules: one or two parts of letters, digits, '-', '_', '.', no '--' or '..', at most 96.
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
@@ -55,7 +55,7 @@ def _is_hub_id(text: str) -> bool:
 
 def resolve_pretrained(name: str | Path, *, what: str) -> Pretrained:
     """Decide whether ``name`` is a local directory, a hub id or a ``.gguf`` file (see the module
-    docstring and :mod:`pipeline.ggufmodel`).
+    docstring and :mod:`parallel.ggufmodel`).
 
     ``what`` names the thing in errors ("tokenizer", "base model").
     """
@@ -110,7 +110,6 @@ def _check_hub_reachable(name: str, what: str) -> None:
             f"the hub ({endpoint}) cannot be reached; give the path of a local {what} directory "
             "(starting with ./ or /), or download it where there is a network"
         )
-
 
 
 def load_pretrained(loader: Any, name: str | Path, *, what: str, **kwargs: Any) -> Any:

@@ -31,8 +31,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from parallel.errors import PloraError
 from parallel.layout import FORMAT_VERSION
-from pipeline.errors import PloraError
 
 # The identity formula; bump it whenever tokenizer_identity changes. Identities written before the
 # field existed (one digest over vocabulary and chat template) count as version 1.

@@ -17,7 +17,7 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from pipeline import atomic, outdir
+from parallel import atomic, outdir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -109,7 +109,7 @@ def publish_dir(tmp_dir: Path, final_dir: Path, *, replace: bool = True) -> None
     non-empty directory) and deleted afterwards. Without it, an absent or empty ``final_dir`` is
     taken and a non-empty one makes the rename fail with :class:`OSError`, leaving ``tmp_dir`` in
     place: that is how a builder learns that a concurrent one got there first. ``final_dir`` is the
-    real directory (:func:`pipeline.outdir.real_target`): a symlink there would itself be replaced.
+    real directory (:func:`parallel.outdir.real_target`): a symlink there would itself be replaced.
     """
     fsync_tree(tmp_dir)
     if replace and final_dir.exists():
