@@ -56,7 +56,7 @@ EOS = 2
 
 
 def build_model(shape: str, dtype: torch.dtype, device: str, attn: str, stride: int) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, Qwen2Config  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, Qwen2Config
 
     torch.manual_seed(0)
     config = Qwen2Config(**SHAPES[shape], bos_token_id=1, eos_token_id=EOS, pad_token_id=0)

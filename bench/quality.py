@@ -202,7 +202,7 @@ def train_lora(
 
 
 def base_model(model_dir: Path) -> Any:
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - slow import
+    from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="sdpa"
@@ -348,7 +348,7 @@ def run(args: argparse.Namespace, budget: Budget, work: Path) -> dict[str, Any]:
                 data[name], model_dir, adapters[setting.name], setting
             )
 
-    from parallel.loading import load_parallel_model  # noqa: PLC0415 - slow import
+    from parallel.loading import load_parallel_model
 
     prompts = sorted(held_a, key=lambda r: len(r["branches"]) < 4)[: budget.prompts]  # K >= 4 first (speedup)
 

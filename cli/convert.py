@@ -70,7 +70,7 @@ def convert_command(
     )
     if out is not None:
         check_output_path(out)  # before the rejects file is created next to it
-    sink = open_rejects(on_error, out, rejects)  # type: ignore[arg-type] - validated inside
+    sink = open_rejects(on_error, out, rejects)
     summary = convert(inputs or [], out, convert_options, sink, hf_dataset)
     for line in summary.lines(out, sink.path):
         typer.echo(line, err=True)

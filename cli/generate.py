@@ -134,7 +134,7 @@ def _table(prompts: list[str], stream: BranchStream, finished: dict[int, str]) -
 
 def _warn(err: Console, message: Warning | str, category: type[Warning]) -> None:
     """Our own warnings as one line on stderr; others (transformers, peft) stay silent here."""
-    from parallel.generation import IdenticalBranchesWarning  # noqa: PLC0415
+    from parallel.generation import IdenticalBranchesWarning  # noqa: PLC0415 - slow import (torch)
 
     if issubclass(category, IdenticalBranchesWarning):
         err.print(f"plora: warning: {escape(str(message))}", soft_wrap=True)
@@ -175,7 +175,7 @@ def generate_command(
     stride: int = typer.Option(DEFAULT_STRIDE, "--stride", help="Bare base model only."),
 ) -> None:
     """Generate several branches in one sequence with one KV cache, streamed side by side."""
-    from parallel.generation import IdenticalBranchesWarning, branch_prompts, generate  # noqa: PLC0415
+    from parallel.generation import IdenticalBranchesWarning, branch_prompts, generate  # noqa: PLC0415 - torch
     from parallel.loading import load_parallel_model  # noqa: PLC0415 - slow imports
 
     texts = list(branch or [])

@@ -11,16 +11,16 @@ import typer
 try:  # recent typer carries its own copy of click; older ones use click itself
     from typer._click import exceptions as click_exceptions
 except ImportError:
-    from click import exceptions as click_exceptions
+    from click import exceptions as click_exceptions  # type: ignore[no-redef]  # the same module
 
 # Each command module registers itself on `app` when imported.
-import cli.convert  # noqa: F401
-import cli.demomodel  # noqa: F401
-import cli.generate  # noqa: F401
-import cli.inspect  # noqa: F401
-import cli.runs  # noqa: F401
-import cli.tinymodel  # noqa: F401
-import cli.tokenize  # noqa: F401
+import cli.convert
+import cli.demomodel
+import cli.generate
+import cli.inspect
+import cli.runs
+import cli.tinymodel
+import cli.tokenize
 import cli.train  # noqa: F401
 from cli.app import app
 from parallel.errors import PloraError
@@ -30,7 +30,7 @@ NO_ARGS_IS_HELP = getattr(click_exceptions, "NoArgsIsHelpError", ())
 
 # typer turns a KeyboardInterrupt inside a command into this *returned* status (standalone_mode=False)
 INTERRUPTED = 128 + signal.SIGINT
-STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
+STOP_SIGNALS: dict[int, str] = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
 _received: list[int] = []  # the signals that stopped the command, first one first
 
 

@@ -116,7 +116,7 @@ def packing_options(
             min_branches=1 if min_branches is None else min_branches,
             max_branches=max_branches,
             max_seq_len=max_seq_len,
-            align=align,  # type: ignore[arg-type] - validated by PackingOptions
+            align=align,  # type: ignore[arg-type]  # PackingOptions validates it
             seed=seed,
             train_trunk=not no_train_trunk,
         )

@@ -28,7 +28,7 @@ def runs_command(
     png: Path | None = typer.Option(None, "--png", help="Also draw every run's loss curves into this PNG."),
 ) -> None:
     """A table of the runs in OUT_DIR: steps, losses (training and validation), times and checkpoints."""
-    from trainer.runs import describe, find_runs, write_curves_png  # noqa: PLC0415
+    from trainer.runs import describe, find_runs, write_curves_png  # noqa: PLC0415 - slow import (torch)
 
     if png is not None:
         check_png_target(png)

@@ -84,7 +84,7 @@ def tokenize_command(
     inputs_of = [("the tokenizer", tokenizer), ("the chat template", chat_template)]
     outdir.refuse_protected(out, "--out", [*inputs_of, *(("the input", path) for path in job.inputs)])
     with outdir.lock(out, "--out"):  # two runs into one --out: the second stops at once
-        sink = open_rejects(on_error, out, rejects)  # type: ignore[arg-type] - validated inside
+        sink = open_rejects(on_error, out, rejects)
         try:
             summary = tokenize_to_shards(job, sink, progress=progress)
         except OSError as err:  # disk full: name the shard directory, not a temporary file in it

@@ -5,6 +5,7 @@ Model-side names are imported lazily so that ``import parallel.layout`` stays to
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 _EXPORTS = {
@@ -34,6 +35,4 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'parallel' has no attribute {name!r}")
-    import importlib  # noqa: PLC0415
-
     return getattr(importlib.import_module(_EXPORTS[name]), name)

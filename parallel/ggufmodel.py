@@ -51,7 +51,7 @@ def is_gguf(name: str | Path) -> bool:
 def gguf_architecture(path: Path) -> str:
     """The ``general.architecture`` of a GGUF file, read from its header without loading tensors."""
     try:
-        from gguf import GGUFReader
+        from gguf import GGUFReader  # noqa: PLC0415 - an optional dependency
     except ImportError:
         raise PloraError(f"{path}: reading GGUF files needs the gguf package: pip install gguf") from None
     try:
@@ -66,7 +66,7 @@ def check_gguf(path: Path) -> None:
     if not path.is_file():
         problem = "not a file" if path.exists() else "no such file"
         raise PloraError(f"{path}: {problem} (expected a .gguf model file)")
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES  # noqa: PLC0415 - slow import
 
     # transformers' list also holds the metadata sections "general" and "tokenizer"
     supported = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})
@@ -116,9 +116,9 @@ def build_gguf_model(path: Path, out_dir: Path, *, overwrite: bool = False) -> P
 
 
 def _write_gguf_model(path: Path, out_dir: Path) -> None:
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch  # noqa: PLC0415 - slow imports, only when converting
+    import transformers  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)

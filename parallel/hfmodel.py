@@ -53,7 +53,7 @@ def load_causal_lm(
 
 def load_adapter(model: nn.Module, adapter_dir: Path, *, trainable: bool) -> nn.Module:
     """The PEFT adapter in ``adapter_dir`` on ``model``; safetensors only (never a pickled .bin)."""
-    from peft import PeftModel  # noqa: PLC0415
+    from peft import PeftModel  # noqa: PLC0415 - slow import, only when loading
 
     if not (adapter_dir / "adapter_config.json").is_file():
         raise PloraError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")

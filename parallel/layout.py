@@ -449,7 +449,7 @@ class BranchCounter:
     @property
     def rng_state(self) -> dict[str, Any]:
         """The RNG's state (plain JSON values), so an interrupted packing can continue exactly."""
-        return self._rng.bit_generator.state
+        return dict(self._rng.bit_generator.state)
 
     @rng_state.setter
     def rng_state(self, state: dict[str, Any]) -> None:
@@ -553,7 +553,7 @@ class Packer:
         o = self.options
         pieces = self._split(item.pieces)
         if item.is_parallel:
-            return self._parallel_rows(item.trunk, pieces)  # type: ignore[arg-type] - set when parallel
+            return self._parallel_rows(item.trunk, pieces)  # type: ignore[arg-type]  # set when parallel
         rows = []
         for piece in pieces:
             self._pending.append(piece)

@@ -140,7 +140,7 @@ def _resolve_base(base_model: str | Path | None, config: AdapterConfig) -> str:
 @contextlib.contextmanager
 def _transformers_errors_only() -> Iterator[None]:
     """transformers warns that an export's "plora-" model type is unknown to it: expected, not news."""
-    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415 - slow import
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -162,7 +162,7 @@ def _seal_export_config(directory: Path) -> None:
 def _export_model_config(directory: str) -> Any:
     """The transformers config of an export, with its real model type (None for an export from
     before the type was sealed, which loads as it is)."""
-    from transformers import CONFIG_MAPPING  # noqa: PLC0415
+    from transformers import CONFIG_MAPPING  # noqa: PLC0415 - slow import
 
     path = Path(directory) / "config.json"
     try:

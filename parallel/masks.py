@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.nn.attention.flex_attention import create_block_mask
 
 from parallel.layout import MASK_MODES, row_has_trunk, visible
 
@@ -150,8 +151,6 @@ def block_mask(
     num_queries: int | None = None,
 ) -> Any:
     """FlexAttention ``BlockMask`` of the rows (compiled construction on CUDA, eager elsewhere)."""
-    from torch.nn.attention.flex_attention import create_block_mask  # noqa: PLC0415 - torch >= 2.5 only
-
     batch, length = branch_id.shape
     return create_block_mask(
         mask_mod(branch_id, time_id, mode, valid, window=window, num_queries=num_queries),

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import constants
+
 from parallel.errors import PloraError, first_line
 from parallel.ggufmodel import ensure_gguf_model, is_gguf
 
@@ -76,14 +78,10 @@ def resolve_pretrained(name: str | Path, *, what: str) -> Pretrained:
 
 
 def _hub_offline() -> bool:
-    from huggingface_hub import constants  # noqa: PLC0415 - comes with transformers
-
     return bool(constants.HF_HUB_OFFLINE)
 
 
 def _hub_endpoint() -> str:
-    from huggingface_hub import constants  # noqa: PLC0415
-
     return str(constants.ENDPOINT)
 
 

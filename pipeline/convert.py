@@ -21,14 +21,14 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any
 
 from rich.console import Console
 from rich.progress import Progress, ProgressColumn, SpinnerColumn, Task, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
 from parallel import atomic
-from parallel.errors import OnError, PloraError, Rejects
+from parallel.errors import PloraError, Rejects
 from parallel.fingerprint import file_sha256
 from parallel.layout import Record, RecordError, record_to_line
 from pipeline import formats, grouping, lists
@@ -171,6 +171,7 @@ def _normalised(
     for raw in raws:
         counts = summary.inputs.setdefault(raw.source, InputCounts())
         counts.read += 1
+        record: Record | dict[str, Any]
         try:
             fmt, record, dropped = _canonical(raw, options)
             if options.split_lists:
@@ -310,7 +311,7 @@ def default_rejects_path(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(out.suffix) + ".rejects.jsonl")
 
 
-def open_rejects(on_error: OnError, out: Path | None, rejects_path: Path | None = None) -> Rejects:
+def open_rejects(on_error: str, out: Path | None, rejects_path: Path | None = None) -> Rejects:
     """The Rejects of a run. In ``skip`` mode the rejects file (default next to ``out``) is
     created empty up front, so that a stale one never survives and an unwritable path fails
     before any work."""
@@ -384,7 +385,7 @@ def _output(out: Path | None) -> Iterator[Callable[[str], None]]:
             raise _write_error(str(out), err) from err
 
 
-def _checked_writer(f: TextIO, name: str) -> Callable[[str], None]:
+def _checked_writer(f: IO[str], name: str) -> Callable[[str], None]:
     def write(text: str) -> None:
         try:
             f.write(text)

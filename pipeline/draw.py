@@ -159,7 +159,7 @@ def _draw_mask(
     view: RowView,
     colours: Sequence[str],
 ) -> None:
-    from matplotlib.colors import to_rgba_array  # noqa: PLC0415
+    from matplotlib.colors import to_rgba_array  # noqa: PLC0415 - matplotlib only when drawing
 
     # Colour a visible (q, k) by k's sequence, as RGBA bytes. A long row is sampled down to about
     # the panel's pixels: its full [L, L] mask, let alone a float image of it, would take gigabytes.
@@ -198,7 +198,7 @@ def _draw_grid(
     colours: Sequence[str],
     cells: _CellText,
 ) -> None:
-    from matplotlib.colors import to_rgb  # noqa: PLC0415
+    from matplotlib.colors import to_rgb  # noqa: PLC0415 - matplotlib only when drawing
 
     sequences = row["sequences"]
     span = max(row["time_span"], 1)
@@ -269,7 +269,7 @@ def _cell_text(token: str, token_id: int, chars: int, renderable: frozenset[int]
 
 @lru_cache(maxsize=1)
 def _renderable_chars() -> frozenset[int]:
-    import matplotlib  # noqa: PLC0415
+    import matplotlib  # noqa: PLC0415 - matplotlib only when drawing
     from matplotlib import font_manager  # noqa: PLC0415
     from matplotlib.ft2font import FT2Font  # noqa: PLC0415
 

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from parallel.errors import InputError, PloraError, Rejects, first_line
 from parallel.layout import RecordError, parse_record, record_to_json
 from pipeline.chat_parallel import ParallelCounts, chat_parallel_record
@@ -124,7 +126,7 @@ def read_error(path: Path, err: Exception) -> PloraError:
 def group_query(frame: Any, path: Path, fields: Sequence[str]) -> tuple[Any, Any, GroupSpec]:
     """(good rows, bad rows, spec): lazy queries over ``frame`` that read only the columns used,
     each as text, with ``ROW``, the record number; a bad row lacks a key's or the response's text."""
-    import polars as pl  # noqa: PLC0415
+    import polars as pl  # noqa: PLC0415 - only --group-by needs it
 
     try:
         schema = frame.collect_schema()
@@ -163,7 +165,7 @@ def group_query(frame: Any, path: Path, fields: Sequence[str]) -> tuple[Any, Any
 def aggregate(rows: Any, spec: GroupSpec) -> Any:
     """The groups of ``rows``, in the order of their first record: the key columns, ``FIRST`` and the
     list columns ``ROW``, prompts and response, one item per record, in input order."""
-    import polars as pl  # noqa: PLC0415
+    import polars as pl  # noqa: PLC0415 - only --group-by needs it
 
     return (
         rows.group_by(spec.key)
@@ -178,7 +180,7 @@ def group_file(
     path: Path, fields: Sequence[str], max_branches: int, rejects: Rejects, counts: ParallelCounts
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """(first record number, record JSON) of every group of ``path``; bad records are rejected."""
-    import polars as pl  # noqa: PLC0415
+    import polars as pl  # noqa: PLC0415 - only --group-by needs it
 
     rows, bad, spec = group_query(scan(path), path, fields)
     try:
@@ -211,7 +213,7 @@ def _groups(path: Path, rows: Any, spec: GroupSpec) -> Iterator[dict[str, Any]]:
     in memory at a time) into a file of groups sorted by first record; the bucket files are then
     merged, a row group of each at a time.
     """
-    import polars as pl  # noqa: PLC0415
+    import polars as pl  # noqa: PLC0415 - only --group-by needs it
 
     buckets = max(1, -(-path.stat().st_size // BUCKET_BYTES))
     hashed = rows.with_columns(pl.struct(spec.key).hash(seed=0).mod(buckets).alias(BUCKET))
@@ -230,8 +232,6 @@ def _groups(path: Path, rows: Any, spec: GroupSpec) -> Iterator[dict[str, Any]]:
 
 
 def _read_groups(path: Path) -> Iterator[dict[str, Any]]:
-    import pyarrow.parquet as pq  # noqa: PLC0415
-
     with pq.ParquetFile(path) as groups:
         for batch in groups.iter_batches(batch_size=GROUPS_PER_ROW_GROUP):
             yield from batch.to_pylist()

@@ -54,6 +54,7 @@ def split_answer(answer: str, min_items: int = DEFAULT_MIN_ITEMS) -> ListSplit |
     if first is None:
         return NO_LIST
     marker = MARKER.match(lines[first])
+    assert marker is not None  # _starts_list matched it
     starts, end = [first], first + 1
     for i in range(first + 1, len(lines)):
         line = lines[i]

@@ -18,14 +18,16 @@ from __future__ import annotations
 import csv
 import gzip
 import io
-import itertools
 import json
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from parallel.errors import PloraError
 from pipeline.formats import detect
@@ -100,8 +102,8 @@ def read_file(path: Path, txt_split: str = "blank") -> Iterator[RawRecord]:
     return read_txt(path, txt_split)
 
 
-def _open_binary(path: Path) -> IO[bytes]:
-    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")  # noqa: SIM115
+def _open_binary(path: Path) -> gzip.GzipFile | io.BufferedReader:
+    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -170,7 +172,7 @@ def read_json(path: Path) -> Iterator[RawRecord]:
     try:
         yield from _json_document(source, text)
     except json.JSONDecodeError as err:
-        json_lines = err.msg == "Extra data" and not text.startswith("[", JSON_WHITESPACE.match(text).end())
+        json_lines = err.msg == "Extra data" and not text.startswith("[", _skip_whitespace(text, 0))
         if not json_lines:
             reason = f"invalid JSON: {err.msg} at column {err.colno}; the rest of the file cannot be read"
             yield RawRecord(source, err.lineno, None, reason, None)
@@ -179,12 +181,19 @@ def read_json(path: Path) -> Iterator[RawRecord]:
         yield from read_jsonl(path)
 
 
+def _skip_whitespace(text: str, pos: int) -> int:
+    """The offset of the first character at or after ``pos`` that is not JSON whitespace."""
+    match = JSON_WHITESPACE.match(text, pos)
+    assert match is not None  # the pattern matches the empty string
+    return match.end()
+
+
 def _json_document(source: str, text: str) -> Iterator[RawRecord]:
     """Yield the records of a whole JSON document; JSONDecodeError when it is not valid JSON."""
-    start = JSON_WHITESPACE.match(text, 0).end()
+    start = _skip_whitespace(text, 0)
     if text.startswith("[", start):
         end = yield from _json_array(source, text, start)
-        if JSON_WHITESPACE.match(text, end).end() != len(text):
+        if _skip_whitespace(text, end) != len(text):
             raise json.JSONDecodeError("Extra data", text, end)
         return
     value = json.loads(text)
@@ -196,42 +205,41 @@ def _json_document(source: str, text: str) -> Iterator[RawRecord]:
     ):
         # {"data": [...]}: walk to the list so that each element keeps its own line
         del value
-        pos = JSON_WHITESPACE.match(text, start + 1).end()
+        pos = _skip_whitespace(text, start + 1)
         _, pos = json.JSONDecoder().raw_decode(text, pos)  # the key
-        pos = JSON_WHITESPACE.match(text, pos).end()  # at ':'
-        pos = JSON_WHITESPACE.match(text, pos + 1).end()  # at '['
+        pos = _skip_whitespace(text, pos)  # at ':'
+        pos = _skip_whitespace(text, pos + 1)  # at '['
         yield from _json_array(source, text, pos)
         return
     yield RawRecord(source, text.count("\n", 0, start) + 1, value)
 
 
-def _json_array(source: str, text: str, pos: int) -> Iterator[RawRecord]:
+def _json_array(source: str, text: str, pos: int) -> Generator[RawRecord, None, int]:
     """Yield the elements of the array at ``text[pos] == '['`` with their start lines; return
     the offset just after the closing bracket."""
     decoder = json.JSONDecoder()
     line = text.count("\n", 0, pos) + 1
     counted = pos
-    pos = JSON_WHITESPACE.match(text, pos + 1).end()
+    pos = _skip_whitespace(text, pos + 1)
     if text.startswith("]", pos):
         return pos + 1
-    for index in itertools.count():
+    index = 0
+    while True:
         line += text.count("\n", counted, pos)
         counted = pos
         value, pos = decoder.raw_decode(text, pos)
         yield RawRecord(source, line, value, index=index)
-        pos = JSON_WHITESPACE.match(text, pos).end()
+        index += 1
+        pos = _skip_whitespace(text, pos)
         if text.startswith("]", pos):
             return pos + 1
         if not text.startswith(",", pos):
             raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
-        pos = JSON_WHITESPACE.match(text, pos + 1).end()
+        pos = _skip_whitespace(text, pos + 1)
 
 
 def read_parquet(path: Path) -> Iterator[RawRecord]:
     """Parquet, one Arrow batch at a time; ``line`` is the row number."""
-    import pyarrow as pa  # noqa: PLC0415 - only when Parquet is read
-    import pyarrow.parquet as pq  # noqa: PLC0415
-
     source = str(path)
     try:
         with pq.ParquetFile(path) as table:
@@ -369,7 +377,7 @@ def read_hf_dataset(
             rows = datasets.load_dataset(name, subset, split=split, streaming=streaming)
         for row, value in enumerate(rows, start=1):
             yield _table_row(source, row, value)
-    except Exception as err:  # noqa: BLE001 - datasets raises many kinds; all mean "cannot load"
+    except Exception as err:  # datasets raises many kinds; all mean "cannot load"
         raise PloraError(f"{source}: cannot load the HuggingFace dataset: {_one_line(err)}") from err
 
 

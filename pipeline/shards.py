@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from parallel import atomic
 from parallel.errors import PloraError
-from parallel.fingerprint import canonical_json, file_sha256, sha256_text
+from parallel.fingerprint import canonical_json, check_same_tokenizer, file_sha256, sha256_text
 from parallel.layout import (
     ALIGN_MODES,
     FORMAT_VERSION,
@@ -203,7 +203,7 @@ def _shape_problem(manifest: dict[str, Any]) -> str | None:
             problem = f"files[{i}] is {_json_type(entry)}, expected an object"
             continue
         problem = _fields_problem(entry, FILE_SHAPE, f"files[{i}].")
-        name = entry.get("name")
+        name = entry.get("name", "")
         if problem is None and (Path(name).name != name or name in ("", ".", "..")):
             problem = f"files[{i}].name {entry['name']!r} is not a file name in the directory"
     return problem
@@ -341,8 +341,6 @@ class ShardSet:
 
     def check_tokenizer(self, tokenizer: Any) -> None:
         """Refuse a tokenizer that does not give the ids the shards were built with."""
-        from parallel.fingerprint import check_same_tokenizer  # noqa: PLC0415 - hashing a tokenizer is rare
-
         check_same_tokenizer(self.manifest["tokenizer"], tokenizer, what=f"shards {self.directory}")
 
     def __getstate__(self) -> dict[str, Any]:
@@ -350,7 +348,7 @@ class ShardSet:
         return {"directory": self.directory, "manifest": self.manifest}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["directory"], state["manifest"], verify=False)
+        ShardSet.__init__(self, state["directory"], state["manifest"], verify=False)
 
 
 def _packing_problem(batch: _Batch, packing: dict[str, Any]) -> str | None:

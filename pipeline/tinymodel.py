@@ -158,7 +158,7 @@ def train_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     Normalizer and pre-tokenizer are Qwen2.5's (NFC, its split regex, then byte-level), so that loading
     the saved directory as a Qwen2 tokenizer, which rebuilds them, tokenizes exactly as trained.
     """
-    from tokenizers import (
+    from tokenizers import (  # noqa: PLC0415 - slow imports, only when building
         Regex,
         Tokenizer,
         decoders,
@@ -168,7 +168,7 @@ def train_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
         processors,
         trainers,
     )
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
 
     backend = Tokenizer(models.BPE())
     backend.normalizer = normalizers.NFC()
@@ -198,9 +198,9 @@ def train_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
 
 
 def _write_model(out_dir: Path, arch: str, files: Sequence[Path]) -> None:
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    import torch  # noqa: PLC0415 - slow imports, only when building
+    import transformers  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, GenerationConfig  # noqa: PLC0415
 
     tokenizer = train_tokenizer(sample_texts(files))
     im_end, endoftext = tokenizer.convert_tokens_to_ids([IM_END, ENDOFTEXT])

@@ -50,6 +50,7 @@ import gc
 import io
 import itertools
 import json
+import multiprocessing
 import os
 import re
 import signal
@@ -60,9 +61,19 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from parallel import atomic, outdir
 from parallel.errors import PloraError, Rejects
@@ -287,6 +298,7 @@ class RecordEncoder:
         results: dict[int, PackItem | Rejected] = {}
         rendered: list[tuple[int, str, list[tuple[int, int]]]] = []
         for i, item in chats:
+            assert isinstance(item.record, ChatRecord)  # encode() passes the chats only
             try:
                 text, spans = self._render(item.record)
             except _ContentNotRendered as err:
@@ -452,7 +464,10 @@ def _raise_or_reject(result: Rejected, rejects: Rejects) -> None:
     rejects.reject(result.source, result.line, result.reason)
 
 
-def _batches(records: Iterable[SourcedRecord], size: int) -> Iterator[list[SourcedRecord]]:
+T = TypeVar("T")
+
+
+def _batches(records: Iterable[T], size: int) -> Iterator[list[T]]:
     iterator = iter(records)
     while batch := list(itertools.islice(iterator, size)):
         yield batch
@@ -504,8 +519,6 @@ def _encoded(
         return
     if tokenizer_path is None:
         raise ValueError("num_proc > 1 needs tokenizer_path")
-    import multiprocessing  # noqa: PLC0415
-
     context = multiprocessing.get_context("spawn")
     template = None if chat_template is None else str(chat_template)
     with _children_ignore_ctrl_c():
@@ -658,7 +671,7 @@ class _Journal:
             "buffer_meta": [[r.num_branches, r.trunk_len] for r in self.buffer],
         }
         pending = self.packer.pending
-        arrays = {
+        arrays: dict[str, np.ndarray] = {
             "header": np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8),
             "pending_lens": np.asarray([len(p) for p in pending], dtype=np.int64),
             "pending_ids": _concat([p.ids for p in pending], TOKEN_DTYPE),
@@ -668,7 +681,7 @@ class _Journal:
         for name in TOKEN_COLUMNS:
             arrays[f"buffer_{name}"] = _concat([getattr(r, name) for r in self.buffer], TOKEN_DTYPE)
         sink = io.BytesIO()
-        np.savez(sink, **arrays)
+        np.savez(sink, **arrays)  # type: ignore[arg-type]  # numpy's stub matches **kwds to allow_pickle
         return sink.getvalue()
 
     @staticmethod
@@ -956,16 +969,6 @@ class _Progress:
 
     def __enter__(self) -> _Progress:
         if self.meter is not None:
-            from rich.console import Console  # noqa: PLC0415
-            from rich.progress import (  # noqa: PLC0415
-                BarColumn,
-                Progress,
-                SpinnerColumn,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
             self._progress = Progress(
                 SpinnerColumn(),
                 TextColumn("{task.description}"),
@@ -1029,8 +1032,6 @@ def _count_units(path: Path) -> int:
     if path.suffix == ".gz":
         return 0
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq  # noqa: PLC0415
-
         return pq.ParquetFile(path).metadata.num_rows
     count = 1
     with open(path, "rb") as f:

@@ -14,11 +14,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from parallel.errors import Rejects  # noqa: E402
-from parallel.layout import PackingOptions  # noqa: E402
-from pipeline.convert import ConvertOptions  # noqa: E402
-from pipeline.tinymodel import ensure_tiny_model  # noqa: E402
-from pipeline.tokenize import TokenizeJob, tokenize_to_shards  # noqa: E402
+from parallel.errors import Rejects
+from parallel.layout import PackingOptions
+from pipeline.convert import ConvertOptions
+from pipeline.tinymodel import ensure_tiny_model
+from pipeline.tokenize import TokenizeJob, tokenize_to_shards
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO_ROOT / "data"

@@ -55,7 +55,7 @@ def run_on_small_disk(
 @contextmanager
 def held_lock(out: Path) -> Iterator[None]:
     """Another plora process writing ``out``, as far as the lock is concerned."""
-    from parallel.outdir import lock_path  # noqa: PLC0415
+    from parallel.outdir import lock_path
 
     path = lock_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)

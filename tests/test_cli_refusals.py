@@ -32,8 +32,8 @@ def test_item12_flex_attention_on_cpu_is_one_line(
 
 
 def test_item13_parquet_null_text_says_null_with_file_and_row(plora_bin: Path, tmp_path: Path) -> None:
-    import pyarrow as pa  # noqa: PLC0415
-    import pyarrow.parquet as pq  # noqa: PLC0415
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": ["fine", None, "fine too"]}), tmp_path / "rows.parquet")
     line = one_line_error(run_plora(plora_bin, "convert", "rows.parquet", "--out", "out.jsonl", cwd=tmp_path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -275,7 +276,7 @@ def test_options_are_validated() -> None:
 
 
 def test_dataset_saved_to_disk(tmp_path: Path) -> None:
-    import datasets  # noqa: PLC0415 - a dependency, imported only where a test needs it
+    import datasets
 
     raw, expected = SAMPLES["sharegpt"]
     folder = tmp_path / "saved"
@@ -288,7 +289,7 @@ def test_dataset_saved_to_disk(tmp_path: Path) -> None:
 
 
 def test_dataset_folder_of_data_files(tmp_path: Path, monkeypatch) -> None:
-    import datasets  # noqa: PLC0415 - a dependency, imported only where a test needs it
+    import datasets
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     folder = tmp_path / "folder"
@@ -316,9 +317,8 @@ def test_cli_hf_dataset_without_the_datasets_package(tmp_path: Path, plora_bin: 
     shim = tmp_path / "shim" / "datasets"
     shim.mkdir(parents=True)
     (shim / "__init__.py").write_text("raise ImportError(\"No module named 'datasets'\")\n")
-    done = run_plora(
-        plora_bin, "convert", "--hf-dataset", tmp_path, env={"PYTHONPATH": str(tmp_path / "shim")}
-    )
+    path = os.pathsep.join(filter(None, [str(tmp_path / "shim"), os.environ.get("PYTHONPATH")]))
+    done = run_plora(plora_bin, "convert", "--hf-dataset", tmp_path, env={"PYTHONPATH": path})
     error = one_line_error(done)
     assert error == "plora: error: --hf-dataset needs the datasets package: pip install datasets"
 

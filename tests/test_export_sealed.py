@@ -30,7 +30,7 @@ def adapter(train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path_
 def test_item10_export_refuses_plain_transformers_and_loads_in_plora(
     adapter: Path, train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path, merge: bool
 ) -> None:
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - slow import
+    from transformers import AutoModelForCausalLM
 
     out = tmp_path / "export"
     export = ["export", "--adapter", adapter, "--out", out, *(["--merge"] if merge else [])]

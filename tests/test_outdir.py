@@ -16,7 +16,7 @@ from train_helpers import quick_config
 @pytest.fixture(scope="module")
 def adapter(train_shards: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A trained adapter (one step) in its own --out-dir; tests must leave it whole."""
-    from trainer.loop import train  # noqa: PLC0415 - torch only where needed
+    from trainer.loop import train
 
     out = tmp_path_factory.mktemp("adapter") / "out"
     return train(quick_config(train_shards, tiny_model_dir, out, max_steps=1)).final_dir

@@ -52,7 +52,7 @@ def test_labelled_only_loss_equals_the_full_logits_loss(arch: str) -> None:
 
 
 def test_lora_gradients_through_the_chunked_loss_equal_the_full_logits_ones() -> None:
-    from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+    from peft import LoraConfig, get_peft_model
 
     model = tiny_model("qwen2")
     patch_model_2d_rope(model, ratio=0.5, stride=STRIDE)
@@ -71,7 +71,7 @@ def test_lora_gradients_through_the_chunked_loss_equal_the_full_logits_ones() ->
 
 def test_a_row_without_labels_still_reaches_the_lora_weights() -> None:
     """DDP joins an empty micro-batch with a weightless row; its backward must still give (zero) grads."""
-    from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+    from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(tiny_model("qwen2"), LoraConfig(r=2, target_modules=["q_proj"]))
     batch = packed_batch(3)

@@ -31,6 +31,7 @@ import torch
 
 from parallel.errors import PloraError
 from parallel.layout import IGNORE_INDEX, TOKEN_COLUMNS
+from parallel.tokenizer import load_tokenizer
 from pipeline.shards import ShardSet, flat_columns, open_shards
 
 MEGABATCH_GLOBAL_BATCHES = 64
@@ -59,8 +60,6 @@ class Batch:
 
 def open_checked_shards(shards: str, tokenizer_path: str, *, verify: bool) -> ShardSet:
     """A shard directory, refused unless it was tokenized by the tokenizer at ``tokenizer_path``."""
-    from parallel.tokenizer import load_tokenizer  # noqa: PLC0415 - transformers import, only when used
-
     shard_set = open_shards(shards, verify=verify)
     shard_set.check_tokenizer(load_tokenizer(tokenizer_path))
     return shard_set

@@ -167,7 +167,7 @@ def run_eval(
 
     Returns the totals and a description of what was evaluated (model, positions, mask, split).
     """
-    settings = {
+    settings: dict[str, Any] = {
         "patch_rope": options.patch_rope,
         "rope_2d_ratio": options.rope_2d_ratio,
         "pair_indices": None,

@@ -191,7 +191,7 @@ def _train(cfg: TrainConfig, env: DistEnv, clear_replaced_run: Callable[[], None
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.dtype == "float16")
     start_step = 0
-    if resumed is not None:
+    if resume_dir is not None and resumed is not None:
         load_optimizer(resume_dir, optimizer, resumed)
         if resumed["scaler"]:
             scaler.load_state_dict(resumed["scaler"])

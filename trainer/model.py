@@ -110,7 +110,7 @@ def add_lora(model: nn.Module, cfg: TrainConfig, adapter_dir: str | None) -> nn.
     """Wrap ``model`` in PEFT LoRA: fresh (seeded) adapters, or the trainable adapter in ``adapter_dir``."""
     if adapter_dir is not None:
         return load_adapter(model, Path(adapter_dir), trainable=True)
-    from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415 - slow import
 
     lora = LoraConfig(
         r=cfg.lora_rank,

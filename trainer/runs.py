@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from parallel.errors import PloraError
+from pipeline.draw import save_png
 from trainer.checkpoint import STATE_DIR, STATE_FILE, lora_dir, read_trainer_state
 from trainer.metrics import METRICS_FILE, read_metrics
 
@@ -101,8 +102,6 @@ def write_curves_png(runs: list[Run], path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     if ax.has_data():
         ax.legend()
-    from pipeline.draw import save_png  # noqa: PLC0415 - with matplotlib, only when drawing
-
     return save_png(fig, path)
 
 

@@ -27,9 +27,16 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from parallel.errors import PloraError  # noqa: E402
-from parallel.layout import DEFAULT_BRANCHES, DEFAULT_MAX_SEQ_LEN, FORMAT_VERSION, PackingOptions  # noqa: E402
-from parallel.rope2d import auto_pair_indices  # noqa: E402, F401 - the guide imports it from this module
+import torch.distributed as dist
+
+from cli.main import main as plora_main
+from parallel.errors import PloraError, Rejects
+from parallel.layout import DEFAULT_BRANCHES, DEFAULT_MAX_SEQ_LEN, FORMAT_VERSION, PackingOptions
+from parallel.pretrained import resolve_pretrained
+from parallel.rope2d import auto_pair_indices  # noqa: F401 - the guide imports it from this module
+from pipeline.convert import ConvertOptions, input_fingerprint_parts
+from pipeline.tokenize import TokenizeJob, tokenize_to_shards
+from trainer.distributed import init_distributed
 
 
 def guide_data_parser() -> argparse.ArgumentParser:
@@ -53,9 +60,6 @@ def guide_data_parser() -> argparse.ArgumentParser:
 
 
 def cache_dir(args: argparse.Namespace, packing: PackingOptions) -> Path:
-    from parallel.pretrained import resolve_pretrained  # noqa: PLC0415
-    from pipeline.convert import ConvertOptions, input_fingerprint_parts  # noqa: PLC0415
-
     options = ConvertOptions(hf_subset=args.hf_subset, hf_split=args.hf_split, streaming=args.use_streaming)
     inputs = [args.data_path] if args.data_path else []
     parts = {
@@ -81,10 +85,6 @@ def packing_options(args: argparse.Namespace) -> PackingOptions:
 
 def tokenize_guide_data(args: argparse.Namespace, out: Path, packing: PackingOptions) -> None:
     """Tokenize the guide's data flags into ``out`` (nothing to do when the cache is up to date)."""
-    from parallel.errors import Rejects  # noqa: PLC0415
-    from pipeline.convert import ConvertOptions  # noqa: PLC0415
-    from pipeline.tokenize import TokenizeJob, tokenize_to_shards  # noqa: PLC0415
-
     job = TokenizeJob(
         inputs=(Path(args.data_path),) if args.data_path else (),
         tokenizer=args.tokenizer_path or args.base_model,
@@ -116,10 +116,6 @@ def prepare_shards(args: argparse.Namespace) -> Path:
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         tokenize_guide_data(args, out, packing)
         return out
-    import torch.distributed as dist  # noqa: PLC0415
-
-    from trainer.distributed import init_distributed  # noqa: PLC0415
-
     # The trainer reuses this process group, so it is opened for the device the run trains on.
     env = init_distributed(args.device)
     error = None
@@ -151,8 +147,6 @@ def train_argv(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from cli.main import main as plora_main  # noqa: PLC0415
-
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         train_args = train_argv(argv)
