@@ -22,6 +22,11 @@ class PloraError(Exception):
     """An error the CLI reports as one line (no traceback) and exits non-zero."""
 
 
+def missing_extra(what: str, extra: str) -> PloraError:
+    """The error for an optional dependency that is not installed, naming the extra that brings it."""
+    return PloraError(f"{what} needs the '{extra}' extra: pip install 'plora[{extra}]'")
+
+
 class InputError(PloraError):
     """Bad input at a known place: ``FILE:LINE: message``, and ``FILE:LINE: item [I] of the array:
     message`` for an element of a JSON array (many of which can share a line)."""

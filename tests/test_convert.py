@@ -320,7 +320,7 @@ def test_cli_hf_dataset_without_the_datasets_package(tmp_path: Path, plora_bin: 
     path = os.pathsep.join(filter(None, [str(tmp_path / "shim"), os.environ.get("PYTHONPATH")]))
     done = run_plora(plora_bin, "convert", "--hf-dataset", tmp_path, env={"PYTHONPATH": path})
     error = one_line_error(done)
-    assert error == "plora: error: --hf-dataset needs the datasets package: pip install datasets"
+    assert error == "plora: error: --hf-dataset needs the 'hf' extra: pip install 'plora[hf]'"
 
 
 # --------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from parallel import atomic
-from parallel.errors import PloraError
+from parallel.errors import missing_extra
 from trainer.config import TrainConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -79,9 +79,9 @@ class MetricsLog:
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         if cfg.use_wandb:
             try:
-                import wandb  # noqa: PLC0415 - optional dependency
+                import wandb  # noqa: PLC0415 - the optional 'wandb' extra
             except ImportError:
-                raise PloraError("--use-wandb needs the wandb package (pip install wandb)") from None
+                raise missing_extra("--use-wandb", "wandb") from None
             self._wandb = wandb.init(project=cfg.wandb_project, name=cfg.lora_name, config=cfg.to_json())
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - needs the tensorboard package

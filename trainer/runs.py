@@ -87,7 +87,7 @@ def _checkpoint(
 
 def write_curves_png(runs: list[Run], path: str | Path) -> Path:
     """The training (lines) and validation (dots) losses of every run against the step, as a PNG."""
-    from matplotlib.figure import Figure  # noqa: PLC0415 - matplotlib only when drawing
+    from matplotlib.figure import Figure  # noqa: PLC0415 - the 'viz' extra, only when drawing
 
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.add_subplot()
