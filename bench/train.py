@@ -269,7 +269,7 @@ def train_variant(
             if cuda:
                 torch.cuda.synchronize(device)
             if i == 0:
-                first_loss = float(loss)
+                first_loss = float(loss.detach())
             if i >= args.warmup:
                 times.append(time.perf_counter() - start)
         step_s = statistics.median(times)
