@@ -1,15 +1,21 @@
 """--gradient-checkpointing: the LoRA gradients of a 2D-RoPE, branch-masked model are those without it.
 
-Oracle: the same model without checkpointing. Each layer's recomputation is counted, so a test
-cannot pass by checkpointing nothing.
+Oracle: the same model without checkpointing. Each layer's recomputation is counted (or the switch
+seen), so a test cannot pass by checkpointing nothing.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from train_helpers import cli_args
+from typer.testing import CliRunner
 
+import trainer.model
+from cli.main import app
 from parallel.errors import PloraError
 from parallel.rope2d import patch_model_2d_rope
 from tests.models import collate, random_row, tiny_model
@@ -96,3 +102,22 @@ def test_unsupported_model_is_one_line_error() -> None:
     model = torch.nn.Linear(2, 2)
     with pytest.raises(PloraError, match="base: Linear does not support --gradient-checkpointing"):
         enable_checkpointing(model, "base")
+
+
+def test_plora_train_flag_turns_it_on(
+    train_shards: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The switch reaches the trainer's model (the gradients it gives are checked above)."""
+    enabled: list[str] = []
+    real = trainer.model.enable_checkpointing
+
+    def spy(model: torch.nn.Module, path: str) -> None:
+        enabled.append(path)
+        real(model, path)
+
+    monkeypatch.setattr(trainer.model, "enable_checkpointing", spy)
+    args = cli_args(train_shards, tiny_model_dir, tmp_path, "--max-steps", "1", "--gradient-checkpointing")
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    assert enabled == [str(tiny_model_dir)]
+    assert (tmp_path / "lora" / "hf_parallel_lora_final" / "adapter_model.safetensors").is_file()
