@@ -10,8 +10,8 @@
    tokens/s at K = 1, 4, 16, with each attention implementation.
 
 It needs torch, transformers and peft only (no datasets, polars or network): the model is built from a
-config with random weights, the token ids are random. Exit status 1 when a check fails (an error, or
-first losses that differ).
+config with random weights, the token ids are random. No check starts after ``--budget-minutes``
+(7.5). Exit status 1 when a check fails (an error, first losses that differ, or skipped for time).
 
     python -m bench.gpu_check                  # CUDA, the full check
     python -m bench.gpu_check --smoke          # CPU in seconds: small shape, sdpa only (CPU flex has no
@@ -69,10 +69,14 @@ SMOKE = CheckSetup(
 )  # fmt: skip
 
 
+SKIPPED = {"error": "skipped: the time budget was spent"}
+
+
 def training_checks(
-    model_dir: Path, setup: CheckSetup, device: torch.device, peak_tflops: float
+    model_dir: Path, setup: CheckSetup, device: torch.device, peak_tflops: float, deadline: float = math.inf
 ) -> list[dict[str, Any]]:
-    """One row per (attention, checkpointing): bench.train.train_variant's figures, or the error."""
+    """One row per (attention, checkpointing): bench.train.train_variant's figures, or the error; no new
+    variant starts after ``deadline`` (time.perf_counter)."""
     vocab = SHAPES[setup.shape]["vocab_size"]
     batch = packed_rows(setup.rows, setup.branches, setup.branch_len, vocab)
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -82,6 +86,9 @@ def training_checks(
     results = []
     for attn in setup.attns:
         for checkpointing in (False, True):
+            if time.perf_counter() > deadline:
+                results.append({"attn": attn, "checkpointing": checkpointing, **SKIPPED})
+                continue
             try:
                 figures = train_variant(
                     model_dir, batch, args, device, attn=attn, checkpointing=checkpointing
@@ -97,10 +104,15 @@ def training_checks(
     return results
 
 
-def decoding_checks(model_dir: Path, setup: CheckSetup, device: torch.device) -> list[dict[str, Any]]:
+def decoding_checks(
+    model_dir: Path, setup: CheckSetup, device: torch.device, deadline: float = math.inf
+) -> list[dict[str, Any]]:
     """tokens/s of parallel decoding for each attention implementation and K (best of 2, after a warmup)."""
     results = []
     for attn in setup.attns:
+        if time.perf_counter() > deadline:
+            results.append({"attn": attn, **SKIPPED})
+            continue
         try:
             model = load_base_model(str(model_dir), attn=attn, device=device, dtype=setup.dtype).eval()
             patch_model_2d_rope(model, stride=DEFAULT_STRIDE)
@@ -180,12 +192,16 @@ def main(argv: list[str] | None = None) -> int:
         default=989.0,
         help="Peak dense bf16 TFLOP/s for MFU (H100/H200 SXM: 989).",
     )
+    parser.add_argument(
+        "--budget-minutes", type=float, default=7.5, help="Start no further check after this long."
+    )
     args = parser.parse_args(argv)
     setup = SMOKE if args.smoke else FULL
     device = torch.device(args.device or ("cpu" if args.smoke else "cuda"))
     if device.type == "cpu":
         torch.set_num_threads(1)  # the smoke run's matmuls are tiny; more threads only contend
     started = time.perf_counter()
+    deadline = started + 60 * args.budget_minutes
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     import transformers  # noqa: PLC0415 - only for its version
 
@@ -193,9 +209,9 @@ def main(argv: list[str] | None = None) -> int:
           f"transformers {transformers.__version__}, {setup.shape} shape, random weights\n")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model(Path(tmp) / "model", Path(tmp), setup.shape, setup.dtype)
-        training = training_checks(model_dir, setup, device, args.peak_tflops)
+        training = training_checks(model_dir, setup, device, args.peak_tflops, deadline)
         print("\n".join(training_table(training, setup)) + "\n", flush=True)
-        decoding = decoding_checks(model_dir, setup, device)
+        decoding = decoding_checks(model_dir, setup, device, deadline)
         print("\n".join(decoding_table(decoding, setup)) + "\n")
     failed = failures(training, decoding)
     minutes = (time.perf_counter() - started) / 60

@@ -3,6 +3,7 @@ losses fail the check."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -34,3 +35,11 @@ def test_differing_first_losses_fail(monkeypatch: pytest.MonkeyPatch) -> None:
     results = gpu_check.training_checks(Path("unused"), gpu_check.SMOKE, torch.device("cpu"), 1.0)
     assert [r["loss_ok"] for r in results] == [True, False]
     assert gpu_check.failures(results, []) == 1
+
+
+def test_no_check_starts_past_the_time_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gpu_check, "train_variant", lambda *_, **__: pytest.fail("a variant started"))
+    cpu, past = torch.device("cpu"), -math.inf
+    training = gpu_check.training_checks(Path("unused"), gpu_check.SMOKE, cpu, 1.0, past)
+    decoding = gpu_check.decoding_checks(Path("unused"), gpu_check.SMOKE, cpu, past)
+    assert gpu_check.failures(training, decoding) == 3  # skipped checks count as failed
