@@ -13,7 +13,10 @@ shared/data/alpaca_2k.json (or the project's data/ samples) packed 8 branches of
 2. data share: the real training loop (trainer.loop.train) for ``--steps`` steps: time spent in
    collation and host-to-device copies over the loop's time (goal: < 3%);
 3. mask memory for 8 rows x 1024 tokens: plora's bool mask (sdpa) and FlexAttention BlockMask against
-   a dense float32 additive mask.
+   a dense float32 additive mask;
+4. activation checkpointing: the peak resident memory of one training step (forward + backward) on one
+   row of 8 branches x 512 tokens without and with ``--gradient-checkpointing``, each in a fresh process
+   (``--memory-only`` runs just this).
 
 On CUDA it instead compares the two attention paths of a plora training step (forward + backward +
 AdamW, the trainer's PackedLoss) on ``--rows`` (default 8) rows of 8 branches x 512 tokens each: flex
@@ -27,6 +30,7 @@ rate by design and is for comparing the two paths. Rows come from the contract's
 shape and vocabulary, random weights in ``--dtype``).
 
     python -m bench.train                      # CPU, sdpa, one thread, CPU-time clock
+    python -m bench.train --memory-only        # CPU, only the checkpointing memory comparison
     python -m bench.train --device cuda --model-shape qwen2.5-0.5b --dtype bfloat16
 """
 
@@ -35,11 +39,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import multiprocessing
 import platform
+import re
 import shutil
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +72,7 @@ from trainer.model import (
     add_lora,
     apply_rope,
     count_parameters,
+    enable_checkpointing,
     load_base_model,
     trainable_parameters,
 )
@@ -86,6 +94,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 GPU_BRANCHES, GPU_BRANCH_LEN = 8, 512  # the attention comparison's rows: 8 branches x 512 tokens
 ATTENTION_PATHS = ("flex", "sdpa")  # FlexAttention BlockMask; sdpa with plora's dense bool mask
+MEMORY_ROWS = 1  # the checkpointing memory comparison: one row of 8 x 512 tokens (a CPU step takes seconds)
 
 
 def build_model(out: Path, tokenizer_dir: Path, shape: str, dtype: str) -> Path:
@@ -110,14 +119,17 @@ def build_shards(out: Path, model_dir: Path) -> Path:
 
 
 def fresh_model(
-    model_dir: Path, *, patch: bool, device: torch.device, attn: str, dtype: str
+    model_dir: Path, *, patch: bool, device: torch.device, attn: str, dtype: str, checkpointing: bool = False
 ) -> tuple[torch.nn.Module, int]:
-    """The PEFT LoRA model as the trainer builds it (2D RoPE or not) and the stride of its positions."""
+    """The PEFT LoRA model as the trainer builds it (2D RoPE or not, activation checkpointing or not)
+    and the stride of its positions."""
     cfg = TrainConfig(shards="", base_model=str(model_dir), attn=attn, patch_rope=patch, dtype=dtype)
     torch.manual_seed(0)
     model = load_base_model(str(model_dir), attn=attn, device=device, dtype=dtype)
     rope = apply_rope(model, cfg)
-    return add_lora(model, cfg, None).to(device), rope.stride
+    if checkpointing:
+        enable_checkpointing(model, str(model_dir))
+    return add_lora(model, cfg, None).to(device).train(), rope.stride  # train mode, as the trainer
 
 
 def step_times(
@@ -214,52 +226,123 @@ def packed_rows(
     return {**tensors, "attention_mask": torch.ones_like(tensors["input_ids"])}
 
 
+def train_variant(
+    model_dir: Path,
+    batch: dict[str, torch.Tensor],
+    args: argparse.Namespace,
+    device: torch.device,
+    *,
+    attn: str,
+    checkpointing: bool = False,
+) -> dict[str, Any]:
+    """``args.warmup + args.steps`` plora training steps (forward + backward + AdamW, the trainer's
+    PackedLoss) on ``batch``: median step time, tokens/s, MFU, peak CUDA memory and the first step's mean
+    token loss (every variant starts from the same weights, so first losses must agree)."""
+    tokens = int(batch["attention_mask"].sum())
+    trained = int((batch["labels"] != IGNORE_INDEX).sum())
+    cuda = device.type == "cuda"
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        model, stride = fresh_model(
+            model_dir, patch=True, device=device, attn=attn, dtype=args.dtype, checkpointing=checkpointing
+        )
+        sizes = count_parameters(model)
+        base_params = sizes["total"] - sizes["trainable"]
+        loss_module = PackedLoss(model, mask="isolated", stride=stride)
+        optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-4)
+        times, first_loss = [], float("nan")
+        for i in range(args.warmup + args.steps):
+            if cuda:
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            with autocast(device, args.dtype):
+                loss = loss_module(
+                    batch["input_ids"], batch["branch_id"], batch["time_id"], batch["attention_mask"],
+                    batch["labels"],
+                ) / trained  # fmt: skip
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize(device)
+            if i == 0:
+                first_loss = float(loss.detach())
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+        step_s = statistics.median(times)
+        return {
+            "step_s": step_s,
+            "tokens_per_s": tokens / step_s,
+            "mfu": 6 * base_params * tokens / step_s / (args.peak_tflops * 1e12),
+            "max_memory_allocated_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+            "base_parameters": base_params,
+            "first_loss": first_loss,
+        }
+    except torch.cuda.OutOfMemoryError:
+        return {
+            "error": "CUDA out of memory",
+            "max_memory_allocated_bytes": torch.cuda.max_memory_allocated(device),
+        }
+    finally:
+        model = loss_module = optimizer = loss = None  # free this variant before the next one
+
+
 def attention_comparison(model_dir: Path, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """tokens/s, MFU and peak memory of a plora training step with flex against dense-mask sdpa attention."""
     vocab = SHAPES[args.model_shape]["vocab_size"]
     batch = {k: v.to(device) for k, v in packed_rows(args.rows, GPU_BRANCHES, GPU_BRANCH_LEN, vocab).items()}
-    tokens = int(batch["attention_mask"].sum())
-    trained = int((batch["labels"] != IGNORE_INDEX).sum())
-    results: dict[str, Any] = {"batch": list(batch["input_ids"].shape), "tokens": tokens}
+    results: dict[str, Any] = {
+        "batch": list(batch["input_ids"].shape),
+        "tokens": int(batch["attention_mask"].sum()),
+    }
     for attn in ATTENTION_PATHS:
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        try:
-            model, stride = fresh_model(model_dir, patch=True, device=device, attn=attn, dtype=args.dtype)
-            sizes = count_parameters(model)
-            base_params = sizes["total"] - sizes["trainable"]
-            loss_module = PackedLoss(model, mask="isolated", stride=stride)
-            optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-4)
-            times = []
-            for i in range(args.warmup + args.steps):
-                torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                with autocast(device, args.dtype):
-                    loss = loss_module(
-                        batch["input_ids"], batch["branch_id"], batch["time_id"], batch["attention_mask"],
-                        batch["labels"],
-                    )  # fmt: skip
-                (loss / trained).backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                torch.cuda.synchronize(device)
-                if i >= args.warmup:
-                    times.append(time.perf_counter() - start)
-            step_s = statistics.median(times)
-            tokens_per_s = tokens / step_s
-            results[attn] = {
-                "step_s": step_s,
-                "tokens_per_s": tokens_per_s,
-                "mfu": 6 * base_params * tokens_per_s / (args.peak_tflops * 1e12),
-                "max_memory_allocated_bytes": torch.cuda.max_memory_allocated(device),
-                "base_parameters": base_params,
-            }
-        except torch.cuda.OutOfMemoryError:
-            results[attn] = {"error": "CUDA out of memory", "max_memory_allocated_bytes":
-                             torch.cuda.max_memory_allocated(device)}  # fmt: skip
-        finally:
-            model = loss_module = optimizer = loss = None  # free this variant before the next one
+        results[attn] = train_variant(model_dir, batch, args, device, attn=attn)
+    return results
+
+
+def _memory_kib() -> dict[str, int]:
+    """This process's resident set now and at its peak (Linux /proc), in KiB."""
+    status = Path("/proc/self/status").read_text()
+    return {key: int(value) for key, value in re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", status, re.MULTILINE)}
+
+
+def _step_memory(model_dir: Path, dtype: str, checkpointing: bool, threads: int) -> dict[str, Any]:
+    """Run in a fresh process: the resident memory one CPU training step adds (forward + backward)."""
+    torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    model, stride = fresh_model(
+        model_dir, patch=True, device=device, attn="sdpa", dtype=dtype, checkpointing=checkpointing
+    )
+    batch = packed_rows(MEMORY_ROWS, GPU_BRANCHES, GPU_BRANCH_LEN, model.config.vocab_size)
+    loss_module = PackedLoss(model, mask="isolated", stride=stride)
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from what is resident now
+    before = _memory_kib()["VmRSS"]
+    start = time.perf_counter()
+    with autocast(device, dtype):
+        loss = loss_module(
+            batch["input_ids"], batch["branch_id"], batch["time_id"], batch["attention_mask"], batch["labels"]
+        )
+    loss.backward()
+    seconds = time.perf_counter() - start
+    peak = _memory_kib()["VmHWM"]
+    return {"before_bytes": before * 1024, "peak_bytes": peak * 1024, "step_bytes": (peak - before) * 1024,
+            "step_s": seconds}  # fmt: skip
+
+
+def checkpointing_memory(model_dir: Path, dtype: str, threads: int) -> dict[str, Any]:
+    """Peak memory of a CPU training step (forward + backward) on one row of 8 branches x 512 tokens without
+    and with --gradient-checkpointing, each in its own process, so neither inherits the other's heap."""
+    spawn = multiprocessing.get_context("spawn")
+    results: dict[str, Any] = {"rows": MEMORY_ROWS, "tokens": GPU_BRANCHES * GPU_BRANCH_LEN}
+    for name, on in (("off", False), ("on", True)):
+        with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            results[name] = pool.submit(_step_memory, model_dir, dtype, on, threads).result()
+    results["step_ratio"] = results["on"]["step_bytes"] / results["off"]["step_bytes"]
+    results["peak_ratio"] = results["on"]["peak_bytes"] / results["off"]["peak_bytes"]
     return results
 
 
@@ -289,6 +372,19 @@ def print_cpu_results(results: dict[str, Any]) -> None:
     print(f"data loading + collation: {data['data_s'] * 1e3:.1f} ms of {data['loop_s']:.2f} s over "
           f"{data['steps']} steps = {100 * data['share']:.2f}% (goal < 3%); "
           f"{data['tokens_per_s']:,.0f} tokens/s")  # fmt: skip
+
+
+def print_memory_results(memory: dict[str, Any]) -> None:
+    mib = 1 << 20
+    print(f"training step (forward + backward), {memory['rows']} row x {memory['tokens']} tokens "
+          "(8 branches x 512), one fresh process each:")  # fmt: skip
+    for name, label in (("off", "without checkpointing"), ("on", "--gradient-checkpointing")):
+        r = memory[name]
+        print(f"  {label:25s} peak RSS {r['peak_bytes'] / mib:7,.0f} MiB, of which the step "
+              f"{r['step_bytes'] / mib:7,.0f} MiB; {r['step_s']:.1f} s")  # fmt: skip
+    print(
+        f"  ratio with/without: step memory {memory['step_ratio']:.2f}, peak RSS {memory['peak_ratio']:.2f}"
+    )
 
 
 def print_gpu_results(results: dict[str, Any]) -> None:
@@ -323,6 +419,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU).")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="Step time clock (CPU).")
     parser.add_argument("--json", type=Path, help="Also write the results here.")
+    parser.add_argument(
+        "--memory-only", action="store_true", help="CPU: only the activation checkpointing memory comparison."
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -342,18 +441,20 @@ def main() -> None:
             results = {"machine": machine, "model": SHAPES[args.model_shape],
                        "attention": attention_comparison(model_dir, args, device)}  # fmt: skip
         else:
-            shards = build_shards(work / "shards", model_dir)
-            results = {
-                "machine": {**machine, "attn": args.attn, "clock": args.clock},
-                "model": SHAPES[args.model_shape],
-                "step": step_times(model_dir, shards, args, device),
-                "data": data_share(model_dir, shards, args, work / "out"),
-            }
+            results = {"machine": {**machine, "attn": args.attn, "clock": args.clock},
+                       "model": SHAPES[args.model_shape]}  # fmt: skip
+            if not args.memory_only:
+                shards = build_shards(work / "shards", model_dir)
+                results["step"] = step_times(model_dir, shards, args, device)
+                results["data"] = data_share(model_dir, shards, args, work / "out")
+            results["checkpointing"] = checkpointing_memory(model_dir, args.dtype, args.threads)
         results["mask"] = mask_memory()
     if gpu:
         print_gpu_results(results)
     else:
-        print_cpu_results(results)
+        if "step" in results:
+            print_cpu_results(results)
+        print_memory_results(results["checkpointing"])
     mask, mib = results["mask"], 1 << 20
     print(f"mask, {mask['rows']} rows x {mask['tokens']} tokens: dense float32 "
           f"{mask['dense_float32_bytes'] / mib:.1f} MiB, plora bool (sdpa) "

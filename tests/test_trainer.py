@@ -14,6 +14,7 @@ from train_helpers import max_adapter_difference, quick_config
 
 from parallel.errors import PloraError
 from parallel.layout import IGNORE_INDEX
+from pipeline.inspect import padding_waste
 from pipeline.shards import open_shards
 from trainer.data import (
     RowStore,
@@ -126,6 +127,35 @@ def test_group_by_length_batches_similar_rows(train_shards: Path) -> None:
     grouped = epoch_order(plan, 0, 0, store.num_tokens, group_by_length=True)
     assert sorted(grouped.tolist()) == sorted(plain.tolist())
     assert padded_tokens(grouped) < padded_tokens(plain)
+
+
+def test_group_by_length_spreads_a_short_run_over_all_lengths() -> None:
+    plan = make_plan(400, val_fraction=0.0, seed=0, batch_size=4, world_size=1, accumulation_steps=2,
+                     epochs=2, max_steps=0)  # fmt: skip
+    lengths = np.random.default_rng(5).permutation(np.arange(10, 410))  # 400 distinct lengths
+    span = np.ptp(lengths)
+    for seed in range(5):
+        order = epoch_order(plan, 0, seed, lengths, group_by_length=True)
+        steps = [step_rows(order, plan, s) for s in range(plan.steps_per_epoch)]
+        for rows in steps:  # each global batch: consecutive lengths
+            assert np.ptp(lengths[rows]) == plan.global_batch - 1
+        # 10 of 50 steps: rows from far apart in the range, centred near the middle, as a random draw is.
+        first = lengths[np.concatenate(steps[:10])]
+        assert np.ptp(first) > 0.4 * span
+        assert abs(first.mean() - lengths.mean()) < 0.25 * span
+        again = epoch_order(plan, 1, seed, lengths, group_by_length=True)
+        assert again.tolist() != order.tolist()  # each epoch shuffles its batches anew
+
+
+def test_group_by_length_wastes_what_inspect_says() -> None:
+    """`plora inspect` reports the padding of batches of length-sorted rows; a grouped epoch has it."""
+    plan = make_plan(400, val_fraction=0.0, seed=0, batch_size=4, world_size=1, accumulation_steps=1,
+                     epochs=1, max_steps=0)  # fmt: skip
+    lengths = np.random.default_rng(6).integers(20, 500, size=400)
+    order = epoch_order(plan, 0, 0, lengths, group_by_length=True)
+    batches = [lengths[step_rows(order, plan, s)] for s in range(plan.steps_per_epoch)]
+    waste = sum(len(b) * b.max() - b.sum() for b in batches) / sum(len(b) * b.max() for b in batches)
+    assert waste == pytest.approx(padding_waste(np.sort(lengths), plan.batch_size))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ class TrainConfig:
     resume: str | None = None
     device: str = "auto"  # auto|cpu|cuda|cuda:N
     progress: bool = True
+    gradient_checkpointing: bool = False  # recompute decoder layers in backward: less memory, more compute
 
     def validate(self) -> TrainConfig:
         """Raise PloraError naming the first impossible setting; return self for chaining."""

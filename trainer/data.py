@@ -16,8 +16,9 @@ Loss weights: the number of trained tokens of the whole global batch is computed
 metadata by every process; each micro-batch's summed cross-entropy is divided by it. One process with
 batch size ``W*b`` and W processes with batch size ``b`` therefore get the same gradient.
 
-``group_by_length`` sorts each mega-batch (64 global batches) of the shuffled order by length, longest
-first, so the micro-batches hold rows of similar length and padding stays small.
+``group_by_length`` sorts the epoch's rows by length and cuts them into global batches (so each micro-batch
+holds rows of similar length and padding stays small), then visits those batches in a seeded random order:
+any stretch of steps, a short run's first ones included, sees rows from the whole range of lengths.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from parallel.layout import IGNORE_INDEX, TOKEN_COLUMNS
 from parallel.tokenizer import load_tokenizer
 from pipeline.shards import ShardSet, flat_columns, open_shards
 
-MEGABATCH_GLOBAL_BATCHES = 64
 VALIDATION_SEED_OFFSET = 7919  # the validation split never depends on the training order's seed stream
 
 
@@ -195,12 +195,26 @@ def epoch_order(
     plan: DataPlan, epoch: int, seed: int, lengths: np.ndarray, group_by_length: bool
 ) -> np.ndarray:
     """The training rows in the order epoch ``epoch`` visits them."""
-    order = plan.train_rows[np.random.default_rng(seed + epoch).permutation(len(plan.train_rows))]
+    rng = np.random.default_rng(seed + epoch)
+    order = plan.train_rows[rng.permutation(len(plan.train_rows))]
     if not group_by_length:
         return order
-    mega = MEGABATCH_GLOBAL_BATCHES * plan.global_batch
-    groups = [order[i : i + mega] for i in range(0, len(order), mega)]
-    return np.concatenate([g[np.argsort(-lengths[g], kind="stable")] for g in groups])
+    return _grouped_by_length(order, lengths, plan.global_batch, rng)
+
+
+def _grouped_by_length(
+    order: np.ndarray, lengths: np.ndarray, global_batch: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``order``'s rows as global batches of similar length, the batches in a random order.
+
+    Rows are sorted longest first (rows of one length keep their shuffled order), cut into global batches
+    and the full batches shuffled; the remainder, the shortest rows, stays last, as the one short step of
+    an epoch must (see the module docstring).
+    """
+    by_length = order[np.argsort(-lengths[order], kind="stable")]
+    full = len(by_length) // global_batch
+    batches = by_length[: full * global_batch].reshape(full, global_batch)[rng.permutation(full)]
+    return np.concatenate([batches.reshape(-1), by_length[full * global_batch :]])
 
 
 def step_rows(order: np.ndarray, plan: DataPlan, step_in_epoch: int) -> np.ndarray:

@@ -103,7 +103,25 @@ def load_rope_model(
     check_vocabulary(model, vocab_size, cfg.base_model)
     rope = apply_rope(model, cfg)
     check_positions(model, *max_coordinates, rope.stride, cfg.shards)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model, cfg.base_model)
     return model, rope
+
+
+def enable_checkpointing(model: nn.Module, path: str) -> None:
+    """``--gradient-checkpointing``: recompute each decoder layer's activations in backward, not keep them.
+
+    The positions and the mask reach a layer only as arguments of its call (the rotary runs once, before
+    the layers, and hands them cos/sin), and non-reentrant checkpointing replays the layer on exactly
+    those saved arguments; no module state is read, so recomputation cannot see another batch. Unlike
+    reentrant checkpointing it also needs no input that requires grad (LoRA freezes the embeddings).
+    Only layers in training mode under autograd recompute: evaluation and generation are unaffected.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise PloraError(f"{path}: {type(model).__name__} does not support --gradient-checkpointing")
+    # transformers 5 renamed the method (the old name warns); older versions have only the old one.
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
 
 
 def add_lora(model: nn.Module, cfg: TrainConfig, adapter_dir: str | None) -> nn.Module:
