@@ -12,19 +12,14 @@ from cli_helpers import one_line_error, run_plora
 from models import tiny_model
 
 import parallel
+from parallel.decoder import DecodeStep, decode_parallel
 from parallel.errors import PloraError
 from parallel.forward import forward_packed
-from parallel.generation import (
-    DecodeStep,
-    IdenticalBranchesWarning,
-    Sampler,
-    SamplingOptions,
-    decode_parallel,
-    generate,
-)
+from parallel.generation import IdenticalBranchesWarning, generate
 from parallel.layout import PackedRow, SpecialTokens, TokenSequence, build_row
 from parallel.loading import load_parallel_model
 from parallel.rope2d import patch_model_2d_rope
+from parallel.sampling import Sampler, SamplingOptions
 
 SPECIAL = SpecialTokens(eos_id=2)
 STRIDE = 16  # tests/models.py models have 256 positions: room for a few branches at this stride
