@@ -1,8 +1,9 @@
 """Live progress on stderr, one line per job: convert, tokenize, train and eval (rich underneath).
 
-A line draws nothing until it is started or first updated, so that an error raised before any work
-stays one line on stderr; updates reach the screen at most every ``REFRESH`` seconds (the latest one
-is kept and drawn on stop). Disabled, every call is a no-op.
+A line draws nothing until it is started or first shows progress (an update with ``completed``),
+so that an error raised before any work stays one line on stderr. Updates reach the screen at
+most every ``REFRESH`` seconds; the latest one is kept and drawn on stop. Disabled, every call is
+a no-op.
 """
 
 from __future__ import annotations
@@ -80,12 +81,11 @@ class ProgressLine:
         """Set what is done (and the total, or the stats text, where given); drawn when due."""
         if self._progress is None:
             return
-        self._pending.update(
-            {k: v for k, v in (("completed", completed), ("total", total), ("stats", stats)) if v is not None}
-        )
-        now = time.monotonic()
-        if now - self._last >= REFRESH:
-            self._last = now
+        given = {"completed": completed, "total": total, "stats": stats}
+        self._pending.update({k: v for k, v in given.items() if v is not None})
+        if completed is None and not self._progress.live.is_started:
+            return  # a total or stats alone do not start the line
+        if self.due():
             self._draw()
 
     def advance(self, amount: float) -> None:
@@ -98,14 +98,15 @@ class ProgressLine:
         self.start()
         self._progress.update(self._task, **self._pending)
         self._pending = {}
+        self._last = time.monotonic()
 
     def stop(self) -> None:
         """Draw the latest update and end the line (a line never started prints nothing)."""
         if self._progress is None:
             return
-        if self._pending:
-            self._draw()
         if self._progress.live.is_started:
+            if self._pending:
+                self._draw()
             self._progress.stop()
 
     def __enter__(self) -> ProgressLine:
