@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.shapes import QWEN2_5_0_5B
-from parallel.generation import decode_parallel, kv_cache_bytes
+from parallel.decoder import decode_parallel
 from parallel.hfmodel import TORCH_DTYPES
 from parallel.layout import SpecialTokens
 from parallel.rope2d import patch_model_2d_rope
@@ -53,6 +53,15 @@ SHAPES: dict[str, dict[str, Any]] = {
     "qwen2.5-0.5b": QWEN2_5_0_5B,
 }
 EOS = 2
+
+
+def kv_cache_bytes(config: Any, tokens: int, dtype: torch.dtype) -> int:
+    """Bytes of a full-attention KV cache holding ``tokens`` tokens (keys and values, every layer)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * text.num_hidden_layers * heads * head_dim * element * tokens
 
 
 def build_model(shape: str, dtype: torch.dtype, device: str, attn: str, stride: int) -> torch.nn.Module:

@@ -42,10 +42,11 @@ from typing import Any
 
 import torch
 
+from parallel.decoder import decode_parallel
 from parallel.errors import Rejects
-from parallel.generation import SamplingOptions, decode_parallel
 from parallel.ggufmodel import demo_gguf, ensure_gguf_model
 from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE, PackingOptions
+from parallel.sampling import SamplingOptions
 from parallel.tokenizer import load_tokenizer, special_tokens
 from pipeline.convert import ConvertOptions, convert, open_rejects
 from pipeline.lists import ListSplit, split_answer

@@ -79,9 +79,10 @@ def _check_request(
     bare_rope: tuple[float, int] | None,
 ) -> None:
     """Every setting that needs no model, refused before one loads (that takes seconds)."""
+    from parallel.decoder import check_decoding  # noqa: PLC0415
     from parallel.forward import check_attn_device, resolve_attn  # noqa: PLC0415 - slow imports
-    from parallel.generation import SamplingOptions, check_decoding  # noqa: PLC0415
     from parallel.loading import check_dtype  # noqa: PLC0415
+    from parallel.sampling import SamplingOptions  # noqa: PLC0415
 
     SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     check_decoding(mask=mask, align=None, max_new_tokens=max_new_tokens)

@@ -11,14 +11,13 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cli import options
 from cli.app import app
 from parallel.adaptermeta import read_plora_json
 from parallel.errors import PloraError
 from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE
+from pipeline.progress import ProgressLine
 from trainer.config import DEFAULT_LORA_NAME, TrainConfig
 
 
@@ -275,24 +274,14 @@ def eval_command(
         split=split,
         max_rows=max_rows,
     )
-    columns = (TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    bar = Progress(*columns, console=Console(stderr=True), disable=not progress)
-    task = bar.add_task("eval", total=None)
-
-    def start(rows: int) -> None:
-        bar.update(task, total=rows)
-
-    def advance(rows: int) -> None:
-        # Started on the first batch, so that an error in the checks before it stays one line.
-        if not bar.live.is_started:
-            bar.start()
-        bar.advance(task, rows)
-
+    # Drawn from the first batch on, so that an error in the checks before it stays one line.
+    bar = ProgressLine("eval", enabled=progress, count=True)
     try:
-        totals, described = run_eval(eval_options, on_batch=advance, on_start=start)
+        totals, described = run_eval(
+            eval_options, on_batch=bar.advance, on_start=lambda rows: bar.update(total=rows)
+        )
     finally:
-        if bar.live.is_started:  # stopping a bar that never started still prints a newline
-            bar.stop()
+        bar.stop()
     facts = totals.to_json()
     if as_json:
         typer.echo(json.dumps({**facts, "model": described}, allow_nan=False))

@@ -24,7 +24,7 @@ _EXPORTS = {
     "Rope2DError": "parallel.rope2d",
     "patch_model_with_interleaved_2d_rope": "parallel.columnar",
     "generate": "parallel.generation",
-    "decode_parallel": "parallel.generation",
+    "decode_parallel": "parallel.decoder",
     "load_parallel_model": "parallel.loading",
     "export_model": "parallel.loading",
 }

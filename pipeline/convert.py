@@ -23,16 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from rich.console import Console
-from rich.progress import Progress, ProgressColumn, SpinnerColumn, Task, TextColumn, TimeElapsedColumn
-from rich.text import Text
-
 from parallel import atomic
 from parallel.errors import PloraError, Rejects
 from parallel.fingerprint import file_sha256
 from parallel.layout import Record, RecordError, record_to_line
 from pipeline import formats, grouping, lists
 from pipeline.chat_parallel import ParallelCounts
+from pipeline.progress import ProgressLine
 from pipeline.readers import TXT_SPLITS, RawRecord, check_readable, hf_source, read_file, read_hf_dataset
 
 PROGRESS_EVERY = 256  # records between progress updates; keeps the bar's cost negligible
@@ -269,7 +266,6 @@ def convert(
     started = time.monotonic()
     out_path = Path(out) if out is not None else None
     summary = ConvertSummary()
-    show = sys.stderr.isatty() if progress is None else progress
     if options.split_lists:
         summary.parallel = ParallelCounts("--split-lists")
     if options.group_by:
@@ -278,14 +274,12 @@ def convert(
     else:
         items = iter_records(inputs, options, rejects, hf_dataset, summary=summary)
     try:
-        with _output(out_path) as write, _progress(show) as advance:
-            pending = 0
-            for item in items:
+        bar = ProgressLine("convert", enabled=progress, bar=False, transient=True)
+        with _output(out_path) as write, bar:
+            for done, item in enumerate(items, 1):
                 write(_line(item.record) + "\n")
-                pending += 1
-                if pending == PROGRESS_EVERY:
-                    advance(pending)
-                    pending = 0
+                if done % PROGRESS_EVERY == 0:
+                    bar.update(done, stats=f"{done:,} records  {done / bar.elapsed:,.0f} records/s")
     finally:
         rejects.close()
     summary.rejected = Counter(rejects.counts)
@@ -401,25 +395,3 @@ def _write_error(name: str, err: OSError) -> PloraError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return PloraError(f"{name}: the reader closed the pipe before the end")
     return PloraError(f"{name}: cannot write: {err.strerror or err}")
-
-
-class _RateColumn(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        return Text(f"{task.speed or 0:,.0f} records/s")
-
-
-@contextmanager
-def _progress(enabled: bool) -> Iterator[Callable[[int], None]]:
-    """advance(n) on a live "records, records/s" line on stderr; a no-op when disabled."""
-    if not enabled:
-        yield lambda n: None
-        return
-    columns = (
-        SpinnerColumn(),
-        TextColumn("converting {task.completed:,} records"),
-        _RateColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("convert", total=None)
-        yield lambda n: bar.advance(task, n)

@@ -34,7 +34,7 @@ from parallel.layout import (
     PackedRow,
 )
 
-# Where an unfinished `plora tokenize` keeps the state it resumes from (see pipeline.tokenize).
+# Where an unfinished `plora tokenize` keeps the state it resumes from (see pipeline.journal).
 JOURNAL_NAME = ".progress.npz"
 # The manifest's digest of its own other keys: a fact edited after writing (the packing's align,
 # which reaches every adapter's plora.json) no longer matches it.

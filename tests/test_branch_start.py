@@ -14,9 +14,9 @@ from cli_helpers import one_line_error, run_plora
 from contract_check import check_rows
 from models import tiny_model
 
+from parallel.decoder import DecodeStep, decode_parallel
 from parallel.errors import Rejects
 from parallel.forward import forward_packed
-from parallel.generation import DecodeStep, decode_parallel
 from parallel.layout import PackingOptions, SpecialTokens, TokenSequence, build_row, record_to_json
 from parallel.rope2d import patch_model_2d_rope
 from parallel.tokenizer import load_tokenizer

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from cli_helpers import one_line_error, run_plora
 
+from parallel.decoder import _plan
 from parallel.errors import Rejects
-from parallel.generation import _plan, encode_prompt
+from parallel.generation import encode_prompt
 from parallel.layout import PackedRow, PackingOptions, parse_record, record_to_json
 from parallel.tokenizer import load_tokenizer, special_tokens
 from pipeline.convert import SourcedRecord

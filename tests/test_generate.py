@@ -12,19 +12,14 @@ from cli_helpers import one_line_error, run_plora
 from models import tiny_model
 
 import parallel
+from parallel.decoder import Decoder, DecodeStep, _plan, decode_parallel
 from parallel.errors import PloraError
 from parallel.forward import forward_packed
-from parallel.generation import (
-    DecodeStep,
-    IdenticalBranchesWarning,
-    Sampler,
-    SamplingOptions,
-    decode_parallel,
-    generate,
-)
+from parallel.generation import IdenticalBranchesWarning, generate
 from parallel.layout import PackedRow, SpecialTokens, TokenSequence, build_row
 from parallel.loading import load_parallel_model
 from parallel.rope2d import patch_model_2d_rope
+from parallel.sampling import Sampler, SamplingOptions
 
 SPECIAL = SpecialTokens(eos_id=2)
 STRIDE = 16  # tests/models.py models have 256 positions: room for a few branches at this stride
@@ -105,6 +100,37 @@ def test_kv_cached_decoding_matches_recomputation(
         assert step.tokens.keys() == reference.keys()
         for k, scores in reference.items():
             torch.testing.assert_close(step.logits[k], scores, atol=1e-4, rtol=0)
+
+
+def test_decoder_prefill_then_steps_is_decode_parallel() -> None:
+    """The Decoder driven by hand: prefill() feeds the plan's prefill and samples exactly the branches
+    whose prompt is all in it (columnar: the shortest); each step() feeds one token per branch with
+    one pending, and step() says False once none has; the tokens are decode_parallel's."""
+    model = patched("qwen2")
+    prompts = [[10], [11, 12, 13], [14, 15]]
+    expected = decode_parallel(model, TRUNK, prompts, special=SPECIAL, max_new_tokens=4, mask="columnar")
+    plan = _plan(TRUNK, prompts, SPECIAL, "columnar", "left", None)
+    decoder = Decoder(
+        model,
+        plan,
+        mask="columnar",
+        stride=STRIDE,
+        sampler=Sampler(SamplingOptions(), torch.device("cpu")),
+        max_new_tokens=4,
+        stop_ids={SPECIAL.eos_id},
+    )
+    with torch.no_grad():
+        decoder.prefill()
+        assert [len(s.generated) for s in decoder.states] == [1, 0, 0] and plan.sources.keys() == {0}
+        assert decoder.branch.shape[1] == len(plan.prefill_ids)
+        while True:
+            fed = sum(s.pending is not None for s in decoder.states)
+            before = decoder.branch.shape[1]
+            if not decoder.step():
+                break
+            assert decoder.branch.shape[1] == before + fed
+    assert fed == 0 and decoder.steps == expected.steps
+    assert [s.generated for s in decoder.states] == expected.tokens
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])

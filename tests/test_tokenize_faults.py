@@ -19,8 +19,8 @@ from contract_check import check_rows
 
 from parallel.layout import IGNORE_INDEX, PackingOptions
 from parallel.tokenizer import load_tokenizer
+from pipeline.encode import RecordEncoder
 from pipeline.shards import open_shards
-from pipeline.tokenize import RecordEncoder
 
 
 def write_records(path: Path, records: list[dict[str, Any]]) -> Path:
@@ -281,9 +281,9 @@ def test_item14_peak_memory_is_a_small_multiple_of_the_largest_record(
 def test_item14_long_texts_tokenized_in_pieces_give_the_texts_tokens(
     tiny_model_dir: Path, sample_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pipeline.tokenize
+    import pipeline.encode
 
-    monkeypatch.setattr(pipeline.tokenize, "LONG_TEXT", 1024)  # many cuts in a small text
+    monkeypatch.setattr(pipeline.encode, "LONG_TEXT", 1024)  # many cuts in a small text
     tokenizer = load_tokenizer(tiny_model_dir)
     encoder = RecordEncoder(tokenizer, PackingOptions())
     text = (sample_dir / "sample_text.txt").read_text() * 4

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from parallel import atomic
 from parallel.errors import missing_extra
+from pipeline.progress import ProgressLine
 from trainer.config import TrainConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -63,8 +63,7 @@ class MetricsLog:
         self.enabled = enabled
         self.cfg = cfg
         self.console = Console(stderr=True)
-        self.progress: Progress | None = None
-        self._task: Any = None
+        self.progress: ProgressLine | None = None
         self._file = None
         self._tensorboard = None
         self._wandb = None
@@ -93,22 +92,16 @@ class MetricsLog:
 
     def announce(self, message: str) -> None:
         if self.enabled:
-            (self.progress.console if self.progress else self.console).print(message, highlight=False)
+            self.console.print(message, highlight=False)  # above the progress line, which shares it
 
     def start(self, total_steps: int, start_step: int) -> None:
         self.total_steps = total_steps
         if not (self.enabled and self.cfg.progress):
             return
-        self.progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"),
-            TimeRemainingColumn(),
-            console=self.console,
+        self.progress = ProgressLine(
+            "train", enabled=True, total=total_steps, completed=start_step, count=True, console=self.console
         )
         self.progress.start()
-        self._task = self.progress.add_task("train", total=total_steps, completed=start_step, stats="")
         self._interval["since"] = time.perf_counter()
 
     def step(self, done: int, *, loss: float, lr: float, grad_norm: float, tokens: int, trained: int) -> None:
@@ -122,7 +115,7 @@ class MetricsLog:
         rate = interval["tokens"] / elapsed
         if self.progress is not None:
             stats = f"loss {loss:.4f}  lr {lr:.2e}  {rate:,.0f} tok/s"
-            self.progress.update(self._task, completed=done, stats=stats)
+            self.progress.update(done, stats=stats)
         if done % self.cfg.log_interval and done != self.total_steps:
             return
         record = {
