@@ -108,15 +108,15 @@ def conform(value: Any, hint: Any) -> Any:
         except ValueError:
             pass
         raise ValueError(f"a list of {_expected(item, plural=True)}")
-    if hint is float and isinstance(value, str):  # YAML 1.1 (PyYAML) reads 1e-4 as text
-        try:
+    if hint is float and isinstance(value, int | float | str) and not isinstance(value, bool):
+        try:  # text too: YAML 1.1 (PyYAML) reads 1e-4 as a string
             return float(value)
         except ValueError:
             raise ValueError(_expected(hint)) from None
-    accepted = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}[hint]
-    if not isinstance(value, accepted) or (hint is not bool and isinstance(value, bool)):
+    exact = {bool: bool, int: int, str: str}.get(hint)
+    if exact is None or not isinstance(value, exact) or (hint is int and isinstance(value, bool)):
         raise ValueError(_expected(hint))
-    return float(value) if hint is float else value
+    return value
 
 
 def _expected(hint: Any, plural: bool = False) -> str:
