@@ -46,6 +46,7 @@ def _check_adapter_agrees(adapter: str, **given: float | int | None) -> None:
             )
 
 
+# Not a TrainConfig field: torchrun's environment decides, so a config file has nothing to say about it.
 DDP = inspect.Parameter(
     "ddp",
     inspect.Parameter.KEYWORD_ONLY,

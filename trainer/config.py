@@ -66,14 +66,14 @@ class TrainConfig:
         "Tokenizer directory or hub id (default: --base-model).", None, aliases=("--tokenizer_path",)
     )
     trust_remote_code: bool = opt("Run the model repo's own code.", False)
-    # parallel.forward.resolve_attn checks it when loading
+    # parallel.forward.resolve_attn checks it when the model loads
     attn: str = opt("auto | flex | sdpa | eager (auto: flex on CUDA, else sdpa).", "auto")
 
     # LoRA. alpha defaults to the rank (scale 1), which is what the guide's own LoRA layer computed.
     lora_rank: int = opt("LoRA rank.", 8, aliases=("--lora_rank",))
     lora_alpha: float | None = opt("LoRA alpha (default: the rank, scale 1).", None)
     lora_dropout: float = opt("Dropout on the LoRA input.", 0.0)
-    # PEFT's "all-linear" = every Linear of the blocks, never lm_head
+    # PEFT's "all-linear": every Linear of the blocks
     lora_targets: str = opt("Comma-separated module names, or all-linear (never lm_head).", "all-linear")
     load_lora: str | None = opt("Continue training this adapter directory.", None, aliases=("--load_lora",))
     lora_name: str = opt(
@@ -99,10 +99,8 @@ class TrainConfig:
     grad_clip: float = opt("Gradient norm clip (0: off).", 1.0, aliases=("--grad_clip",))
     weight_decay: float = opt("AdamW weight decay.", 0.0)
     warmup: int = opt("Optimizer steps of linear LR warmup.", 0)
-    # decays to min_lr_ratio * learning_rate
     schedule: str = opt("LR decay after warmup: cosine | linear | constant.", "cosine")
     min_lr_ratio: float = opt("Final LR as a share of the peak.", 0.1)
-    # as in HF's Trainer
     max_steps: int = opt(
         "Length of the run in optimizer steps, overriding --epochs (more steps than --epochs makes go "
         "on into further epochs; 0: --epochs decides). The learning-rate schedule spans this total.",
@@ -123,7 +121,6 @@ class TrainConfig:
         0,
         aliases=("--save_total_limit",),
     )
-    # a new run may replace an earlier run of this name in out_dir
     overwrite: bool = opt(
         "Start a new run where an earlier one of this name is (its checkpoints and logs are removed).", False
     )
