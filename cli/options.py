@@ -4,17 +4,21 @@
 tokenize and inspect pack them the same way, and train, eval, generate and export load models the
 same way, so these options must have the same names, aliases (the original guide's underscore
 spellings), defaults and help everywhere. Typer copies an option's
-definition for each command that uses it as a default value, so one object serves them all.
+definition for each command that uses it as a default value, so one object serves them all. Train's
+and eval's options are the fields of TrainConfig and EvalOptions (cli/fields.py); the model options
+generate and export share with them are made from the same fields.
 """
 
 from __future__ import annotations
 
 import typer
 
+from cli.fields import option_of
 from parallel.errors import PloraError
 from parallel.layout import ALIGN_MODES, DEFAULT_BRANCHES, DEFAULT_MAX_SEQ_LEN, PackingOptions
 from pipeline.formats import FORMATS, MODES
 from pipeline.readers import TXT_SPLITS
+from trainer.config import TrainConfig
 
 # Reading records (convert, tokenize, inspect).
 FORMAT = typer.Option(
@@ -72,22 +76,12 @@ CHAT_TEMPLATE = typer.Option(
 )
 
 
-# Models and shards (train, eval, generate, export).
-SHARDS = typer.Option(..., "--shards", help="Shard directory written by `plora tokenize`.")
-BASE_MODEL = typer.Option(
-    ..., "--base-model", "--base_model", help="HuggingFace causal LM: local directory or hub id (org/name)."
-)
-TOKENIZER_PATH = typer.Option(
-    None,
-    "--tokenizer-path",
-    "--tokenizer_path",
-    help="Tokenizer directory or hub id (default: --base-model).",
-)
+# Loading models (generate, export); train and eval take these from TrainConfig's fields too.
 ADAPTER_BASE_MODEL = typer.Option(
     None, "--base-model", help="Base model directory or hub id (default: the one plora.json names)."
 )
-TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code", help="Run the model repo's own code.")
-DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
+TRUST_REMOTE_CODE = option_of(TrainConfig, "trust_remote_code")
+DEVICE = option_of(TrainConfig, "device")
 
 
 def packing_options(

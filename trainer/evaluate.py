@@ -21,7 +21,7 @@ from parallel.hfmodel import TORCH_DTYPES
 from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE
 from parallel.loading import AdapterConfig, check_adapter_fits
 from trainer.checkpoint import STATE_DIR, STATE_FILE
-from trainer.config import TrainConfig
+from trainer.config import SPLITS, EvalOptions, TrainConfig
 from trainer.data import RowStore, open_checked_shards, split_rows
 from trainer.distributed import pick_device
 from trainer.model import PackedLoss, add_lora, load_rope_model
@@ -97,29 +97,6 @@ def evaluate_rows(
     return totals
 
 
-@dataclass(frozen=True)
-class EvalOptions:
-    shards: str
-    base_model: str
-    adapter: str | None = None
-    tokenizer_path: str | None = None
-    batch_size: int = 16
-    dtype: str | None = None  # None: the adapter's training dtype (its losses as trained), float32 without
-    device: str = "auto"
-    attn: str = "auto"
-    # Used for a bare base model (an adapter brings its own from plora.json): the training defaults.
-    patch_rope: bool = True
-    rope_2d_ratio: float = DEFAULT_ROPE_2D_RATIO
-    stride: int = DEFAULT_STRIDE
-    mask: str = "isolated"
-    trust_remote_code: bool = False
-    split: str = "all"  # all | train | val: the rows the adapter's run trained on or held out
-    max_rows: int = 0  # > 0: only the first this many rows of the split
-
-
-SPLITS: tuple[str, ...] = ("all", "train", "val")
-
-
 def _run_state(adapter: str | None, split: str) -> dict[str, Any]:
     """The trainer state of the run that wrote ``adapter``: its seed and --val-fraction fix the split."""
     if adapter is None:
@@ -169,9 +146,9 @@ def run_eval(
     """
     settings: dict[str, Any] = {
         "patch_rope": options.patch_rope,
-        "rope_2d_ratio": options.rope_2d_ratio,
+        "rope_2d_ratio": DEFAULT_ROPE_2D_RATIO if options.rope_2d_ratio is None else options.rope_2d_ratio,
         "pair_indices": None,
-        "stride": options.stride,
+        "stride": DEFAULT_STRIDE if options.stride is None else options.stride,
         "mask": options.mask,
     }
     adapter = AdapterConfig.read(options.adapter) if options.adapter is not None else None

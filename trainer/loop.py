@@ -39,6 +39,7 @@ from trainer.checkpoint import (
     step_checkpoint,
 )
 from trainer.config import TrainConfig
+from trainer.configfile import save_run_config
 from trainer.data import (
     DataPlan,
     RowStore,
@@ -199,6 +200,8 @@ def _train(cfg: TrainConfig, env: DistEnv, clear_replaced_run: Callable[[], None
     total_steps = plan.total_steps
     run_id = (resumed or {}).get("run_id") or new_run_id()  # a resumed run keeps its TensorBoard directory
     clear_replaced_run()  # every check has passed: only now may --overwrite remove the earlier run
+    if env.is_main:
+        save_run_config(cfg)
     metrics = MetricsLog(cfg, enabled=env.is_main, start_step=start_step, run_id=run_id)
     plora_meta = _plora_metadata(cfg, rope, manifest, base, lora_settings(model))
     if env.is_main:
