@@ -31,11 +31,12 @@ def _pair_indices(text: str | None) -> list[int] | None:
         raise PloraError(f"--pair-indices must be comma-separated integers, got {text!r}") from None
 
 
-def _check_attn(attn: str, device: str) -> None:
-    """--attn against the device, before the shards are verified and the model loads."""
-    from parallel.forward import check_attn_device  # noqa: PLC0415 - torch only when needed
+def _check_attn(attn: str, device: str, mask: str) -> None:
+    """--attn against the device and --mask, before the shards are verified and the model loads."""
+    from parallel.forward import check_attn_device, check_attn_mask  # noqa: PLC0415 - torch only when needed
     from trainer.distributed import pick_device  # noqa: PLC0415
 
+    check_attn_mask(attn, mask)
     check_attn_device(attn, pick_device(device, 0))  # every rank's device has the same type
 
 
@@ -60,7 +61,10 @@ def train_command(
     tokenizer_path: str | None = options.TOKENIZER_PATH,
     trust_remote_code: bool = options.TRUST_REMOTE_CODE,
     attn: str = typer.Option(
-        "auto", "--attn", help="auto | flex | sdpa | eager (auto: flex on CUDA, else sdpa)."
+        "auto",
+        "--attn",
+        help="auto | flex | sdpa | eager | prefix (auto: flex on CUDA, else sdpa; prefix: shared-prefix "
+        "attention, isolated rows only).",
     ),
     lora_rank: int = typer.Option(8, "--lora-rank", "--lora_rank", help="LoRA rank."),
     lora_alpha: float | None = typer.Option(
@@ -151,7 +155,7 @@ def train_command(
     """Train LoRA adapters with 2D RoPE and branch-aware attention on shards (DDP under torchrun)."""
     from trainer.loop import train  # noqa: PLC0415 - torch/transformers only when training
 
-    _check_attn(attn, device)
+    _check_attn(attn, device, mask)
     cfg = TrainConfig(
         shards=str(shards),
         base_model=base_model,
@@ -213,7 +217,7 @@ def eval_command(
         help="float32 | float16 | bfloat16 (default: the adapter's training dtype, else float32).",
     ),
     device: str = options.DEVICE,
-    attn: str = typer.Option("auto", "--attn", help="auto | flex | sdpa | eager."),
+    attn: str = typer.Option("auto", "--attn", help="auto | flex | sdpa | eager | prefix."),
     patch_rope: bool = typer.Option(
         True,
         "--patch-rope/--no-patch-rope",
@@ -248,7 +252,7 @@ def eval_command(
     """Mean loss per trained token (and per branch count) of a base model or an adapter on shards."""
     from trainer.evaluate import EvalOptions, run_eval  # noqa: PLC0415 - torch only when evaluating
 
-    _check_attn(attn, device)
+    _check_attn(attn, device, mask)
     if adapter is not None:
         _check_adapter_agrees(adapter, rope_2d_ratio=rope_2d_ratio, stride=stride)
     eval_options = EvalOptions(
