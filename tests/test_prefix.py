@@ -12,6 +12,7 @@ from cli_helpers import one_line_error, run_plora
 from models import collate, random_row, tiny_config, tiny_model
 from test_generate import SPECIAL, TRUNK
 from test_masks import brute_force
+from train_helpers import max_adapter_difference, quick_config
 from transformers import AutoModelForCausalLM
 
 from parallel.errors import PloraError
@@ -19,6 +20,9 @@ from parallel.forward import check_attn_mask, forward_packed, resolve_attn, toke
 from parallel.generation import decode_parallel
 from parallel.prefix import IMPLEMENTATION, prefix_plan
 from parallel.rope2d import encode_positions, patch_model_2d_rope
+from trainer.evaluate import EvalOptions, run_eval
+from trainer.loop import train
+from trainer.metrics import logs_dir, read_metrics
 
 TOL = 1e-5
 STRIDE = 16
@@ -170,3 +174,28 @@ def test_train_prefix_columnar_is_one_line(
     line = one_line_error(run_plora(plora_bin, "train", *args, "--attn", "prefix", "--mask", "columnar"))
     assert "--attn prefix computes isolated rows only" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_training_and_eval_with_prefix_match_sdpa(
+    train_shards: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The trainer and `plora eval` on real shards (packed rows without trunks, padded batches): the
+    same logged losses and gradient norms (Adam's step would hide a gradient's scale), adapters, eval."""
+    logged, finals, means = {}, {}, {}
+    for attn in ("sdpa", "prefix"):
+        out = tmp_path / attn
+        cfg = quick_config(
+            train_shards, tiny_model_dir, out, attn=attn, max_steps=2, batch_size=2, log_interval=1
+        )
+        finals[attn] = train(cfg).final_dir
+        records = read_metrics(logs_dir(out, "hf_parallel_lora") / "metrics.jsonl")
+        logged[attn] = [(r["loss"], r["grad_norm"]) for r in records if "loss" in r]
+        options = EvalOptions(
+            shards=str(train_shards), base_model=str(tiny_model_dir), adapter=str(finals[attn]), attn=attn,
+            device="cpu", max_rows=4,
+        )  # fmt: skip
+        means[attn] = run_eval(options)[0].mean
+    assert len(logged["prefix"]) == 2
+    assert np.allclose(logged["prefix"], logged["sdpa"], rtol=1e-5, atol=0)
+    assert max_adapter_difference(finals["sdpa"], finals["prefix"]) < 1e-5
+    assert abs(means["sdpa"] - means["prefix"]) < 1e-5

@@ -27,7 +27,7 @@ class TrainConfig:
     base_model: str
     tokenizer_path: str | None = None  # defaults to base_model, as in the guide
     trust_remote_code: bool = False
-    attn: str = "auto"  # auto|flex|sdpa|eager (parallel.forward.resolve_attn checks it when loading)
+    attn: str = "auto"  # auto|flex|sdpa|eager|prefix (parallel.forward.resolve_attn checks it when loading)
 
     # LoRA. alpha defaults to the rank (scale 1), which is what the guide's own LoRA layer computed.
     lora_rank: int = 8
