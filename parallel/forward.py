@@ -94,8 +94,18 @@ def build_attention_mask(
     impl = _model_attn(model, attn, branch_id.device)
     config = model.config
     if impl == PREFIX:
-        return _prefix_attention_mask(model, branch_id, time_id, mode, valid, num_queries)
-    if impl == "flex_attention":
+        check_attn_mask(PREFIX, mode)
+
+        def build(window: int | None) -> Any:
+            if window is not None:
+                raise PloraError(
+                    f"--attn prefix cannot apply {type(model).__name__}'s sliding window; use --attn sdpa"
+                )
+            if num_queries is not None:  # KV-cached decoding: the newest tokens against the cache
+                return dense_mask(branch_id, time_id, mode, valid, num_queries=num_queries)
+            return prefix_mask(branch_id, time_id, valid)
+
+    elif impl == "flex_attention":
 
         def build(window: int | None) -> Any:
             return block_mask(branch_id, time_id, mode, valid, window=window, num_queries=num_queries)
@@ -124,32 +134,6 @@ def build_attention_mask(
         return build(None)
     # No per-layer types (Llama, Mistral, Phi3): a configured window applies to every layer.
     return build(window)
-
-
-def _prefix_attention_mask(
-    model: torch.nn.Module,
-    branch_id: torch.Tensor,
-    time_id: torch.Tensor,
-    mode: str,
-    valid: torch.Tensor | None,
-    num_queries: int | None,
-) -> Any:
-    """The segment plan for a full forward; for KV-cached decoding (few queries) a plain bool mask."""
-    check_attn_mask(PREFIX, mode)
-    config = model.config
-    layer_types = getattr(config, "layer_types", None)
-    windowed = (
-        "sliding_attention" in layer_types
-        if layer_types
-        else getattr(config, "sliding_window", None) is not None
-    )
-    if windowed:
-        raise PloraError(
-            f"--attn prefix cannot apply the sliding window of {type(model).__name__}; use --attn sdpa"
-        )
-    if num_queries is not None:
-        return dense_mask(branch_id, time_id, mode, valid, num_queries=num_queries)
-    return prefix_mask(branch_id, time_id, valid)
 
 
 def packed_model_inputs(

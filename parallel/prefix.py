@@ -63,8 +63,8 @@ class PrefixMask(torch.Tensor):
 
 def prefix_mask(branch_id: torch.Tensor, time_id: torch.Tensor, valid: torch.Tensor | None) -> PrefixMask:
     """What to pass as ``attention_mask`` to a model running :data:`IMPLEMENTATION`."""
-    base = torch.empty(branch_id.shape[0], 1, 0, 0, dtype=torch.bool, device=branch_id.device)
-    carrier = torch.Tensor._make_subclass(PrefixMask, base)
+    empty = torch.empty(branch_id.shape[0], 1, 0, 0, dtype=torch.bool, device=branch_id.device)
+    carrier = empty.as_subclass(PrefixMask)
     carrier.plan = prefix_plan(branch_id, time_id, valid)
     return carrier
 

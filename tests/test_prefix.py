@@ -152,8 +152,14 @@ def test_prefix_prefill_decodes_like_dense() -> None:
 def test_sliding_window_is_refused(arch: str) -> None:
     model = tiny_model(arch, attn=resolve_attn("prefix", "cpu"))
     rows, _ = batch(True)
-    with pytest.raises(PloraError, match="--attn prefix cannot apply the sliding window"):
-        forward_packed(model, rows["input_ids"], rows["branch_id"], rows["time_id"])
+    with pytest.raises(PloraError, match="--attn prefix cannot apply .* sliding window; use --attn sdpa"):
+        forward_packed(
+            model,
+            rows["input_ids"],
+            rows["branch_id"],
+            rows["time_id"],
+            attention_mask=rows["attention_mask"],
+        )
 
 
 def test_columnar_mask_is_refused() -> None:
