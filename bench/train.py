@@ -26,6 +26,11 @@ training skips the frozen weights' gradients (about 4 N per token), so this MFU 
 rate by design and is for comparing the two paths. Rows come from the contract's packer
 (parallel.layout.build_row), tokens are random ids.
 
+``--prefix`` runs only the shared-prefix comparison (CPU, float32, CPU-time clock): the training step
+(forward + backward) of one row of K branches x n tokens (no trunk, random ids) with ``--attn prefix``
+against dense masked SDPA, alternating, for ``--prefix-branches`` x ``--prefix-lengths`` on the small
+shape and on SmolLM2-135M's (``--layers`` of its 30), with the bytes autograd saves for backward.
+
 ``--model-shape``: ``small`` (the default, sized for 2 CPU cores) or ``qwen2.5-0.5b`` (Qwen2.5-0.5B's
 shape and vocabulary, random weights in ``--dtype``).
 
@@ -47,13 +52,14 @@ import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from bench.shapes import QWEN2_5_0_5B
+from bench.shapes import QWEN2_5_0_5B, SMOLLM2_135M
 from parallel.errors import Rejects
 from parallel.forward import resolve_attn
 from parallel.hfmodel import TORCH_DTYPES
@@ -91,18 +97,24 @@ SHAPES: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": True,
     },
     "qwen2.5-0.5b": QWEN2_5_0_5B,
+    "smollm2-135m": SMOLLM2_135M,
 }
 GPU_BRANCHES, GPU_BRANCH_LEN = 8, 512  # the attention comparison's rows: 8 branches x 512 tokens
 ATTENTION_PATHS = ("flex", "sdpa")  # FlexAttention BlockMask; sdpa with plora's dense bool mask
 MEMORY_ROWS = 1  # the checkpointing memory comparison: one row of 8 x 512 tokens (a CPU step takes seconds)
 
 
-def build_model(out: Path, tokenizer_dir: Path, shape: str, dtype: str) -> Path:
-    """Random weights of the given shape, saved in ``dtype``, with the tiny model's tokenizer."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def build_model(
+    out: Path, tokenizer_dir: Path, shape: str, dtype: str, overrides: dict[str, Any] | None = None
+) -> Path:
+    """Random weights of the given shape (``overrides`` changed), saved in ``dtype``, with the tiny
+    model's tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    Qwen2ForCausalLM(Qwen2Config(**SHAPES[shape])).to(TORCH_DTYPES[dtype]).save_pretrained(str(out))
+    settings = {"model_type": "qwen2", **SHAPES[shape], **(overrides or {})}
+    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    AutoModelForCausalLM.from_config(config).to(TORCH_DTYPES[dtype]).save_pretrained(str(out))
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
         if (tokenizer_dir / name).exists():
             shutil.copy(tokenizer_dir / name, out / name)
@@ -364,6 +376,73 @@ def mask_memory(rows: int = 8, branches: int = 8, branch_len: int = 128) -> dict
     }
 
 
+PREFIX_SHAPES = ("small", "smollm2-135m")  # the tiny shape and SmolLM2-135M's
+PREFIX_PATHS = ("sdpa", "prefix")  # dense masked SDPA; shared-prefix attention (parallel.prefix)
+
+
+def saved_activation_bytes(run: Any, model: torch.nn.Module) -> tuple[Any, int]:
+    """``run()``'s result and the bytes of the tensors autograd saves for backward (each storage once,
+    weights left out): the activation memory a training step holds at its peak, the part that
+    attention changes. (CPU torch keeps no allocator statistics.)"""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = run()
+    return result, sum(storages.values())
+
+
+def prefix_table(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """Training step time and saved activations, prefix vs dense masked SDPA, one row of K branches x n
+    tokens (no trunk, random ids) per (shape, K, n); the two alternate step by step."""
+    results = []
+    for shape in args.prefix_shapes:
+        overrides = {"num_hidden_layers": args.layers} if args.layers and shape != "small" else None
+        model_dir = build_model(work / shape, ensure_tiny_model(), shape, "float32", overrides)
+        models = {attn: fresh_model(model_dir, patch=True, device=torch.device("cpu"), attn=attn,
+                                    dtype="float32") for attn in PREFIX_PATHS}  # fmt: skip
+        vocab = SHAPES[shape]["vocab_size"]
+        for branches in args.prefix_branches:
+            for branch_len in args.prefix_lengths:
+                batch = packed_rows(1, branches, branch_len, vocab)
+                trained = int((batch["labels"] != IGNORE_INDEX).sum())
+                times: dict[str, list[float]] = {attn: [] for attn in PREFIX_PATHS}
+                saved: dict[str, int] = {}
+                for i in range(args.warmup + args.steps):
+                    for attn, (model, stride) in models.items():
+                        loss_module = PackedLoss(model, mask="isolated", stride=stride)
+                        start = time.process_time()
+                        inputs = [batch[name] for name in ("input_ids", "branch_id", "time_id",
+                                                           "attention_mask", "labels")]  # fmt: skip
+                        loss, saved[attn] = saved_activation_bytes(partial(loss_module, *inputs), model)
+                        (loss / trained).backward()
+                        model.zero_grad(set_to_none=True)
+                        if i >= args.warmup:
+                            times[attn].append(time.process_time() - start)
+                step = {attn: statistics.median(t) for attn, t in times.items()}
+                results.append({"shape": shape, "branches": branches, "branch_len": branch_len,
+                                "tokens": int(batch["input_ids"].numel()),
+                                **{f"{attn}_step_s": step[attn] for attn in PREFIX_PATHS},
+                                **{f"{attn}_saved_bytes": saved[attn] for attn in PREFIX_PATHS}})  # fmt: skip
+                print_prefix_row(results[-1])
+    return results
+
+
+def print_prefix_row(r: dict[str, Any]) -> None:
+    mib = 1 << 20
+    print(f"{r['shape']:13s} {r['branches']:3d} x {r['branch_len']:4d} ({r['tokens']:5d} tokens): step "
+          f"dense {r['sdpa_step_s']:7.2f} s, prefix {r['prefix_step_s']:7.2f} s, "
+          f"speed-up {r['sdpa_step_s'] / r['prefix_step_s']:5.2f}x; saved activations dense "
+          f"{r['sdpa_saved_bytes'] / mib:7.1f} MiB, prefix {r['prefix_saved_bytes'] / mib:7.1f} MiB, "
+          f"ratio {r['sdpa_saved_bytes'] / r['prefix_saved_bytes']:4.2f}x", flush=True)  # fmt: skip
+
+
 def print_cpu_results(results: dict[str, Any]) -> None:
     step, data = results["step"], results["data"]
     print(f"step ({step['batch'][0]} rows x {step['batch'][1]} tokens, {step['tokens']} real): "
@@ -422,7 +501,20 @@ def main() -> None:
     parser.add_argument(
         "--memory-only", action="store_true", help="CPU: only the activation checkpointing memory comparison."
     )
+    parser.add_argument("--prefix", action="store_true",
+                        help="Only compare --attn prefix with dense masked sdpa (CPU, float32).")  # fmt: skip
+    parser.add_argument("--prefix-shapes", nargs="+", choices=PREFIX_SHAPES, default=list(PREFIX_SHAPES))
+    parser.add_argument("--prefix-branches", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--prefix-lengths", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--layers", type=int, help="--prefix: layers of the SmolLM2-135M shape (default 30).")
     args = parser.parse_args()
+    if args.prefix:
+        torch.set_num_threads(args.threads)
+        with tempfile.TemporaryDirectory() as tmp:
+            table = prefix_table(args, Path(tmp))
+        if args.json:
+            args.json.write_text(json.dumps({"threads": args.threads, "rows": table}, indent=2) + "\n")
+        return
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     args.rows = args.rows or (8 if gpu else 4)

@@ -80,7 +80,7 @@ def _check_request(
 ) -> None:
     """Every setting that needs no model, refused before one loads (that takes seconds)."""
     from parallel.decoder import check_decoding  # noqa: PLC0415
-    from parallel.forward import check_attn_device, resolve_attn  # noqa: PLC0415 - slow imports
+    from parallel.forward import check_attn_device, check_attn_mask, resolve_attn  # noqa: PLC0415 - slow imports
     from parallel.loading import check_dtype  # noqa: PLC0415
     from parallel.sampling import SamplingOptions  # noqa: PLC0415
 
@@ -88,6 +88,8 @@ def _check_request(
     check_decoding(mask=mask, align=None, max_new_tokens=max_new_tokens)
     resolve_attn(attn, device)
     check_attn_device(attn, device)
+    if mask is not None:  # else the adapter's; a forward refuses a columnar one
+        check_attn_mask(attn, mask)
     check_dtype(dtype)
     if bare_rope is not None:  # an adapter brings its own
         ratio, stride = bare_rope
@@ -168,7 +170,7 @@ def generate_command(
     dtype: str = typer.Option(
         "auto", "--dtype", help="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16."
     ),
-    attn: str = typer.Option("sdpa", "--attn", help="sdpa | eager | flex | auto."),
+    attn: str = typer.Option("sdpa", "--attn", help="sdpa | eager | flex | auto | prefix."),
     trust_remote_code: bool = options.TRUST_REMOTE_CODE,
     rope_2d_ratio: float = typer.Option(
         DEFAULT_ROPE_2D_RATIO, "--rope-2d-ratio", help="Bare base model only (an adapter brings its own)."

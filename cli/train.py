@@ -24,11 +24,12 @@ from trainer.config import EvalOptions, TrainConfig
 from trainer.configfile import render
 
 
-def _check_attn(attn: str, device: str) -> None:
-    """--attn against the device, before the shards are verified and the model loads."""
-    from parallel.forward import check_attn_device  # noqa: PLC0415 - torch only when needed
+def _check_attn(attn: str, device: str, mask: str) -> None:
+    """--attn against the device and --mask, before the shards are verified and the model loads."""
+    from parallel.forward import check_attn_device, check_attn_mask  # noqa: PLC0415 - torch only when needed
     from trainer.distributed import pick_device  # noqa: PLC0415
 
+    check_attn_mask(attn, mask)
     check_attn_device(attn, pick_device(device, 0))  # every rank's device has the same type
 
 
@@ -67,7 +68,7 @@ def train_command(**given: Any) -> None:
         return
     from trainer.loop import train  # noqa: PLC0415 - torch/transformers only when training
 
-    _check_attn(cfg.attn, cfg.device)
+    _check_attn(cfg.attn, cfg.device, cfg.mask)
     train(cfg)
 
 
@@ -81,7 +82,7 @@ def eval_command(**given: Any) -> None:
         return
     from trainer.evaluate import run_eval  # noqa: PLC0415 - torch only when evaluating
 
-    _check_attn(options.attn, options.device)
+    _check_attn(options.attn, options.device, options.mask)
     if options.adapter is not None:
         _check_adapter_agrees(options.adapter, rope_2d_ratio=options.rope_2d_ratio, stride=options.stride)
     columns = (TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

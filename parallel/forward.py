@@ -19,10 +19,19 @@ import torch.utils.checkpoint
 from parallel.errors import PloraError
 from parallel.layout import IGNORE_INDEX
 from parallel.masks import block_mask, dense_mask
+from parallel.prefix import IMPLEMENTATION as PREFIX
+from parallel.prefix import prefix_mask, register_prefix
 from parallel.rope2d import encode_positions, model_stride
 
-ATTN_CHOICES: tuple[str, ...] = ("auto", "flex", "sdpa", "eager")
-_HF_NAMES = {"flex": "flex_attention", "flex_attention": "flex_attention", "sdpa": "sdpa", "eager": "eager"}
+ATTN_CHOICES: tuple[str, ...] = ("auto", "flex", "sdpa", "eager", "prefix")
+_HF_NAMES = {
+    "flex": "flex_attention",
+    "flex_attention": "flex_attention",
+    "sdpa": "sdpa",
+    "eager": "eager",
+    "prefix": PREFIX,
+    PREFIX: PREFIX,
+}
 
 
 def resolve_attn(attn: str, device: torch.device | str) -> str:
@@ -37,7 +46,15 @@ def resolve_attn(attn: str, device: torch.device | str) -> str:
         raise PloraError(
             f"unknown attention implementation {attn!r}; expected one of {', '.join(ATTN_CHOICES)}"
         )
+    if _HF_NAMES[attn] == PREFIX:
+        register_prefix()  # transformers must know the name before a model loads with it
     return _HF_NAMES[attn]
+
+
+def check_attn_mask(attn: str, mask: str) -> None:
+    """Refuse a mask mode the attention backend cannot compute, before anything loads."""
+    if _HF_NAMES.get(attn) == PREFIX and mask != "isolated":
+        raise PloraError(f"--attn prefix computes isolated rows only, not --mask {mask}; use --attn sdpa")
 
 
 def check_attn_device(attn: str, device: torch.device | str) -> None:
@@ -53,9 +70,9 @@ def _model_attn(model: torch.nn.Module, attn: str | None, device: torch.device) 
         raise PloraError(
             f"model runs {current!r} attention, not {attn!r}; load it with that attn_implementation"
         )
-    if current not in ("sdpa", "eager", "flex_attention"):
+    if current not in ("sdpa", "eager", "flex_attention", PREFIX):
         raise PloraError(
-            f"attention implementation {current!r} cannot take plora's mask; use sdpa, eager or flex"
+            f"attention implementation {current!r} cannot take plora's mask; use sdpa, eager, flex or prefix"
         )
     return current
 
@@ -76,7 +93,19 @@ def build_attention_mask(
     """
     impl = _model_attn(model, attn, branch_id.device)
     config = model.config
-    if impl == "flex_attention":
+    if impl == PREFIX:
+        check_attn_mask(PREFIX, mode)
+
+        def build(window: int | None) -> Any:
+            if window is not None:
+                raise PloraError(
+                    f"--attn prefix cannot apply {type(model).__name__}'s sliding window; use --attn sdpa"
+                )
+            if num_queries is not None:  # KV-cached decoding: the newest tokens against the cache
+                return dense_mask(branch_id, time_id, mode, valid, num_queries=num_queries)
+            return prefix_mask(branch_id, time_id, valid)
+
+    elif impl == "flex_attention":
 
         def build(window: int | None) -> Any:
             return block_mask(branch_id, time_id, mode, valid, window=window, num_queries=num_queries)

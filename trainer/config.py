@@ -73,7 +73,11 @@ class TrainConfig:
     )
     trust_remote_code: bool = opt("Run the model repo's own code.", False)
     # parallel.forward.resolve_attn checks it when the model loads
-    attn: str = opt("auto | flex | sdpa | eager (auto: flex on CUDA, else sdpa).", "auto")
+    attn: str = opt(
+        "auto | flex | sdpa | eager | prefix (auto: flex on CUDA, else sdpa; prefix: shared-prefix "
+        "attention, isolated rows only).",
+        "auto",
+    )
 
     # LoRA. alpha defaults to the rank (scale 1), which is what the guide's own LoRA layer computed.
     lora_rank: int = opt("LoRA rank.", 8, aliases=("--lora_rank",))
