@@ -12,11 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from parallel.dtypes import DTYPES
 from parallel.errors import PloraError, first_line
 from parallel.forward import resolve_attn
 from parallel.pretrained import load_pretrained
-
-DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 
 TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPES}
 

@@ -15,8 +15,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from parallel.dtypes import DTYPES
 from parallel.errors import PloraError
-from parallel.hfmodel import DTYPES
 from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE, MASK_MODES
 
 SCHEDULES: tuple[str, ...] = ("cosine", "linear", "constant")
