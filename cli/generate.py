@@ -151,6 +151,9 @@ def generate_command(
     base_model: str | None = options.ADAPTER_BASE_MODEL,
     prompt: str | None = typer.Option(None, "--prompt", help="The trunk every branch continues."),
     chat: bool = typer.Option(False, "--chat", help="Wrap --prompt in the tokenizer's chat template."),
+    lead: str = typer.Option(
+        "", "--lead", help="With --chat: the answer's opening before its items, as in split-lists records."
+    ),
     branch: list[str] | None = typer.Option(None, "--branch", help="A branch prompt (repeatable)."),
     branches_file: Path | None = typer.Option(
         None, "--branches-file", help="Branch prompts: one per line, or a .json array of strings."
@@ -178,13 +181,19 @@ def generate_command(
     stride: int = typer.Option(DEFAULT_STRIDE, "--stride", help="Bare base model only."),
 ) -> None:
     """Generate several branches in one sequence with one KV cache, streamed side by side."""
-    from parallel.generation import IdenticalBranchesWarning, branch_prompts, generate  # noqa: PLC0415 - torch
+    from parallel.generation import (  # noqa: PLC0415 - torch
+        IdenticalBranchesWarning,
+        branch_prompts,
+        check_lead,
+        generate,
+    )
     from parallel.loading import load_parallel_model  # noqa: PLC0415 - slow imports
 
     texts = list(branch or [])
     if branches_file is not None:
         texts += read_branches_file(branches_file)
     prompts = branch_prompts(prompt, texts or None, num_branches)  # bad requests fail before loading
+    check_lead(lead, prompt=prompt, chat=chat)
     if adapter is None and base_model is None:
         raise PloraError("give --adapter DIR (or an exported model), or --base-model DIR for the bare base")
     where = _device(device)
@@ -221,6 +230,7 @@ def generate_command(
         texts or None,
         num_branches=num_branches,
         chat=chat,
+        lead=lead,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,

@@ -56,18 +56,27 @@ def generation_defaults(model: torch.nn.Module) -> GenerationDefaults:
     return GenerationDefaults(mask=config.mask, align=config.align)
 
 
-def encode_prompt(tokenizer: Any, prompt: str, *, chat: bool) -> list[int]:
+def encode_prompt(tokenizer: Any, prompt: str, *, chat: bool, lead: str = "") -> list[int]:
     """Token ids of the trunk prompt; with ``chat``, the user turn in the chat template plus the
-    assistant prefix (a chat parallel record's trunk), so the branches continue the assistant's answer."""
+    assistant prefix and ``lead`` (a chat parallel record's trunk), so the branches continue the
+    assistant's answer. A lead is the answer's opening before its list (``convert --split-lists``),
+    so it needs ``chat`` (:func:`check_lead`)."""
     if not chat:
         return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     if tokenizer.chat_template is None:
         raise PloraError(f"{tokenizer.name_or_path}: --chat needs a tokenizer with a chat template")
     try:
-        # The trunk tokenize builds for {"messages": [user prompt], "branches": [...]}.
-        return chat_trunk(tokenizer, [Message("user", prompt)]).ids.tolist()
+        # The trunk tokenize builds for {"messages": [user prompt], "lead": lead, "branches": [...]}.
+        return chat_trunk(tokenizer, [Message("user", prompt)], lead=lead).ids.tolist()
     except ValueError as err:
         raise PloraError(f"{tokenizer.name_or_path}: {err}") from None
+
+
+def check_lead(lead: str, *, prompt: str | None, chat: bool) -> None:
+    """A lead opens the assistant's answer to the chat prompt: without both it has nothing to follow
+    (a plain prompt holds its own lead)."""
+    if lead and (prompt is None or not chat):
+        raise PloraError("--lead opens the assistant's answer to the prompt: it needs --prompt and --chat")
 
 
 def branch_prompts(prompt: str | None, branches: Sequence[str] | None, num_branches: int | None) -> list[str]:
@@ -104,6 +113,7 @@ def generate(
     *,
     num_branches: int | None = None,
     chat: bool = False,
+    lead: str = "",
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -117,7 +127,8 @@ def generate(
     """Generate every branch under the trunk ``prompt`` in one sequence; returns texts and token ids.
 
     Either ``branches`` (prompts each branch starts with) or ``num_branches`` (branches that start
-    empty from the trunk). ``mask``/``align`` default to the adapter's (see parallel.loading). The
+    empty from the trunk). ``lead`` opens the assistant's answer under ``chat`` (see
+    :func:`encode_prompt`). ``mask``/``align`` default to the adapter's (see parallel.loading). The
     text of a branch stops before its EOS or its first stop string.
     """
     texts = branch_prompts(prompt, branches, num_branches)
@@ -131,7 +142,8 @@ def generate(
             stacklevel=2,
         )
     defaults = generation_defaults(model)
-    trunk = encode_prompt(tokenizer, prompt, chat=chat) if prompt is not None else []
+    check_lead(lead, prompt=prompt, chat=chat)
+    trunk = encode_prompt(tokenizer, prompt, chat=chat, lead=lead) if prompt is not None else []
     prompt_ids = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) if t else [] for t in texts]
     special = special_tokens(tokenizer)
     stop = [s for s in stop if s]

@@ -53,12 +53,14 @@ def sequences(row: PackedRow) -> list[list[int]]:
     return [row.input_ids[row.branch_id == b].tolist() for b in range(int(row.branch_id.max()) + 1)]
 
 
-def test_item2_generate_chat_trunk_is_the_tokenized_trunk(chat_tokenizer_dir: Path) -> None:
+@pytest.mark.parametrize("lead", ["", "Two ways:\n"])
+def test_item2_generate_chat_trunk_is_the_tokenized_trunk(chat_tokenizer_dir: Path, lead: str) -> None:
     tokenizer = load_tokenizer(chat_tokenizer_dir)
-    row = pack({"messages": [{"role": "user", "content": PROMPT}], "branches": ["A.", "B."]}, tokenizer)
+    record = {"messages": [{"role": "user", "content": PROMPT}], "lead": lead, "branches": ["A.", "B."]}
+    row = pack(record, tokenizer)
     trunk, *branches = sequences(row)
     assert {b[0] for b in branches} == {branches[0][0]}  # every branch starts with the trunk's last token
-    generated_trunk = encode_prompt(tokenizer, PROMPT, chat=True)
+    generated_trunk = encode_prompt(tokenizer, PROMPT, chat=True, lead=lead)
     assert generated_trunk == trunk + [branches[0][0]]
     if chat_tokenizer_dir.name == "model":
         assert "You are a helpful AI assistant" in tokenizer.decode(trunk)

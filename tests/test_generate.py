@@ -293,6 +293,8 @@ def test_greedy_identical_branches_warn(bare_tiny) -> None:
         ({"prompt": "Hi", "num_branches": 300}, "use fewer branches"),
         ({"prompt": "Hi", "num_branches": 2, "max_new_tokens": 5000}, "lower --max-new-tokens"),
         ({"prompt": "Hi", "num_branches": 2, "mask": "diagonal"}, "--mask"),
+        ({"prompt": "Hi", "num_branches": 2, "lead": "Two:"}, "needs --prompt and --chat"),
+        ({"num_branches": 2, "chat": True, "lead": "Two:"}, "needs --prompt and --chat"),
     ],
 )
 def test_bad_generation_input_is_one_line(bare_tiny, kwargs: dict, message: str) -> None:
@@ -345,6 +347,7 @@ def test_generate_command_json_and_table(tiny_model_dir, plora_bin) -> None:
         (["--prompt", "Hi", "--branches-file", "{missing}"], "no such file"),
         (["--prompt", "Hi", "--branches-file", "{bad_json}"], "bad.json:1: not valid JSON"),
         (["--prompt", "Hi", "--num-branches", "2", "--temperature", "-1"], "--temperature must be >= 0"),
+        (["--prompt", "Hi", "--num-branches", "2", "--lead", "Two:"], "needs --prompt and --chat"),
     ],
 )
 def test_generate_command_bad_input_is_one_line(
