@@ -68,9 +68,7 @@ from parallel import atomic, outdir
 from parallel.errors import PloraError, Rejects
 from parallel.fingerprint import file_sha256, plora_version, run_fingerprint, tokenizer_identity
 from parallel.layout import (
-    FORMAT_VERSION,
     MANIFEST_NAME,
-    META_COLUMNS,
     SHARD_SUFFIX,
     TOKEN_COLUMNS,
     TOKEN_DTYPE,
@@ -99,7 +97,9 @@ from pipeline.convert import (
 from pipeline.readers import check_readable
 from pipeline.shards import (
     JOURNAL_NAME,
+    Manifest,
     ShardError,
+    ShardFile,
     open_shards,
     read_manifest,
     write_manifest,
@@ -640,7 +640,7 @@ class _Journal:
     """What an interrupted run leaves for --resume (see the module docstring)."""
 
     digest: str
-    files: list[dict[str, Any]]
+    files: list[ShardFile]
     records_consumed: int
     packer: PackerState
     buffer: list[PackedRow]
@@ -649,7 +649,7 @@ class _Journal:
     def to_bytes(self) -> bytes:
         header = {
             "digest": self.digest,
-            "files": self.files,
+            "files": [f.to_json() for f in self.files],
             "records_consumed": self.records_consumed,
             "target": self.packer.target,
             "rng": self.packer.rng,
@@ -704,7 +704,7 @@ class _Journal:
                 buffer.append(PackedRow(ids, branch, time_, labels, num_branches=k, trunk_len=trunk))
         return _Journal(
             digest=header["digest"],
-            files=header["files"],
+            files=[ShardFile.from_json(f) for f in header["files"]],
             records_consumed=header["records_consumed"],
             packer=PackerState(
                 pending=pending, target=header["target"], rng=header["rng"], counts=header.get("counts", {})
@@ -756,7 +756,7 @@ def _interrupted(out: Path) -> PloraError:
     )
 
 
-def _start_state(job: TokenizeJob, fingerprint: dict[str, Any]) -> _Journal | dict[str, Any] | None:
+def _start_state(job: TokenizeJob, fingerprint: dict[str, Any]) -> _Journal | Manifest | None:
     """Decide what to do with what is already in ``job.out``: the manifest of an up-to-date
     directory, a journal to resume from, or None (start afresh, after clearing old shards)."""
     out = job.out
@@ -769,7 +769,7 @@ def _start_state(job: TokenizeJob, fingerprint: dict[str, Any]) -> _Journal | di
         return None
     if manifest_path.exists():
         manifest = read_manifest(out)
-        old = manifest["fingerprint"]
+        old = manifest.fingerprint
         if old.get("digest") == fingerprint["digest"]:
             journal_path.unlink(missing_ok=True)  # a run killed between sealing and cleaning up
             return manifest
@@ -787,12 +787,12 @@ def _start_state(job: TokenizeJob, fingerprint: dict[str, Any]) -> _Journal | di
                 "pass --overwrite to start over"
             )
         for entry in journal.files:
-            path = out / entry["name"]
-            if not path.is_file() or file_sha256(path) != entry["sha256"]:
+            path = out / entry.name
+            if not path.is_file() or file_sha256(path) != entry.sha256:
                 raise ShardError(
                     f"{path}: missing or changed since it was written; pass --overwrite to start over"
                 )
-        done = {entry["name"] for entry in journal.files}
+        done = {entry.name for entry in journal.files}
         for path in _own_files(out):  # a shard written after the last journal entry, and temporaries
             if path.name not in done and path.name != JOURNAL_NAME:
                 path.unlink()
@@ -834,10 +834,10 @@ def tokenize_to_shards(
     fingerprint = run_fingerprint(inputs, identity["sha256"], job.options_json())
     start = _start_state(job, fingerprint)
     summary = TokenizeSummary(out=job.out)
-    if isinstance(start, dict):
+    if isinstance(start, Manifest):
         open_shards(job.out, verify=False)  # the files are there, whole-sized and of the right rows
         summary.up_to_date = True
-        summary.rows, summary.tokens = start["num_rows"], start["num_tokens"]
+        summary.rows, summary.tokens = start.num_rows, start.num_tokens
         return summary
 
     journal = start if isinstance(start, _Journal) else None
@@ -870,7 +870,7 @@ def tokenize_to_shards(
         records, encoder, num_proc=job.num_proc, tokenizer_path=job.tokenizer, chat_template=job.chat_template
     )
     tokens_this_run = 0
-    rows_done = len(buffer) + sum(f["rows"] for f in files)
+    rows_done = len(buffer) + sum(f.rows for f in files)
     with bar:
         for result in results:
             consumed += 1
@@ -894,26 +894,23 @@ def tokenize_to_shards(
     if not files:
         raise PloraError("nothing to tokenize: the inputs hold no records (or every one was rejected)")
 
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "plora_version": plora_version(),
-        "tokenizer": identity,
-        # What rendered the chats (file None: the tokenizer's own); readers never need it to read ids.
-        "chat_template": {
+    manifest = Manifest(
+        plora_version=plora_version(),
+        tokenizer=identity,
+        chat_template={
             "file": str(Path(job.chat_template).resolve()) if job.chat_template is not None else None,
             "template": tokenizer.chat_template,
         },
-        "special_tokens": {"eos_id": encoder.special.eos_id, "bos_id": encoder.special.bos_id},
-        "packing": job.packing.to_json(),
-        "convert": job.options_json()["convert"],
-        "rows_per_shard": job.rows_per_shard,
-        "fingerprint": fingerprint,
-        "files": files,
-        "num_rows": sum(f["rows"] for f in files),
-        "num_tokens": sum(f["tokens"] for f in files),
-        "num_trained": sum(f["trained"] for f in files),
-        "meta_columns": list(META_COLUMNS),
-    }
+        special_tokens={"eos_id": encoder.special.eos_id, "bos_id": encoder.special.bos_id},
+        packing=job.packing.to_json(),
+        convert=job.options_json()["convert"],
+        rows_per_shard=job.rows_per_shard,
+        fingerprint=fingerprint,
+        files=tuple(files),
+        num_rows=sum(f.rows for f in files),
+        num_tokens=sum(f.tokens for f in files),
+        num_trained=sum(f.trained for f in files),
+    )
     write_manifest(job.out, manifest)
     (job.out / JOURNAL_NAME).unlink(missing_ok=True)
 
@@ -922,9 +919,9 @@ def tokenize_to_shards(
     summary.records_out = consumed - len(encode_rejects)
     summary.rejected = dict(rejects.counts)
     summary.rows, summary.tokens, summary.trained = (
-        manifest["num_rows"],
-        manifest["num_tokens"],
-        manifest["num_trained"],
+        manifest.num_rows,
+        manifest.num_tokens,
+        manifest.num_trained,
     )
     summary.shards = len(files)
     summary.tokens_this_run = tokens_this_run

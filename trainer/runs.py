@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from parallel.errors import PloraError
-from trainer.checkpoint import STATE_DIR, STATE_FILE, lora_dir, read_trainer_state
+from trainer.checkpoint import STATE_DIR, STATE_FILE, TrainerState, lora_dir
 from trainer.metrics import METRICS_FILE, read_metrics
 
 _CHECKPOINT = re.compile(r"(?P<name>.+)_(?:step(?P<step>\d+)|final)")
@@ -65,12 +65,12 @@ def _read_run(name: str, metrics: Path | None, checkpoint_dirs: list[Path]) -> R
     records = read_metrics(metrics) if metrics is not None else []
     losses = [(int(r["step"]), float(r["loss"])) for r in records if "loss" in r]
     val_losses = [(int(r["step"]), float(r["val_loss"])) for r in records if "val_loss" in r]
-    states = [(path, read_trainer_state(path)) for path in checkpoint_dirs]
+    states = [(path, TrainerState.read(path)) for path in checkpoint_dirs]
     checkpoints = sorted(
-        (_checkpoint(path, int(state["step"]), losses, val_losses) for path, state in states),
+        (_checkpoint(path, state.step, losses, val_losses) for path, state in states),
         key=lambda c: (c.step, c.path.name),
     )
-    total = max((int(s["total_steps"]) for _, s in states), default=None)
+    total = max((s.identity.total_steps for _, s in states), default=None)
     times = [float(r["time"]) for r in records if "time" in r]
     return Run(name, total, losses, val_losses, times, checkpoints)
 
