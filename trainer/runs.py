@@ -28,6 +28,14 @@ class Checkpoint:
 
 
 @dataclass(frozen=True)
+class Unreadable:
+    """A published checkpoint whose trainer state cannot be read: shown as such, not a stop."""
+
+    path: Path
+    reason: str  # the one-line error
+
+
+@dataclass(frozen=True)
 class Run:
     name: str
     total_steps: int | None  # from the newest checkpoint's trainer state
@@ -35,6 +43,7 @@ class Run:
     val_losses: list[tuple[int, float]]
     times: list[float]  # the metrics records' wall-clock times
     checkpoints: list[Checkpoint]
+    unreadable: list[Unreadable]
 
     @property
     def seconds(self) -> float | None:
@@ -65,14 +74,20 @@ def _read_run(name: str, metrics: Path | None, checkpoint_dirs: list[Path]) -> R
     records = read_metrics(metrics) if metrics is not None else []
     losses = [(int(r["step"]), float(r["loss"])) for r in records if "loss" in r]
     val_losses = [(int(r["step"]), float(r["val_loss"])) for r in records if "val_loss" in r]
-    states = [(path, TrainerState.read(path)) for path in checkpoint_dirs]
+    states: list[tuple[Path, TrainerState]] = []
+    unreadable: list[Unreadable] = []
+    for path in sorted(checkpoint_dirs):
+        try:
+            states.append((path, TrainerState.read(path)))
+        except PloraError as err:
+            unreadable.append(Unreadable(path, str(err)))
     checkpoints = sorted(
         (_checkpoint(path, state.step, losses, val_losses) for path, state in states),
         key=lambda c: (c.step, c.path.name),
     )
     total = max((s.identity.total_steps for _, s in states), default=None)
     times = [float(r["time"]) for r in records if "time" in r]
-    return Run(name, total, losses, val_losses, times, checkpoints)
+    return Run(name, total, losses, val_losses, times, checkpoints, unreadable)
 
 
 def _checkpoint(
