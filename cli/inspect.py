@@ -38,7 +38,7 @@ from pipeline.inspect import (
     token_texts,
     totals_facts,
 )
-from pipeline.shards import ShardError, open_shards
+from pipeline.shards import Manifest, ShardError, open_shards
 from pipeline.tokenize import pack_records
 
 # Terminal only; --json carries everything in full.
@@ -133,7 +133,7 @@ def _inspect_shards(
     _check_totals(shards.manifest, meta, directory)
 
     source: dict[str, Any] = {"kind": "shards", "path": str(directory), "verified": True}
-    named = shards.manifest["tokenizer"].get("name_or_path")
+    named = shards.manifest.tokenizer["name_or_path"]
     tokenizer = given
     if tokenizer is None and named and Path(named).is_dir():
         tokenizer = load_tokenizer(named, chat_template)
@@ -151,12 +151,12 @@ def _inspect_shards(
     return facts, shards.row(index), tokenizer
 
 
-def _check_totals(manifest: dict[str, Any], meta: dict[str, np.ndarray], directory: Path) -> None:
+def _check_totals(manifest: Manifest, meta: dict[str, np.ndarray], directory: Path) -> None:
     """The rows' metadata must add up to the manifest's counts, or the files are not what it describes."""
-    for key in ("num_tokens", "num_trained"):
+    for key, said in (("num_tokens", manifest.num_tokens), ("num_trained", manifest.num_trained)):
         total = int(meta[key].astype(np.int64).sum())
-        if total != manifest[key]:
-            raise ShardError(f"{directory}: the manifest says {key} {manifest[key]}, the rows hold {total}")
+        if total != said:
+            raise ShardError(f"{directory}: the manifest says {key} {said}, the rows hold {total}")
 
 
 def _inspect_records(
@@ -223,13 +223,11 @@ def _print_manifest(console: Console, manifest: dict[str, Any]) -> None:
     table = Table(title="manifest", show_header=False, title_justify="left")
     tokenizer = manifest["tokenizer"]
     table.add_row("format / plora", f"v{manifest['format_version']} / {manifest['plora_version']}")
-    ids = (tokenizer.get("vocab_sha256") or "? (identity v1)")[:12]
-    vocab = f"vocab {tokenizer['vocab_size']:,}, vocab_sha256 {ids}"
+    vocab = f"vocab {tokenizer['vocab_size']:,}, vocab_sha256 {tokenizer['vocab_sha256'][:12]}"
     table.add_row("tokenizer", f"{tokenizer['name_or_path']} ({vocab})")
-    if manifest.get("chat_template") is not None:  # absent from manifests of older plora versions
-        template = manifest["chat_template"]
-        own = "the tokenizer's own" if template["template"] is not None else "none"
-        table.add_row("chat template", template["file"] or own)
+    template = manifest["chat_template"]
+    own = "the tokenizer's own" if template["template"] is not None else "none"
+    table.add_row("chat template", template["file"] or own)
     for part in ("packing", "convert"):
         if manifest[part]:
             table.add_row(part, ", ".join(f"{k}={v}" for k, v in manifest[part].items()))

@@ -49,7 +49,9 @@ def runs_command(
                 f"  {checkpoint.path.name:<32}  {checkpoint.step:>7}  {_loss(checkpoint.train_loss):>8}  "
                 f"{_loss(checkpoint.val_loss):>8}  {saved}"
             )
-        if not run.checkpoints:
+        for bad in run.unreadable:
+            typer.echo(f"  {bad.path.name:<32}  unreadable: {bad.reason}")
+        if not run.checkpoints and not run.unreadable:
             typer.echo("  (no checkpoints)")
     if png is not None:
         typer.echo(f"loss curves written to {write_curves_png(runs, png)}")

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cli import fields
 from cli.app import app
-from parallel.adaptermeta import read_plora_json
+from parallel.adaptermeta import AdapterMeta
 from parallel.errors import PloraError
 from trainer.config import EvalOptions, TrainConfig
 from trainer.configfile import render
@@ -33,16 +33,17 @@ def _check_attn(attn: str, device: str, mask: str) -> None:
     check_attn_device(attn, pick_device(device, 0))  # every rank's device has the same type
 
 
-def _check_adapter_agrees(adapter: str, **given: float | int | None) -> None:
+def _check_adapter_agrees(adapter: str, rope_2d_ratio: float | None, stride: int | None) -> None:
     """An adapter is evaluated with the 2D RoPE it was trained with (its plora.json); a flag that
     asks for another one is refused rather than ignored."""
-
-    recorded = read_plora_json(adapter)
-    for name, value in given.items():
-        if value is not None and value != recorded[name]:
-            flag = "--" + name.replace("_", "-")
+    recorded = AdapterMeta.read(adapter)
+    for flag, value, was in (
+        ("--rope-2d-ratio", rope_2d_ratio, recorded.rope_2d_ratio),
+        ("--stride", stride, recorded.stride),
+    ):
+        if value is not None and value != was:
             raise PloraError(
-                f"{flag} {value} disagrees with adapter {adapter}, trained with {recorded[name]} "
+                f"{flag} {value} disagrees with adapter {adapter}, trained with {was} "
                 "(its plora.json); leave the flag out: the adapter decides"
             )
 

@@ -34,10 +34,8 @@ from typing import Any
 from parallel.errors import PloraError
 from parallel.layout import FORMAT_VERSION
 
-# The identity formula; bump it whenever tokenizer_identity changes. Identities written before the
-# field existed (one digest over vocabulary and chat template) count as version 1.
+# The identity formula; bump it whenever tokenizer_identity changes.
 IDENTITY_VERSION = 2
-_UNVERSIONED = 1
 
 # Fixed text whose encoding pins normaliser and pre-tokenizer behaviour: mixed case, accents, CJK,
 # digits, punctuation runs, tabs, newlines and repeated spaces.
@@ -128,10 +126,13 @@ def check_same_tokenizer(
         else tokenizer_identity(tokenizer_or_identity)
     )
     for side, identity in ((what, recorded), (against, have)):
-        found = identity.get("version", _UNVERSIONED)
+        found = identity.get("version")
         if found != IDENTITY_VERSION:
+            recorded_as = (
+                "no tokenizer identity version" if found is None else f"tokenizer identity version {found}"
+            )
             raise TokenizerMismatch(
-                f"{side}: recorded with tokenizer identity version {found}, this plora computes version "
+                f"{side}: recorded with {recorded_as}, this plora computes version "
                 f"{IDENTITY_VERSION}: re-run plora tokenize (and plora train, for an adapter)"
             )
     if have["vocab_sha256"] != recorded["vocab_sha256"] or have["vocab_size"] != recorded["vocab_size"]:

@@ -21,7 +21,7 @@ import contextlib
 import json
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,12 @@ import torch
 from safetensors import SafetensorError
 
 from parallel import atomic, outdir
-from parallel.adaptermeta import PLORA_JSON, read_plora_json
+from parallel.adaptermeta import PLORA_JSON, AdapterMeta, ExportInfo
 from parallel.errors import PloraError
 from parallel.fingerprint import check_same_tokenizer
 from parallel.generation import PLORA_CONFIG_ATTR
 from parallel.hfmodel import TORCH_DTYPES, load_adapter, load_causal_lm
-from parallel.layout import ALIGN_MODES, DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE, MASK_MODES
+from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE
 from parallel.pretrained import resolve_pretrained
 from parallel.rope2d import patch_model_2d_rope, restore_2d_rope
 from parallel.tokenizer import load_tokenizer
@@ -57,49 +57,6 @@ MODEL_FACTS: tuple[str, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class AdapterConfig:
-    """The parts of plora.json that loading and generation use; ``raw`` keeps every field."""
-
-    source: Path
-    base_model: str | None
-    patch_rope: bool
-    stride: int
-    pair_indices: tuple[int, ...]
-    num_pairs: int | None
-    mask: str
-    align: str
-    tokenizer: dict[str, Any] | None
-    model: dict[str, Any] | None
-    export: dict[str, Any] | None
-    raw: dict[str, Any]
-
-    @staticmethod
-    def read(directory: str | Path) -> AdapterConfig:
-        obj = read_plora_json(directory)
-        where = Path(directory) / PLORA_JSON
-        required = ("patch_rope", "stride", "pair_indices", "mask", "align")
-        missing = [key for key in required if key not in obj]
-        if missing:
-            raise PloraError(f"{where}: missing {', '.join(missing)}; not a plora.json this version can read")
-        if obj["mask"] not in MASK_MODES or obj["align"] not in ALIGN_MODES:
-            raise PloraError(f"{where}: unknown mask {obj['mask']!r} or align {obj['align']!r}")
-        return AdapterConfig(
-            source=Path(directory),
-            base_model=obj.get("base_model"),
-            patch_rope=bool(obj["patch_rope"]),
-            stride=int(obj["stride"]),
-            pair_indices=tuple(int(i) for i in obj["pair_indices"]),
-            num_pairs=obj.get("num_pairs"),
-            mask=obj["mask"],
-            align=obj["align"],
-            tokenizer=obj.get("tokenizer"),
-            model=obj.get("model"),
-            export=obj.get("export"),
-            raw=obj,
-        )
-
-
 def model_facts(model: torch.nn.Module) -> dict[str, Any]:
     """Architecture and sizes of a model (its language model's, for a multimodal config), as
     recorded in plora.json's ``model``."""
@@ -119,10 +76,10 @@ def _is_plora_dir(path: Path) -> bool:
 
 
 def _is_export(path: Path) -> bool:
-    return _is_plora_dir(path) and AdapterConfig.read(path).export is not None
+    return _is_plora_dir(path) and AdapterMeta.read(path).export is not None
 
 
-def _resolve_base(base_model: str | Path | None, config: AdapterConfig) -> str:
+def _resolve_base(base_model: str | Path | None, config: AdapterMeta) -> str:
     """The base model (absolute directory or hub id): the one given, or the one plora.json records."""
     if base_model is not None:
         return resolve_pretrained(base_model, what="base model").name
@@ -160,8 +117,7 @@ def _seal_export_config(directory: Path) -> None:
 
 
 def _export_model_config(directory: str) -> Any:
-    """The transformers config of an export, with its real model type (None for an export from
-    before the type was sealed, which loads as it is)."""
+    """The transformers config of an export, with its real model type."""
     from transformers import CONFIG_MAPPING  # noqa: PLC0415 - slow import
 
     path = Path(directory) / "config.json"
@@ -170,7 +126,7 @@ def _export_model_config(directory: str) -> Any:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise PloraError(f"{path}: cannot read the exported model's config ({err})") from None
     if REAL_MODEL_TYPE_KEY not in config:
-        return None
+        raise PloraError(f"{path}: no {REAL_MODEL_TYPE_KEY}; not a config.json written by plora export")
     model_type = config.pop(REAL_MODEL_TYPE_KEY)
     if model_type not in CONFIG_MAPPING:
         raise PloraError(f"{path}: model type {model_type!r} is unknown to this transformers")
@@ -199,27 +155,26 @@ def _load_weights(
 
 
 def check_adapter_fits(
-    config: AdapterConfig, model: torch.nn.Module, tokenizer: Any, *, base: str, against: str
+    config: AdapterMeta, model: torch.nn.Module, tokenizer: Any, *, base: str, against: str
 ) -> None:
     """Refuse an adapter on a base model other than its own: the tokenizer (``tokenizer``: a loaded
     one or a recorded identity, described by ``against``), the architecture and the sizes must be what
     plora.json records. Every path that puts an adapter on a base calls this: generate, export, eval,
     and train's --load-lora and --resume."""
-    if config.tokenizer is not None:
-        check_same_tokenizer(
-            config.tokenizer,
-            tokenizer,
-            what=f"adapter {config.source}",
-            against=against,
-            fix="load the adapter on its own base model",
-        )
+    check_same_tokenizer(
+        config.tokenizer,
+        tokenizer,
+        what=f"adapter {config.source}",
+        against=against,
+        fix="load the adapter on its own base model",
+    )
     _check_facts(model, config, base)
 
 
-def _check_facts(model: torch.nn.Module, config: AdapterConfig, base: str) -> None:
-    """The base given must be the architecture, and have the sizes, that plora.json records (an
-    adapter from before plora.json had ``model`` is checked by its tokenizer and RoPE alone)."""
-    recorded = config.model or {}
+def _check_facts(model: torch.nn.Module, config: AdapterMeta, base: str) -> None:
+    """The base given must be the architecture, and have the sizes, that plora.json records (a fact
+    recorded as null is one the base's config did not state)."""
+    recorded = config.model
     have = model_facts(model)
     for key in MODEL_FACTS:
         if recorded.get(key) is not None and recorded[key] != have[key]:
@@ -229,7 +184,7 @@ def _check_facts(model: torch.nn.Module, config: AdapterConfig, base: str) -> No
             )
 
 
-def _apply_rope(model: torch.nn.Module, config: AdapterConfig, base: str) -> None:
+def _apply_rope(model: torch.nn.Module, config: AdapterMeta, base: str) -> None:
     if not config.patch_rope:
         return
     rope = patch_model_2d_rope(model, stride=config.stride, pair_indices=config.pair_indices)
@@ -250,7 +205,7 @@ def load_parallel_model(
     trust_remote_code: bool = False,
     ratio: float = DEFAULT_ROPE_2D_RATIO,
     stride: int = DEFAULT_STRIDE,
-) -> tuple[Any, Any, AdapterConfig | None]:
+) -> tuple[Any, Any, AdapterMeta | None]:
     """(model, tokenizer, adapter config) ready for :func:`parallel.generation.generate`.
 
     ``base_model`` may be None when plora.json names it; an exported model loads as ``base_model``
@@ -264,17 +219,17 @@ def load_parallel_model(
         base_model, adapter_dir = adapter_dir, None  # an exported model given where an adapter goes
     if adapter_dir is not None:
         adapter = Path(adapter_dir)
-        config = AdapterConfig.read(adapter)
+        config = AdapterMeta.read(adapter)
         if config.export is not None:
             raise PloraError(f"{adapter}: an exported model, not an adapter; load it without a base model")
         base = _resolve_base(base_model, config)
         weights_dir: Path | None = adapter
     elif base_model is not None and _is_plora_dir(Path(base_model)):
         base = resolve_pretrained(base_model, what="model").name
-        config = AdapterConfig.read(base)
+        config = AdapterMeta.read(base)
         if config.export is None:
             raise PloraError(f"{base_model}: an adapter directory, not a model; pass it as the adapter")
-        adapter_name = config.export.get("adapter")
+        adapter_name = config.export.adapter
         weights_dir = Path(base) / adapter_name if adapter_name else None
     elif base_model is not None:
         base, config, weights_dir = resolve_pretrained(base_model, what="model").name, None, None
@@ -353,7 +308,7 @@ def _write_export(
     tmp: Path,
     model: Any,
     tokenizer: Any,
-    config: AdapterConfig,
+    config: AdapterMeta,
     merge: bool,
     dtype: str,
     adapter_dir: Path,
@@ -367,16 +322,11 @@ def _write_export(
     base.save_pretrained(str(tmp), safe_serialization=True)
     _seal_export_config(tmp)
     tokenizer.save_pretrained(str(tmp))
-    meta = {
-        **config.raw,
-        "base_model": None,
-        "model": model_facts(base),
-        "export": {
-            "merged": merge,
-            "adapter": None if merge else EXPORT_ADAPTER_DIR,
-            "source_adapter": str(adapter_dir.resolve()),
-            "source_base_model": source_base,
-            "dtype": dtype,
-        },
-    }
-    atomic.write_json(tmp / PLORA_JSON, meta)
+    export = ExportInfo(
+        merged=merge,
+        adapter=None if merge else EXPORT_ADAPTER_DIR,
+        source_adapter=str(adapter_dir.resolve()),
+        source_base_model=source_base,
+        dtype=dtype,
+    )
+    replace(config, base_model=None, model=model_facts(base), export=export).write(tmp)

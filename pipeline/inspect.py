@@ -13,13 +13,21 @@ from typing import Any
 
 import numpy as np
 
-from parallel.layout import IGNORE_INDEX, MASK_MODES, META_COLUMNS, PackedRow, row_has_trunk, visible
+from parallel.layout import (
+    FORMAT_VERSION,
+    IGNORE_INDEX,
+    MASK_MODES,
+    META_COLUMNS,
+    PackedRow,
+    row_has_trunk,
+    visible,
+)
+from pipeline.shards import Manifest
 
 # Decodes token ids to text (a tokenizer's ``decode``); None shows ids instead.
 Decode = Callable[[list[int]], str]
 
 DEFAULT_BATCH_SIZE = 8
-FILE_KEYS = ("name", "rows", "tokens", "bytes", "sha256")  # of each manifest file entry
 MASK_BLOCK_ELEMENTS = 1 << 22  # mask entries evaluated at once when counting visible pairs
 
 
@@ -79,25 +87,27 @@ def totals_facts(meta: Mapping[str, np.ndarray], batch_size: int = DEFAULT_BATCH
     }
 
 
-def manifest_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
+def manifest_facts(manifest: Manifest) -> dict[str, Any]:
     """What a reader checks before trusting the shards, in short."""
-    tokenizer = manifest.get("tokenizer") or {}
-    fingerprint = manifest.get("fingerprint") or {}
+    tokenizer = manifest.tokenizer
     return {
-        "format_version": manifest.get("format_version"),
-        "plora_version": manifest.get("plora_version"),
+        "format_version": FORMAT_VERSION,
+        "plora_version": manifest.plora_version,
         "tokenizer": {
-            k: tokenizer.get(k) for k in ("name_or_path", "vocab_size", "version", "vocab_sha256", "sha256")
+            k: tokenizer[k] for k in ("name_or_path", "vocab_size", "version", "vocab_sha256", "sha256")
         },
-        "chat_template": manifest.get("chat_template"),
-        "special_tokens": manifest.get("special_tokens"),
-        "packing": manifest.get("packing"),
-        "convert": manifest.get("convert"),
-        "fingerprint": fingerprint.get("digest"),
-        "files": [{k: f.get(k) for k in FILE_KEYS} for f in manifest.get("files", [])],
-        "num_rows": manifest.get("num_rows"),
-        "num_tokens": manifest.get("num_tokens"),
-        "num_trained": manifest.get("num_trained"),
+        "chat_template": manifest.chat_template,
+        "special_tokens": manifest.special_tokens,
+        "packing": manifest.packing,
+        "convert": manifest.convert,
+        "fingerprint": manifest.digest,
+        "files": [
+            {"name": f.name, "rows": f.rows, "tokens": f.tokens, "bytes": f.bytes, "sha256": f.sha256}
+            for f in manifest.files
+        ],
+        "num_rows": manifest.num_rows,
+        "num_tokens": manifest.num_tokens,
+        "num_trained": manifest.num_trained,
     }
 
 

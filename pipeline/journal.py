@@ -30,7 +30,7 @@ from parallel.layout import (
     PackerState,
     TokenSequence,
 )
-from pipeline.shards import JOURNAL_NAME, ShardError, read_manifest
+from pipeline.shards import JOURNAL_NAME, Manifest, ShardError, ShardFile, read_manifest
 
 __all__ = ["Journal", "start_state"]
 
@@ -40,7 +40,7 @@ class Journal:
     """What an interrupted run leaves for --resume (see the module docstring)."""
 
     digest: str
-    files: list[dict[str, Any]]
+    files: list[ShardFile]
     records_consumed: int
     packer: PackerState
     buffer: list[PackedRow]
@@ -49,7 +49,7 @@ class Journal:
     def to_bytes(self) -> bytes:
         header = {
             "digest": self.digest,
-            "files": self.files,
+            "files": [f.to_json() for f in self.files],
             "records_consumed": self.records_consumed,
             "target": self.packer.target,
             "rng": self.packer.rng,
@@ -104,7 +104,7 @@ class Journal:
                 buffer.append(PackedRow(ids, branch, time_, labels, num_branches=k, trunk_len=trunk))
         return Journal(
             digest=header["digest"],
-            files=header["files"],
+            files=[ShardFile.from_json(f) for f in header["files"]],
             records_consumed=header["records_consumed"],
             packer=PackerState(
                 pending=pending, target=header["target"], rng=header["rng"], counts=header.get("counts", {})
@@ -148,7 +148,7 @@ def _interrupted(out: Path) -> PloraError:
 
 def start_state(
     out: Path, fingerprint: dict[str, Any], *, resume: bool, overwrite: bool
-) -> Journal | dict[str, Any] | None:
+) -> Journal | Manifest | None:
     """Decide what to do with what is already in ``out``: the manifest of an up-to-date
     directory, a journal to resume from, or None (start afresh, after clearing old shards)."""
     if resume and overwrite:
@@ -160,7 +160,7 @@ def start_state(
         return None
     if manifest_path.exists():
         manifest = read_manifest(out)
-        old = manifest["fingerprint"]
+        old = manifest.fingerprint
         if old.get("digest") == fingerprint["digest"]:
             journal_path.unlink(missing_ok=True)  # a run killed between sealing and cleaning up
             return manifest
@@ -178,12 +178,12 @@ def start_state(
                 "pass --overwrite to start over"
             )
         for entry in journal.files:
-            path = out / entry["name"]
-            if not path.is_file() or file_sha256(path) != entry["sha256"]:
+            path = out / entry.name
+            if not path.is_file() or file_sha256(path) != entry.sha256:
                 raise ShardError(
                     f"{path}: missing or changed since it was written; pass --overwrite to start over"
                 )
-        done = {entry["name"] for entry in journal.files}
+        done = {entry.name for entry in journal.files}
         for path in _own_files(out):  # a shard written after the last journal entry, and temporaries
             if path.name not in done and path.name != JOURNAL_NAME:
                 path.unlink()

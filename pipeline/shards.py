@@ -13,8 +13,8 @@ tokenizer), so the trainer can read shards on a machine without the conversion d
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import pyarrow as pa
 from parallel import atomic
 from parallel.errors import PloraError
 from parallel.fingerprint import canonical_json, check_same_tokenizer, file_sha256, sha256_text
+from parallel.jsonfile import Count, Shape, fields_problem, json_text, missing_keys, read_object
 from parallel.layout import (
     ALIGN_MODES,
     FORMAT_VERSION,
@@ -46,37 +47,125 @@ SCHEMA = pa.schema(
     metadata={"plora_format_version": str(FORMAT_VERSION)},
 )
 
-# What readers (open_shards, plora inspect, plora train) take from a manifest, with its JSON type:
-# checked on reading, so that a damaged manifest is a one-line error, not a KeyError deep inside.
-MANIFEST_SHAPE: dict[str, type] = {
+# Every key of a manifest with its JSON type, checked on reading, so that a damaged manifest is a
+# one-line error naming the key, not a KeyError deep inside.
+MANIFEST_SHAPE: Shape = {
     "format_version": int,
     "plora_version": str,
     "tokenizer": dict,
+    "chat_template": dict,
     "special_tokens": dict,
     "packing": dict,
     "convert": dict,
+    "rows_per_shard": Count,
     "fingerprint": dict,
     "files": list,
-    "num_rows": int,
-    "num_tokens": int,
-    "num_trained": int,
+    "num_rows": Count,
+    "num_tokens": Count,
+    "num_trained": Count,
+    "meta_columns": list,
 }
-MANIFEST_KEYS: tuple[str, ...] = tuple(MANIFEST_SHAPE)
-NESTED_SHAPE: dict[str, dict[str, type]] = {
-    "tokenizer": {"name_or_path": str, "vocab_size": int},
-    "special_tokens": {"eos_id": int},
-    "packing": {"align": str, "max_seq_len": int, "max_branches": int},
+NESTED_SHAPE: dict[str, Shape] = {
+    "tokenizer": {
+        "version": int,
+        "name_or_path": str,
+        "vocab_size": Count,
+        "vocab_sha256": str,
+        "sha256": str,
+    },
+    "chat_template": {"file": (str, type(None)), "template": (str, dict, type(None))},
+    "special_tokens": {"eos_id": Count},
+    "packing": {"align": str, "max_seq_len": Count, "max_branches": Count},
     "fingerprint": {"digest": str},
 }
-FILE_SHAPE: dict[str, type] = {
+FILE_SHAPE: Shape = {
     "name": str,
-    "bytes": int,
+    "bytes": Count,
     "sha256": str,
-    "rows": int,
-    "tokens": int,
-    "trained": int,
+    "rows": Count,
+    "tokens": Count,
+    "trained": Count,
 }
-_TYPE_NAMES = {int: "an integer", str: "a string", dict: "an object", list: "a list"}
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """A manifest's entry for one shard file."""
+
+    name: str
+    rows: int
+    tokens: int
+    trained: int  # tokens that are training targets
+    bytes: int
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "rows": self.rows,
+            "tokens": self.tokens,
+            "trained": self.trained,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+        }
+
+    @staticmethod
+    def from_json(obj: dict[str, Any]) -> ShardFile:
+        return ShardFile(
+            name=obj["name"],
+            rows=obj["rows"],
+            tokens=obj["tokens"],
+            trained=obj["trained"],
+            bytes=obj["bytes"],
+            sha256=obj["sha256"],
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json, the seal of a shard directory. ``tokenizer`` is the identity of
+    parallel.fingerprint, ``packing`` the PackingOptions, ``fingerprint`` the run fingerprint
+    (parts and digest). ``seal`` is its ``manifest_sha256`` as read (None before it is written)."""
+
+    plora_version: str
+    tokenizer: dict[str, Any]
+    # What rendered the chats ({"file", "template"}; file None: the tokenizer's own); readers never
+    # need it to read ids.
+    chat_template: dict[str, Any]
+    special_tokens: dict[str, Any]
+    packing: dict[str, Any]
+    convert: dict[str, Any]
+    rows_per_shard: int
+    fingerprint: dict[str, Any]
+    files: tuple[ShardFile, ...]
+    num_rows: int
+    num_tokens: int
+    num_trained: int
+    meta_columns: tuple[str, ...] = META_COLUMNS
+    seal: str | None = None  # None until written
+
+    @property
+    def digest(self) -> str:
+        return self.fingerprint["digest"]
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest without its seal."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "plora_version": self.plora_version,
+            "tokenizer": self.tokenizer,
+            "chat_template": self.chat_template,
+            "special_tokens": self.special_tokens,
+            "packing": self.packing,
+            "convert": self.convert,
+            "rows_per_shard": self.rows_per_shard,
+            "fingerprint": self.fingerprint,
+            "files": [f.to_json() for f in self.files],
+            "num_rows": self.num_rows,
+            "num_tokens": self.num_tokens,
+            "num_trained": self.num_trained,
+            "meta_columns": list(self.meta_columns),
+        }
 
 
 class ShardError(PloraError):
@@ -121,7 +210,7 @@ def _int32_array(values: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(pa.int32(), len(data), [None, pa.py_buffer(data)])
 
 
-def write_shard(directory: Path, index: int, rows: Sequence[PackedRow]) -> dict[str, Any]:
+def write_shard(directory: Path, index: int, rows: Sequence[PackedRow]) -> ShardFile:
     """Write one shard file atomically; return its manifest entry (name, rows, tokens, bytes, sha256)."""
     batch = rows_to_batch(rows)
     sink = pa.BufferOutputStream()
@@ -132,19 +221,20 @@ def write_shard(directory: Path, index: int, rows: Sequence[PackedRow]) -> dict[
     atomic.write_bytes(directory / name, memoryview(data))
     num_tokens = batch.column("num_tokens").to_numpy()
     num_trained = batch.column("num_trained").to_numpy()
-    return {
-        "name": name,
-        "rows": len(rows),
-        "tokens": int(num_tokens.sum()),
-        "trained": int(num_trained.sum()),
-        "bytes": data.size,
-        "sha256": hashlib.sha256(memoryview(data)).hexdigest(),
-    }
+    return ShardFile(
+        name=name,
+        rows=len(rows),
+        tokens=int(num_tokens.sum()),
+        trained=int(num_trained.sum()),
+        bytes=data.size,
+        sha256=hashlib.sha256(memoryview(data)).hexdigest(),
+    )
 
 
-def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+def write_manifest(directory: Path, manifest: Manifest) -> None:
     """Seal the directory: after this, readers accept it."""
-    atomic.write_json(directory / MANIFEST_NAME, {**manifest, SEAL_KEY: manifest_seal(manifest)})
+    obj = manifest.to_json()
+    atomic.write_json(directory / MANIFEST_NAME, {**obj, SEAL_KEY: manifest_seal(obj)})
 
 
 def manifest_seal(manifest: dict[str, Any]) -> str:
@@ -157,8 +247,8 @@ def manifest_seal(manifest: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def read_manifest(directory: str | Path) -> dict[str, Any]:
-    """The manifest of a complete shard directory, checked for format and required keys."""
+def read_manifest(directory: str | Path) -> Manifest:
+    """The manifest of a complete shard directory, checked for format, keys and their types."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ShardError(f"{directory}: no such shard directory (run plora tokenize first)")
@@ -168,64 +258,57 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         if started:
             raise ShardError(f"{directory}: incomplete (no {MANIFEST_NAME}): run plora tokenize --resume")
         raise ShardError(f"{directory}: not a shard directory (no {MANIFEST_NAME}); run plora tokenize first")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ShardError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(manifest, dict):
-        raise ShardError(f"{path}: expected a JSON object")
-    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    obj = read_object(path, ShardError)
+    missing = missing_keys(obj, MANIFEST_SHAPE)
     if missing:
         raise ShardError(f"{path}: missing keys {', '.join(missing)}")
-    if manifest["format_version"] != FORMAT_VERSION:
+    if obj["format_version"] != FORMAT_VERSION:
         raise ShardError(
-            f"{path}: format_version {manifest['format_version']!r}, this plora reads {FORMAT_VERSION} "
+            f"{path}: format_version {obj['format_version']!r}, this plora reads {FORMAT_VERSION} "
             "(a layout that changed, see docs/layout.md); re-run plora tokenize --overwrite"
         )
-    problem = _shape_problem(manifest)
+    problem = _shape_problem(obj)
     if problem:
         raise ShardError(f"{path}: damaged manifest: {problem}; re-run plora tokenize --overwrite")
-    return manifest
+    if not isinstance(obj.get(SEAL_KEY), str):
+        raise ShardError(
+            f"{path}: has no {SEAL_KEY}, so its packing facts cannot be trusted; "
+            "re-run plora tokenize --overwrite"
+        )
+    return Manifest(
+        plora_version=obj["plora_version"],
+        tokenizer=obj["tokenizer"],
+        chat_template=obj["chat_template"],
+        special_tokens=obj["special_tokens"],
+        packing=obj["packing"],
+        convert=obj["convert"],
+        rows_per_shard=obj["rows_per_shard"],
+        fingerprint=obj["fingerprint"],
+        files=tuple(ShardFile.from_json(entry) for entry in obj["files"]),
+        num_rows=obj["num_rows"],
+        num_tokens=obj["num_tokens"],
+        num_trained=obj["num_trained"],
+        meta_columns=tuple(obj["meta_columns"]),
+        seal=obj[SEAL_KEY],
+    )
 
 
 def _shape_problem(manifest: dict[str, Any]) -> str | None:
     """What is wrong with the shape of a manifest (see MANIFEST_SHAPE), or None."""
-    problem = _fields_problem(manifest, MANIFEST_SHAPE, "")
+    problem = fields_problem(manifest, MANIFEST_SHAPE)
     for key, shape in NESTED_SHAPE.items():
-        problem = problem or _fields_problem(manifest[key], shape, f"{key}.")
-    template = manifest.get("chat_template")  # absent from manifests of older plora versions
-    if problem is None and template is not None and not isinstance(template, dict):
-        problem = f"chat_template is {_json_type(template)}, expected an object or null"
+        problem = problem or fields_problem(manifest[key], shape, f"{key}.")
     for i, entry in enumerate(manifest["files"]):
         if problem is not None:
             break
         if not isinstance(entry, dict):
-            problem = f"files[{i}] is {_json_type(entry)}, expected an object"
+            problem = f"files[{i}] is {json_text(entry)}, expected an object"
             continue
-        problem = _fields_problem(entry, FILE_SHAPE, f"files[{i}].")
-        name = entry.get("name", "")
+        problem = fields_problem(entry, FILE_SHAPE, f"files[{i}].")
+        name = entry["name"] if problem is None else ""
         if problem is None and (Path(name).name != name or name in ("", ".", "..")):
             problem = f"files[{i}].name {entry['name']!r} is not a file name in the directory"
     return problem
-
-
-def _fields_problem(values: dict[str, Any], shape: dict[str, type], prefix: str) -> str | None:
-    for key, kind in shape.items():
-        if key not in values:
-            return f"{prefix}{key} is missing"
-        value = values[key]
-        # bool is an int to Python, not to JSON; counts and ids are never negative.
-        ok = isinstance(value, kind) and not isinstance(value, bool)
-        if ok and kind is int and value < 0:
-            return f"{prefix}{key} is {value}, expected a count (>= 0)"
-        if not ok:
-            return f"{prefix}{key} is {_json_type(value)}, expected {_TYPE_NAMES[kind]}"
-    return None
-
-
-def _json_type(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 class _Batch:
@@ -249,7 +332,7 @@ class _Batch:
 class ShardSet:
     """A verified, memory-mapped shard directory. ``row(i)`` copies only row i out of the map."""
 
-    def __init__(self, directory: Path, manifest: dict[str, Any], *, verify: bool):
+    def __init__(self, directory: Path, manifest: Manifest, *, verify: bool):
         self.directory = directory
         self.manifest = manifest
         self._maps: list[pa.MemoryMappedFile] = []
@@ -257,36 +340,31 @@ class ShardSet:
         self._open(verify)
         counts = np.fromiter((b.num_rows for b in self._batches), dtype=np.int64, count=len(self._batches))
         self._starts = np.concatenate([[0], np.cumsum(counts)])
-        if int(self._starts[-1]) != manifest["num_rows"]:
+        if int(self._starts[-1]) != manifest.num_rows:
             raise ShardError(
-                f"{directory}: the manifest says {manifest['num_rows']} rows, "
+                f"{directory}: the manifest says {manifest.num_rows} rows, "
                 f"the files hold {int(self._starts[-1])}"
             )
-        seal = manifest.get(SEAL_KEY)
-        if seal != manifest_seal(manifest):
-            why = (
-                f"changed after plora tokenize wrote it (its {SEAL_KEY} does not match its contents)"
-                if seal
-                else f"has no {SEAL_KEY} (an older plora wrote it)"
-            )
+        if manifest.seal != manifest_seal(manifest.to_json()):
             raise ShardError(
-                f"{directory / MANIFEST_NAME}: {why}, so its packing facts cannot be trusted; "
+                f"{directory / MANIFEST_NAME}: changed after plora tokenize wrote it (its {SEAL_KEY} does "
+                "not match its contents), so its packing facts cannot be trusted; "
                 "re-run plora tokenize --overwrite"
             )
         if verify:
             self._check_packing()
 
     def _open(self, verify: bool) -> None:
-        for entry in self.manifest["files"]:
-            path = self.directory / entry["name"]
+        for entry in self.manifest.files:
+            path = self.directory / entry.name
             if not path.is_file():
                 raise ShardError(f"{path}: listed in {MANIFEST_NAME} but missing")
             size = path.stat().st_size
-            if size != entry["bytes"]:
+            if size != entry.bytes:
                 raise ShardError(
-                    f"{path}: {size} bytes, the manifest says {entry['bytes']} (corrupt or replaced)"
+                    f"{path}: {size} bytes, the manifest says {entry.bytes} (corrupt or replaced)"
                 )
-            if verify and file_sha256(path) != entry["sha256"]:
+            if verify and file_sha256(path) != entry.sha256:
                 raise ShardError(f"{path}: sha256 does not match the manifest (corrupt or replaced)")
             mapped = pa.memory_map(str(path))
             try:
@@ -297,14 +375,14 @@ class ShardSet:
                 raise ShardError(f"{path}: unexpected columns {reader.schema.names}; expected {SCHEMA.names}")
             batches = [_Batch(reader.get_batch(i)) for i in range(reader.num_record_batches)]
             rows = sum(b.num_rows for b in batches)
-            if rows != entry["rows"]:
-                raise ShardError(f"{path}: holds {rows} rows, the manifest says {entry['rows']}")
+            if rows != entry.rows:
+                raise ShardError(f"{path}: holds {rows} rows, the manifest says {entry.rows}")
             self._maps.append(mapped)
             self._batches.extend(batches)
 
     def _check_packing(self) -> None:
         """Refuse a manifest whose packing facts the rows contradict (see :func:`_packing_problem`)."""
-        packing = self.manifest["packing"]
+        packing = self.manifest.packing
         for batch in self._batches:
             problem = _packing_problem(batch, packing)
             if problem is not None:
@@ -341,7 +419,7 @@ class ShardSet:
 
     def check_tokenizer(self, tokenizer: Any) -> None:
         """Refuse a tokenizer that does not give the ids the shards were built with."""
-        check_same_tokenizer(self.manifest["tokenizer"], tokenizer, what=f"shards {self.directory}")
+        check_same_tokenizer(self.manifest.tokenizer, tokenizer, what=f"shards {self.directory}")
 
     def __getstate__(self) -> dict[str, Any]:
         # Memory maps do not pickle (DataLoader workers): reopen them on the other side.
@@ -392,8 +470,8 @@ def open_shards(directory: str | Path, *, verify: bool = True) -> ShardSet:
     return ShardSet(directory, read_manifest(directory), verify=verify)
 
 
-# added by TRAINER: the trainer gathers whole micro-batches with numpy fancy indexing, so it needs the
-# flat (zero-copy) value arrays and row offsets of each record batch rather than one row at a time.
+# The trainer gathers whole micro-batches with numpy fancy indexing, so it needs the flat (zero-copy)
+# value arrays and row offsets of each record batch rather than one row at a time.
 def flat_columns(shards: ShardSet) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
     """Per record batch, in row order: (row offsets ``[rows + 1]``, {token column: flat values})."""
     out = []

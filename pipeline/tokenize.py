@@ -32,7 +32,7 @@ from typing import Any
 from parallel import atomic
 from parallel.errors import PloraError, Rejects
 from parallel.fingerprint import plora_version, run_fingerprint, tokenizer_identity
-from parallel.layout import FORMAT_VERSION, META_COLUMNS, PackedRow, Packer, PackingOptions, PackItem
+from parallel.layout import PackedRow, Packer, PackingOptions, PackItem
 from parallel.tokenizer import load_tokenizer
 from pipeline.convert import (
     ConvertOptions,
@@ -45,7 +45,7 @@ from pipeline.encode import RecordEncoder, Rejected, batches
 from pipeline.journal import Journal, start_state
 from pipeline.progress import InputMeter, ProgressLine
 from pipeline.readers import check_readable
-from pipeline.shards import JOURNAL_NAME, open_shards, write_manifest, write_shard
+from pipeline.shards import JOURNAL_NAME, Manifest, ShardFile, open_shards, write_manifest, write_shard
 
 __all__ = [
     "DEFAULT_ROWS_PER_SHARD",
@@ -255,11 +255,11 @@ class ShardWriter:
 
     def __init__(self, out: Path, rows_per_shard: int, digest: str, packer: Packer, journal: Journal | None):
         self.out, self.rows_per_shard, self.digest, self.packer = out, rows_per_shard, digest, packer
-        self.files: list[dict[str, Any]] = list(journal.files) if journal else []
+        self.files: list[ShardFile] = list(journal.files) if journal else []
         self.consumed = journal.records_consumed if journal else 0  # records read, rejected ones too
         self.buffer: list[PackedRow] = list(journal.buffer) if journal else []
         self.encode_rejects: list[list[Any]] = list(journal.encode_rejects) if journal else []
-        self.rows_done = len(self.buffer) + sum(f["rows"] for f in self.files)
+        self.rows_done = len(self.buffer) + sum(f.rows for f in self.files)
         self.tokens_this_run = 0
 
     def reject(self, result: Rejected) -> None:
@@ -315,10 +315,10 @@ def tokenize_to_shards(
     fingerprint = run_fingerprint(inputs, identity["sha256"], job.options_json())
     start = start_state(job.out, fingerprint, resume=job.resume, overwrite=job.overwrite)
     summary = TokenizeSummary(out=job.out)
-    if isinstance(start, dict):
+    if isinstance(start, Manifest):
         open_shards(job.out, verify=False)  # the files are there, whole-sized and of the right rows
         summary.up_to_date = True
-        summary.rows, summary.tokens = start["num_rows"], start["num_tokens"]
+        summary.rows, summary.tokens = start.num_rows, start.num_tokens
         return summary
 
     packer = Packer(job.packing, encoder.special, state=start.packer if start else None)
@@ -341,9 +341,9 @@ def tokenize_to_shards(
     summary.records_out = writer.consumed - len(writer.encode_rejects)
     summary.rejected = dict(rejects.counts)
     summary.rows, summary.tokens, summary.trained = (
-        manifest["num_rows"],
-        manifest["num_tokens"],
-        manifest["num_trained"],
+        manifest.num_rows,
+        manifest.num_tokens,
+        manifest.num_trained,
     )
     summary.shards = len(files)
     summary.tokens_this_run = writer.tokens_this_run
@@ -404,25 +404,23 @@ def _manifest(
     identity: dict[str, Any],
     encoder: RecordEncoder,
     fingerprint: dict[str, Any],
-    files: list[dict[str, Any]],
-) -> dict[str, Any]:
-    return {
-        "format_version": FORMAT_VERSION,
-        "plora_version": plora_version(),
-        "tokenizer": identity,
+    files: list[ShardFile],
+) -> Manifest:
+    return Manifest(
+        plora_version=plora_version(),
+        tokenizer=identity,
         # What rendered the chats (file None: the tokenizer's own); readers never need it to read ids.
-        "chat_template": {
+        chat_template={
             "file": str(Path(job.chat_template).resolve()) if job.chat_template is not None else None,
             "template": tokenizer.chat_template,
         },
-        "special_tokens": {"eos_id": encoder.special.eos_id, "bos_id": encoder.special.bos_id},
-        "packing": job.packing.to_json(),
-        "convert": job.options_json()["convert"],
-        "rows_per_shard": job.rows_per_shard,
-        "fingerprint": fingerprint,
-        "files": files,
-        "num_rows": sum(f["rows"] for f in files),
-        "num_tokens": sum(f["tokens"] for f in files),
-        "num_trained": sum(f["trained"] for f in files),
-        "meta_columns": list(META_COLUMNS),
-    }
+        special_tokens={"eos_id": encoder.special.eos_id, "bos_id": encoder.special.bos_id},
+        packing=job.packing.to_json(),
+        convert=job.options_json()["convert"],
+        rows_per_shard=job.rows_per_shard,
+        fingerprint=fingerprint,
+        files=tuple(files),
+        num_rows=sum(f.rows for f in files),
+        num_tokens=sum(f.tokens for f in files),
+        num_trained=sum(f.trained for f in files),
+    )

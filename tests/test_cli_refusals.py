@@ -69,16 +69,17 @@ def _without_training_on(source: Path, out: Path, branches: int) -> None:
     manifest = shards.manifest
     out.mkdir()
     start = 0
-    for index, entry in enumerate(manifest["files"]):
-        rows = [shards.row(i) for i in range(start, start + entry["rows"])]
-        start += entry["rows"]
+    files = []
+    for index, entry in enumerate(manifest.files):
+        rows = [shards.row(i) for i in range(start, start + entry.rows)]
+        start += entry.rows
         untrained = [
             dataclasses.replace(r, labels=np.full_like(r.labels, -100)) if r.num_branches == branches else r
             for r in rows
         ]
-        manifest["files"][index] = write_shard(out, index, untrained)
-    manifest["num_trained"] = sum(entry["trained"] for entry in manifest["files"])
-    write_manifest(out, manifest)
+        files.append(write_shard(out, index, untrained))
+    trained = sum(entry.trained for entry in files)
+    write_manifest(out, dataclasses.replace(manifest, files=tuple(files), num_trained=trained))
 
 
 def test_item22_eval_json_gives_null_for_a_branch_count_without_trained_tokens(

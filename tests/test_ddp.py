@@ -25,7 +25,7 @@ def test_two_processes_match_one_with_the_same_global_batch(
     # Global batch 8 (2 rows x 2 processes x 2 accumulation steps). Hold out rows so that 8k + 1 remain for
     # training: the last step has one row, so both processes have an empty micro-batch there and join
     # with a weightless row. Validation rows are split between the processes.
-    rows = open_shards(train_shards).manifest["num_rows"]
+    rows = open_shards(train_shards).manifest.num_rows
     held_out = (rows - 1) % 8 or 8
     steps = (rows - held_out) // 8 + 1
     flags = ["--learning-rate", "1e-2", "--accumulation-steps", "2", "--val-fraction", str(held_out / rows)]

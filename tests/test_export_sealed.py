@@ -3,6 +3,7 @@ ordinary model in plain transformers."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,9 @@ import torch
 from cli_helpers import run_plora
 from train_helpers import cli_args, subprocess_env
 
+from parallel.errors import PloraError
 from parallel.forward import forward_packed
-from parallel.loading import load_parallel_model
+from parallel.loading import export_model, load_parallel_model
 from pipeline.shards import open_shards
 from trainer.checkpoint import final_checkpoint
 
@@ -53,3 +55,13 @@ def test_item10_export_refuses_plain_transformers_and_loads_in_plora(
     generated = run_plora(plora_bin, *generate, "--max-new-tokens", "3", "--json", env=subprocess_env())
     assert generated.returncode == 0, generated.stderr
     assert "plora-qwen2" not in generated.stderr  # transformers' warning about it is expected: not shown
+
+
+def test_export_config_without_its_real_model_type_is_refused(adapter: Path, tmp_path: Path) -> None:
+    out = export_model(adapter, tmp_path / "export")
+    config = json.loads((out / "config.json").read_text())
+    del config["plora_model_type"]
+    (out / "config.json").write_text(json.dumps(config))
+    refused = r"config\.json: no plora_model_type; not a config\.json written by plora export$"
+    with pytest.raises(PloraError, match=refused):
+        load_parallel_model(out)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from cli_helpers import one_line_error, run_plora
 
+from parallel.adaptermeta import AdapterMeta
 from parallel.atomic import temporaries
 from parallel.errors import PloraError
 from parallel.forward import forward_packed
@@ -192,9 +193,12 @@ def test_foreign_tokenizer_is_refused(trained, tmp_path: Path) -> None:
 
 
 def test_adapter_of_an_older_identity_version_says_so(trained, tmp_path: Path) -> None:
-    adapter = _copy_adapter(trained, tmp_path, lambda m: m["tokenizer"].pop("version"))
+    adapter = _copy_adapter(trained, tmp_path, lambda m: m["tokenizer"].update(version=1))
     with pytest.raises(PloraError, match="identity version 1, this plora computes version 2"):
         load_parallel_model(None, adapter)
+    unversioned = _copy_adapter(trained, tmp_path / "unversioned", lambda m: m["tokenizer"].pop("version"))
+    with pytest.raises(PloraError, match=r"plora\.json: tokenizer\.version is missing$"):
+        load_parallel_model(None, unversioned)
 
 
 def test_plora_json_records_the_base_model(trained, tiny_model_dir: Path) -> None:
@@ -223,6 +227,19 @@ def test_base_model_other_than_the_recorded_facts_is_refused(
     message = str(caught.value)
     assert message.startswith(f"{os.path.abspath(tiny_model_dir)}: {fact} is ") and "\n" not in message
     assert f"{recorded!r}; load it on its own base model" in message
+
+
+def test_plora_json_reads_back_byte_for_byte(trained, tmp_path: Path) -> None:
+    meta = AdapterMeta.read(trained["adapter"])
+    assert (meta.mask, meta.stride, meta.step, meta.export) == ("columnar", 16, 3, None)
+    meta.write(tmp_path)
+    assert (tmp_path / "plora.json").read_bytes() == (trained["adapter"] / "plora.json").read_bytes()
+
+
+def test_plora_json_of_a_wrong_type_names_the_file_and_key(trained, tmp_path: Path) -> None:
+    adapter = _copy_adapter(trained, tmp_path, lambda m: m.update(stride="16"))
+    with pytest.raises(PloraError, match=r'/adapter/plora\.json: stride is "16", expected an integer$'):
+        load_parallel_model(None, adapter)
 
 
 def test_incomplete_plora_json_is_refused(trained, tmp_path: Path) -> None:

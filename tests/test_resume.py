@@ -71,7 +71,7 @@ def job(source: Path, tokenizer: Path, out: Path, **flags: bool) -> TokenizeJob:
 def reference(tmp_path_factory: pytest.TempPathFactory, big_input: Path, tiny_model_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("reference") / "shards"
     tokenize_to_shards(job(big_input, tiny_model_dir, out), Rejects(), progress=False)
-    assert len(open_shards(out).manifest["files"]) > 40
+    assert len(open_shards(out).manifest.files) > 40
     return out
 
 
@@ -96,7 +96,7 @@ def test_killed_run_resumes_to_identical_shards(
     assert run.returncode == -signal.SIGKILL, "the run ended before it could be killed; give it more input"
     assert not (out / "manifest.json").exists() and (out / JOURNAL_NAME).exists()
     written = sorted(p.name for p in out.glob("shard-*.arrow"))
-    assert 0 < len(written) < len(open_shards(reference).manifest["files"])
+    assert 0 < len(written) < len(open_shards(reference).manifest.files)
 
     with pytest.raises(ShardError, match="incomplete .*--resume"):
         open_shards(out)

@@ -48,7 +48,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(
     )  # fmt: skip
     assert whole.returncode == 0, whole.stderr[-3000:]
     total = int(json.loads((final_checkpoint(tmp_path / "whole", NAME) / "plora.json").read_text())["step"])
-    rows = open_shards(train_shards).manifest["num_rows"]
+    rows = open_shards(train_shards).manifest.num_rows
     assert total == 3 * -(-(rows - round(0.1 * rows)) // 4)  # 3 epochs of ceil(training rows / 4) steps
 
     out = tmp_path / "killed"

@@ -3,16 +3,46 @@ each run logs into its own TensorBoard directory."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
+import pytest
 from cli_helpers import one_line_error, run_plora
 from train_helpers import cli_args, subprocess_env
+from typer.testing import CliRunner
 
-from trainer.checkpoint import final_checkpoint, step_checkpoint
+from cli.main import app
+from parallel.atomic import write_json
+from parallel.errors import PloraError
+from trainer.checkpoint import (
+    STATE_DIR,
+    STATE_FILE,
+    RunIdentity,
+    TrainerState,
+    final_checkpoint,
+    step_checkpoint,
+)
 from trainer.metrics import logs_dir, read_metrics
+from trainer.runs import find_runs
 
 NAME = "hf_parallel_lora"
+# What a trainer state holds after its run identity, in the order plora has always written it.
+FIELDS_AFTER_IDENTITY = [
+    "first_loss",
+    "last_loss",
+    "run_id",
+    "step",
+    "epoch",
+    "step_in_epoch",
+    "world_size",
+    "tokens_seen",
+    "scaler",
+    "config",
+    "format",
+    "param_groups",
+]
 
 
 def test_item18_runs_lists_checkpoints_with_losses_and_draws_curves(
@@ -45,3 +75,42 @@ def test_item18_runs_lists_checkpoints_with_losses_and_draws_curves(
 
 def test_item18_runs_of_a_directory_without_runs_is_one_line(plora_bin: Path, tmp_path: Path) -> None:
     assert "no training runs here" in one_line_error(run_plora(plora_bin, "runs", tmp_path))
+
+
+def _checkpoint(out: Path, step: int) -> Path:
+    """A published step checkpoint as far as `plora runs` reads it: its trainer state."""
+    identity = RunIdentity(
+        seed=1, group_by_length=False, val_fraction=0.0, global_batch=4, shards_digest="d", total_steps=8
+    )
+    state = TrainerState(identity, 2.5, 2.0, "run", step, 0, step, 1, 100, {}, {})
+    path = step_checkpoint(out, NAME, step)
+    (path / STATE_DIR).mkdir(parents=True)
+    write_json(path / STATE_DIR / STATE_FILE, state.to_json())
+    return path
+
+
+def test_runs_reports_an_unreadable_checkpoint_and_lists_the_others(tmp_path: Path) -> None:
+    good = _checkpoint(tmp_path, 2)
+    bad = _checkpoint(tmp_path, 4)
+    (bad / STATE_DIR / STATE_FILE).write_text("{not json")
+    [run] = find_runs(tmp_path)
+    assert [c.path for c in run.checkpoints] == [good] and run.total_steps == 8
+    assert [u.path for u in run.unreadable] == [bad] and "not valid JSON" in run.unreadable[0].reason
+
+    done = CliRunner().invoke(app, ["runs", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    rows = {line.split()[0]: line for line in done.output.splitlines()[2:]}
+    assert rows[good.name].split()[1] == "2"
+    assert rows[bad.name].split()[1] == "unreadable:" and str(bad / STATE_DIR / STATE_FILE) in rows[bad.name]
+
+
+def test_trainer_state_reads_back_what_it_wrote_and_names_a_bad_key(tmp_path: Path) -> None:
+    path = _checkpoint(tmp_path, 2)
+    state = TrainerState.read(path)
+    assert state.step == 2 and state.identity.total_steps == 8 and state.first_loss == 2.5
+    file = path / STATE_DIR / STATE_FILE
+    obj = json.loads(file.read_text())
+    assert list(obj) == [*dataclasses.asdict(state.identity), *FIELDS_AFTER_IDENTITY]
+    file.write_text(json.dumps({**obj, "step": "2"}))
+    with pytest.raises(PloraError, match=rf'^{re.escape(str(file))}: step is "2", expected an integer$'):
+        TrainerState.read(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import re
@@ -62,11 +63,11 @@ def copy(shard_dir: Path, tmp_path: Path) -> Path:
 def test_files_are_arrow_ipc_and_rows_read_back(shard_dir: Path) -> None:
     shards = open_shards(shard_dir)
     manifest = shards.manifest
-    assert len(manifest["files"]) > 1 and len(shards) == manifest["num_rows"]
+    assert len(manifest.files) > 1 and len(shards) == manifest.num_rows
     rows_from_arrow = []
-    for entry in manifest["files"]:
-        table = pa.ipc.open_file(pa.memory_map(str(shard_dir / entry["name"]))).read_all()
-        assert table.num_rows == entry["rows"]
+    for entry in manifest.files:
+        table = pa.ipc.open_file(pa.memory_map(str(shard_dir / entry.name))).read_all()
+        assert table.num_rows == entry.rows
         for name in TOKEN_COLUMNS:
             assert table.schema.field(name).type == pa.list_(pa.int32())
         for name in META_COLUMNS:
@@ -81,8 +82,8 @@ def test_files_are_arrow_ipc_and_rows_read_back(shard_dir: Path) -> None:
         assert (row.num_tokens, row.num_trained) == (expected["num_tokens"], expected["num_trained"])
         for name in META_COLUMNS:
             assert meta[name][i] == expected[name]
-    assert int(meta["num_tokens"].sum()) == manifest["num_tokens"]
-    assert int(meta["num_trained"].sum()) == manifest["num_trained"]
+    assert int(meta["num_tokens"].sum()) == manifest.num_tokens
+    assert int(meta["num_trained"].sum()) == manifest.num_trained
     assert np.array_equal(shards.row(-1).input_ids, shards.row(len(shards) - 1).input_ids)
     with pytest.raises(IndexError):
         shards.row(len(shards))
@@ -129,6 +130,7 @@ def test_damaged_files_are_refused(copy: Path) -> None:
     [
         (lambda m: m.update(format_version=99), "format_version 99"),
         (lambda m: m.pop("fingerprint"), "missing keys fingerprint"),
+        (lambda m: m.pop("chat_template"), "missing keys chat_template"),
         (lambda m: m.update(num_rows=m["num_rows"] + 1), "rows"),
         (lambda m: m["files"][0].update(rows=m["files"][0]["rows"] + 1), "rows"),
     ],
@@ -150,6 +152,7 @@ BADLY_SHAPED = {
         r"tokenizer\.vocab_size is missing",
     ),
     "file entry not an object": (lambda m: m["files"].append(3), r"files\[\d+\] is 3, expected an object"),
+    "identity without version": (lambda m: m["tokenizer"].pop("version"), r"tokenizer\.version is missing"),
     "file name a path": (lambda m: m["files"][0].update(name="../x.arrow"), r"is not a file name"),
 }
 
@@ -189,16 +192,16 @@ def test_check_tokenizer_compares_the_ids_not_the_chat_template(
     tokenize_to_shards(job, Rejects(), progress=False)
     templated = open_shards(tmp_path / "templated")
     recorded = {"file": str(template.resolve()), "template": template.read_text()}
-    assert templated.manifest["chat_template"] == recorded
+    assert templated.manifest.chat_template == recorded
     plain, other = load_tokenizer(tiny_model_dir), load_tokenizer(tiny_model_dir, template)
     for shards in (open_shards(shard_dir), templated):
         shards.check_tokenizer(plain)
         shards.check_tokenizer(other)
     # The template still decides how chats are tokenized: it is part of the run fingerprint.
     ours = open_shards(shard_dir).manifest
-    assert templated.manifest["tokenizer"]["vocab_sha256"] == ours["tokenizer"]["vocab_sha256"]
-    assert templated.manifest["tokenizer"]["sha256"] != ours["tokenizer"]["sha256"]
-    assert templated.manifest["fingerprint"]["digest"] != ours["fingerprint"]["digest"]
+    assert templated.manifest.tokenizer["vocab_sha256"] == ours.tokenizer["vocab_sha256"]
+    assert templated.manifest.tokenizer["sha256"] != ours.tokenizer["sha256"]
+    assert templated.manifest.digest != ours.digest
 
 
 def test_check_tokenizer_refuses_another_vocabulary(shard_dir: Path, tiny_model_dir: Path) -> None:
@@ -207,7 +210,7 @@ def test_check_tokenizer_refuses_another_vocabulary(shard_dir: Path, tiny_model_
     with pytest.raises(TokenizerMismatch) as caught:
         open_shards(shard_dir).check_tokenizer(grown)
     message = str(caught.value)
-    want = open_shards(shard_dir).manifest["tokenizer"]["vocab_sha256"][:12]
+    want = open_shards(shard_dir).manifest.tokenizer["vocab_sha256"][:12]
     assert "\n" not in message and str(shard_dir) in message and "re-run plora tokenize" in message
     assert want in message and message.count("vocab_sha256") == 2
 
@@ -217,14 +220,13 @@ def test_identity_of_another_version_is_named_not_called_foreign(
 ) -> None:
     shards = open_shards(shard_dir)
     tokenizer = load_tokenizer(tiny_model_dir)
-    # What plora wrote before identities had a version: one digest over vocabulary and template.
-    old = {"name_or_path": "x", "vocab_size": 1, "sha256": "0" * 64}
-    shards.manifest = {**shards.manifest, "tokenizer": old}
+    old = {"version": 1, "name_or_path": "x", "vocab_size": 1, "sha256": "0" * 64}
+    shards.manifest = dataclasses.replace(shards.manifest, tokenizer=old)
     stale = r"identity version 1, this plora computes version 2: re-run plora tokenize"
     with pytest.raises(TokenizerMismatch, match=stale):
         shards.check_tokenizer(tokenizer)
     with pytest.raises(TokenizerMismatch, match=r"^adapter a: recorded with tokenizer identity version 7"):
         check_same_tokenizer({"version": 7}, tokenizer, what="adapter a")
-    with pytest.raises(TokenizerMismatch, match=r"^the shards: recorded with tokenizer identity version 1"):
+    with pytest.raises(TokenizerMismatch, match=r"^the shards: recorded with no tokenizer identity version,"):
         check_same_tokenizer(tokenizer_identity(tokenizer), {}, what="adapter a", against="the shards")
     check_same_tokenizer(tokenizer_identity(tokenizer), tokenizer, what="adapter a")

@@ -122,9 +122,9 @@ def check(shards: Any, inputs: list[Path], tokenizer_dir: Path) -> int:
     tokenizer = load_tokenizer(tokenizer_dir)
     shards.check_tokenizer(tokenizer)
     rows = [shards.row(i) for i in range(len(shards))]
-    trained = check_rows(rows, canonical(inputs), tokenizer, shards.manifest["packing"])
-    assert trained == shards.manifest["num_trained"] > 0
-    assert sum(r.num_tokens for r in rows) == shards.manifest["num_tokens"]
+    trained = check_rows(rows, canonical(inputs), tokenizer, shards.manifest.packing)
+    assert trained == shards.manifest.num_trained > 0
+    assert sum(r.num_tokens for r in rows) == shards.manifest.num_tokens
     return trained
 
 
@@ -141,7 +141,7 @@ def test_shards_follow_the_contract(
 ) -> None:
     inputs = [own_input, *sample_inputs(sample_dir)]
     shards = tokenize(inputs, tiny_model_dir, tmp_path / "shards", rows_per_shard=7, **packing)
-    assert len(shards.manifest["files"]) > 1
+    assert len(shards.manifest.files) > 1
     check(shards, inputs, tiny_model_dir)
 
 
@@ -183,7 +183,7 @@ def test_alpaca_2k_follows_the_contract(shared_file: Any, tiny_model_dir: Path, 
 def test_checker_catches_broken_rows(tiny_model_dir: Path, own_input: Path, tmp_path: Path) -> None:
     shards = tokenize([own_input], tiny_model_dir, tmp_path / "shards", branches=2, max_seq_len=24)
     tokenizer = load_tokenizer(tiny_model_dir)
-    packing, records = shards.manifest["packing"], canonical([own_input])
+    packing, records = shards.manifest.packing, canonical([own_input])
     rows = [shards.row(i) for i in range(len(shards))]
     check_rows(rows, records, tokenizer, packing)
 
@@ -282,10 +282,8 @@ def test_num_proc_gives_the_same_shards(
     one = tokenize(inputs, tiny_model_dir, tmp_path / "one", **options)
     two = tokenize(inputs, tiny_model_dir, tmp_path / "two", num_proc=2, **options)
     assert one.manifest == two.manifest
-    for entry in one.manifest["files"]:
-        assert (tmp_path / "one" / entry["name"]).read_bytes() == (
-            tmp_path / "two" / entry["name"]
-        ).read_bytes()
+    for entry in one.manifest.files:
+        assert (tmp_path / "one" / entry.name).read_bytes() == (tmp_path / "two" / entry.name).read_bytes()
 
 
 # --------------------------------------------------------------------------------------
@@ -301,7 +299,7 @@ def test_cli_aliases_and_changed_options(
     first = run_plora(plora_bin, "tokenize", *args, "--branches_per_sample", 3, "--max_seq_len", 32)
     assert first.returncode == 0, first.stderr
     assert "records in" in first.stderr and "tokens/s" in first.stderr
-    packing = open_shards(out).manifest["packing"]
+    packing = open_shards(out).manifest.packing
     assert (packing["branches"], packing["max_seq_len"]) == (3, 32)
     other = one_line_error(run_plora(plora_bin, "tokenize", *args, "--max_branches_per_sample", 4))
     assert "options" in other and "--overwrite" in other
@@ -328,7 +326,7 @@ def test_up_to_date_is_a_no_op_and_overwrite_replaces(
         (own_input,), tiny_model_dir, out, packing=PackingOptions(branches=2), overwrite=True
     )
     summary = tokenize_to_shards(overwrite, Rejects(), progress=False)
-    assert not summary.up_to_date and open_shards(out).manifest["packing"]["branches"] == 2
+    assert not summary.up_to_date and open_shards(out).manifest.packing["branches"] == 2
 
 
 def test_cli_tokenizer_without_chat_template(
@@ -457,7 +455,7 @@ def test_template_that_drops_earlier_reasoning_trains_assistant_contents(
     path.write_text("".join(json.dumps(c) + "\n" for c in chats))
     shards = tokenize([path], tiny_model_dir, tmp_path / "shards", branches=2, chat_template=template)
     rows = [shards.row(i) for i in range(len(shards))]
-    assert check_rows(rows, chats, tokenizer, shards.manifest["packing"]) == shards.manifest["num_trained"]
+    assert check_rows(rows, chats, tokenizer, shards.manifest.packing) == shards.manifest.num_trained
 
     (row,) = pack_records(
         [SourcedRecord(parse_record(chats[1]), "mem", 1)], tokenizer, PackingOptions(branches=1), Rejects()

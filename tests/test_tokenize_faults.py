@@ -167,7 +167,7 @@ def test_item7_wide_parallel_record_is_split_into_rows_of_max_branches(
     ]
     assert ids.tolist() == again.tolist()  # the same trunk in both rows, trained in the first only
     assert (labels[:-1] != IGNORE_INDEX).all() and (unlabelled == IGNORE_INDEX).all()
-    packing = open_shards(out).manifest["packing"]
+    packing = open_shards(out).manifest.packing
     check_rows(rows, [ELEVEN], load_tokenizer(tiny_model_dir), packing)  # every branch, each token once
 
 
@@ -234,7 +234,7 @@ def test_item8_packing_facts_that_contradict_the_rows_are_refused(
 def test_item8_manifest_without_seal_is_refused(plora_bin: Path, left_aligned: Path) -> None:
     path = left_aligned / "manifest.json"
     manifest = json.loads(path.read_text())
-    del manifest["manifest_sha256"]  # as an older plora wrote it, or an edit that dropped it
+    del manifest["manifest_sha256"]  # an edit that dropped it
     path.write_text(json.dumps(manifest))
     error = one_line_error(run_plora(plora_bin, "inspect", left_aligned))
     assert error.startswith(f"plora: error: {path}: has no manifest_sha256"), error

@@ -65,7 +65,7 @@ def test_guide_spellings_train_and_eval_reports_per_branch_count(
     assert report.returncode == 0, report.stderr[-3000:]
     result = json.loads(report.stdout)
     manifest = open_shards(train_shards).manifest
-    assert result["tokens"] == manifest["num_trained"] and result["rows"] == manifest["num_rows"]
+    assert result["tokens"] == manifest.num_trained and result["rows"] == manifest.num_rows
     assert result["model"]["pair_indices"] == [] and result["model"]["stride"] == 0
     per_branch = result["by_branches"]
     assert len(per_branch) >= 2  # text rows of 4 branches and parallel records of other sizes
@@ -80,7 +80,7 @@ def test_guide_spellings_train_and_eval_reports_per_branch_count(
         too_far
     )
     last = table.stdout.strip().splitlines()[-1].split()
-    assert last[0] == "all" and int(last[2]) == manifest["num_trained"] and float(last[3]) > 0
+    assert last[0] == "all" and int(last[2]) == manifest.num_trained and float(last[3]) > 0
 
 
 def test_guide_script_takes_jsonl_tokenizes_once_and_trains(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -95,7 +95,7 @@ def test_guide_script_takes_jsonl_tokenizes_once_and_trains(tiny_model_dir: Path
     first = _run(*guide)
     assert first.returncode == 0, first.stderr[-3000:]
     caches = list((tmp_path / "shards").iterdir())
-    assert len(caches) == 1 and open_shards(caches[0]).manifest["packing"]["max_seq_len"] == 64
+    assert len(caches) == 1 and open_shards(caches[0]).manifest.packing["max_seq_len"] == 64
     assert (final_checkpoint(tmp_path, NAME) / "adapter_model.safetensors").is_file()
     again = _run(*guide)
     assert again.returncode == 0, again.stderr[-3000:]

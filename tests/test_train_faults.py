@@ -35,7 +35,7 @@ def _summary_losses(stderr: str) -> tuple[float, float]:
 def test_item23_max_steps_is_the_length_of_the_run(
     train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path
 ) -> None:
-    per_epoch = -(-open_shards(train_shards).manifest["num_rows"] // 4)
+    per_epoch = -(-open_shards(train_shards).manifest.num_rows // 4)
     steps = per_epoch + 2  # more than the default --epochs 1 makes
     done = _train(plora_bin, train_shards, tiny_model_dir, tmp_path / "out",
                   "--batch-size", "4", "--max-steps", str(steps), "--log-interval", "1")  # fmt: skip
@@ -121,7 +121,7 @@ def test_item17_eval_split_val_is_the_runs_held_out_rows_and_max_rows_caps(
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(done.stdout)
 
-    rows = open_shards(train_shards).manifest["num_rows"]
+    rows = open_shards(train_shards).manifest.num_rows
     val = evaluate("--split", "val")
     assert val["rows"] == round(0.2 * rows) and val["loss"] == pytest.approx(logged[-1], rel=1e-6)
     assert evaluate("--split", "train")["rows"] == rows - val["rows"]

@@ -90,7 +90,7 @@ def test_bad_split_is_refused() -> None:
 
 def test_collate_pads_each_row_exactly_as_stored(train_shards: Path) -> None:
     shards = open_shards(train_shards)
-    assert len(shards.manifest["files"]) >= 3  # the rows below come from several files
+    assert len(shards.manifest.files) >= 3  # the rows below come from several files
     store = RowStore(shards)
     rows = np.array([len(store) - 1, 0, 9, 17, 3, 8])
     batch = store.collate(rows)
@@ -204,7 +204,7 @@ def test_short_run_lowers_the_loss_and_writes_a_complete_adapter(
     meta = json.loads((final / "plora.json").read_text())
     manifest = open_shards(train_shards).manifest
     assert meta["base_model"] == str(tiny_model_dir)
-    assert meta["tokenizer"] == manifest["tokenizer"]
+    assert meta["tokenizer"] == manifest.tokenizer
     assert (meta["rope_2d_ratio"], meta["stride"]) == (0.5, 128)
     assert (meta["mask"], meta["align"]) == ("isolated", "left")
     assert meta["pair_indices"] == [5, 6, 7, 8]  # head_dim 16: 8 pairs, the lowest-frequency half
@@ -220,7 +220,7 @@ def test_short_run_lowers_the_loss_and_writes_a_complete_adapter(
     before, _ = run_eval(options)
     after, described = run_eval(dataclasses.replace(options, adapter=str(final)))
     assert described["pair_indices"] == [5, 6, 7, 8]
-    assert after.tokens == before.tokens == manifest["num_trained"]
+    assert after.tokens == before.tokens == manifest.num_trained
     assert after.mean < before.mean - 0.03
     assert sum(n for _, n, _ in after.by_branches.values()) == after.tokens
     other = Path(shutil.copytree(final, tmp_path / "other-vocabulary"))

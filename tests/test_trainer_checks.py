@@ -86,7 +86,7 @@ def test_a_row_without_labels_still_reaches_the_lora_weights() -> None:
 
 def test_row_store_knows_the_largest_coordinates(train_shards: Path) -> None:
     shards = open_shards(train_shards)
-    rows = [shards.row(i) for i in range(shards.manifest["num_rows"])]
+    rows = [shards.row(i) for i in range(shards.manifest.num_rows)]
     want = (max(max(r.branch_id) for r in rows), max(max(r.time_id) for r in rows))
     assert RowStore(shards).max_coordinates == want
     assert want[0] >= 3 and want[1] > 0

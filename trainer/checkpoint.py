@@ -19,10 +19,11 @@ uninterrupted one would.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +33,136 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from parallel import atomic, outdir
-from parallel.adaptermeta import PLORA_JSON
+from parallel.adaptermeta import PLORA_JSON, AdapterMeta
 from parallel.errors import PloraError
+from parallel.jsonfile import Count, Shape, fields_problem, read_object
 
 CHECKPOINT_FORMAT = 1
 STATE_DIR = "trainer_state"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What a resumed run must share with its checkpoint, or its data order and batches would differ
+    (and, for the run's length, its learning-rate schedule and where it ends)."""
+
+    seed: int
+    group_by_length: bool
+    val_fraction: float
+    global_batch: int
+    shards_digest: str
+    total_steps: int
+
+    def check_resumes(self, recorded: RunIdentity, resume_dir: str | Path) -> None:
+        """Refuse to resume a checkpoint whose run differs from this one, naming the first setting."""
+        for field in dataclasses.fields(self):
+            was, now = getattr(recorded, field.name), getattr(self, field.name)
+            if was != now:
+                raise PloraError(
+                    f"--resume {resume_dir}: {field.name} was {was!r}, now {now!r}; "
+                    "resume with the checkpoint's settings"
+                )
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """trainer_state/state.json: where a run stands at a checkpoint, and the optimizer's param groups
+    (its moments are in optimizer.safetensors beside it)."""
+
+    identity: RunIdentity
+    first_loss: float  # the run's first step, so a resumed run's summary covers the whole run
+    last_loss: float
+    run_id: str  # a resumed run keeps its TensorBoard directory
+    step: int
+    epoch: int
+    step_in_epoch: int
+    world_size: int
+    tokens_seen: int
+    scaler: dict[str, Any]  # GradScaler.state_dict(); empty when disabled
+    config: dict[str, Any]  # the TrainConfig of the run that wrote it
+    param_groups: tuple[dict[str, Any], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **dataclasses.asdict(self.identity),
+            "first_loss": self.first_loss,
+            "last_loss": self.last_loss,
+            "run_id": self.run_id,
+            "step": self.step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "world_size": self.world_size,
+            "tokens_seen": self.tokens_seen,
+            "scaler": self.scaler,
+            "config": self.config,
+            "format": CHECKPOINT_FORMAT,
+            "param_groups": list(self.param_groups),
+        }
+
+    @staticmethod
+    def read(checkpoint: str | Path) -> TrainerState:
+        """The trainer state of a checkpoint directory; a one-line error naming the file (and the key)
+        if it is missing, not JSON, of another format or not what this version writes."""
+        file = Path(checkpoint) / STATE_DIR / STATE_FILE
+        if not file.is_file():
+            raise PloraError(f"{checkpoint}: no {STATE_DIR}/{STATE_FILE}; not a checkpoint of plora train")
+        obj = read_object(file)
+        if obj.get("format") != CHECKPOINT_FORMAT:
+            raise PloraError(
+                f"{file}: checkpoint format {obj.get('format')!r}, this plora reads {CHECKPOINT_FORMAT}"
+            )
+        problem = fields_problem(obj, _STATE_SHAPE)
+        if problem is not None:
+            raise PloraError(f"{file}: {problem}")
+        identity = RunIdentity(
+            seed=obj["seed"],
+            group_by_length=obj["group_by_length"],
+            val_fraction=float(obj["val_fraction"]),
+            global_batch=obj["global_batch"],
+            shards_digest=obj["shards_digest"],
+            total_steps=obj["total_steps"],
+        )
+        return TrainerState(
+            identity=identity,
+            first_loss=float(obj["first_loss"]),
+            last_loss=float(obj["last_loss"]),
+            run_id=obj["run_id"],
+            step=obj["step"],
+            epoch=obj["epoch"],
+            step_in_epoch=obj["step_in_epoch"],
+            world_size=obj["world_size"],
+            tokens_seen=obj["tokens_seen"],
+            scaler=obj["scaler"],
+            config=obj["config"],
+            param_groups=tuple(obj["param_groups"]),
+        )
+
+
+_IDENTITY_SHAPE: Shape = {
+    "seed": int,
+    "group_by_length": bool,
+    "val_fraction": float,
+    "global_batch": Count,
+    "shards_digest": str,
+    "total_steps": Count,
+}
+_STATE_SHAPE: Shape = {
+    **_IDENTITY_SHAPE,
+    "first_loss": float,
+    "last_loss": float,
+    "run_id": str,
+    "step": Count,
+    "epoch": Count,
+    "step_in_epoch": Count,
+    "world_size": Count,
+    "tokens_seen": Count,
+    "scaler": dict,
+    "config": dict,
+    "param_groups": list,
+}
 
 
 def lora_dir(out_dir: str | Path) -> Path:
@@ -69,7 +192,7 @@ def latest_checkpoint(out_dir: str | Path, name: str) -> Path | None:
     found = step_checkpoints(out_dir, name)
     final = final_checkpoint(out_dir, name)
     if (final / STATE_DIR / STATE_FILE).is_file():
-        found.append((int(read_trainer_state(final)["step"]), final))
+        found.append((read_trainer_state(final).step, final))
     return max(found)[1] if found else None
 
 
@@ -97,8 +220,8 @@ def save_checkpoint(
     path: Path,
     *,
     model: nn.Module,
-    plora_meta: dict[str, Any],
-    state: dict[str, Any],
+    plora_meta: AdapterMeta,
+    state: TrainerState,
     optimizer: torch.optim.Optimizer,
 ) -> None:
     """Write adapter, plora.json and trainer state under a temporary name, then publish at ``path``.
@@ -110,13 +233,12 @@ def save_checkpoint(
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = atomic.make_temp_dir(path)
         model.save_pretrained(str(tmp), safe_serialization=True)
-        atomic.write_json(tmp / PLORA_JSON, plora_meta)
+        plora_meta.write(tmp)
         tensors, groups = _optimizer_to_flat(optimizer.state_dict())
         (tmp / STATE_DIR).mkdir()
         save_file(tensors, str(tmp / STATE_DIR / OPTIMIZER_FILE))
-        atomic.write_json(
-            tmp / STATE_DIR / STATE_FILE, {**state, "format": CHECKPOINT_FORMAT, "param_groups": groups}
-        )
+        state = dataclasses.replace(state, param_groups=tuple(groups))
+        atomic.write_json(tmp / STATE_DIR / STATE_FILE, state.to_json())
         atomic.publish_dir(tmp, path)
         tmp = None
     except (OSError, SafetensorError) as err:
@@ -126,32 +248,23 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_trainer_state(path: str | Path) -> dict[str, Any]:
-    """The scalars of a checkpoint's trainer state; one-line error if it is not a resumable checkpoint."""
-    file = Path(path) / STATE_DIR / STATE_FILE
+def read_trainer_state(path: str | Path) -> TrainerState:
+    """The trainer state of a checkpoint to resume; one-line error if it is not a resumable checkpoint."""
     missing = [name for name in (*ADAPTER_FILES, PLORA_JSON) if not (Path(path) / name).is_file()]
-    if not Path(path).is_dir() or missing or not file.is_file():
+    if not Path(path).is_dir() or missing or not (Path(path) / STATE_DIR / STATE_FILE).is_file():
         raise PloraError(
             f"--resume {path}: not a plora checkpoint directory (adapter + {STATE_DIR}/{STATE_FILE})"
         )
-    try:
-        state = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PloraError(f"{file}: not valid JSON ({err})") from None
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise PloraError(
-            f"{file}: checkpoint format {state.get('format')!r}, this plora reads {CHECKPOINT_FORMAT}"
-        )
-    return state
+    return TrainerState.read(path)
 
 
-def load_optimizer(path: str | Path, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def load_optimizer(path: str | Path, optimizer: torch.optim.Optimizer, state: TrainerState) -> None:
     tensors = load_file(str(Path(path) / STATE_DIR / OPTIMIZER_FILE))
     per_param: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         _, index, name = key.split(".", 2)
         per_param.setdefault(int(index), {})[name] = value
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in state["param_groups"]]
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in state.param_groups]
     try:
         optimizer.load_state_dict({"state": per_param, "param_groups": groups})
     except (ValueError, KeyError) as err:

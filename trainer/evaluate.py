@@ -7,7 +7,6 @@ evaluates every row, or the rows an adapter's run trained on or held out for val
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from parallel.adaptermeta import AdapterMeta
 from parallel.errors import PloraError
 from parallel.hfmodel import TORCH_DTYPES
 from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE
-from parallel.loading import AdapterConfig, check_adapter_fits
-from trainer.checkpoint import STATE_DIR, STATE_FILE
+from parallel.loading import check_adapter_fits
+from trainer.checkpoint import STATE_DIR, STATE_FILE, TrainerState
 from trainer.config import SPLITS, EvalOptions, TrainConfig
 from trainer.data import RowStore, open_checked_shards, split_rows
 from trainer.distributed import pick_device
@@ -97,20 +97,16 @@ def evaluate_rows(
     return totals
 
 
-def _run_state(adapter: str | None, split: str) -> dict[str, Any]:
+def _run_state(adapter: str | None, split: str) -> TrainerState:
     """The trainer state of the run that wrote ``adapter``: its seed and --val-fraction fix the split."""
     if adapter is None:
         raise PloraError(f"--split {split} needs --adapter: the rows are those its training run split off")
-    file = Path(adapter) / STATE_DIR / STATE_FILE
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not (Path(adapter) / STATE_DIR / STATE_FILE).is_file():
         raise PloraError(
             f"--split {split}: {adapter} has no {STATE_DIR}/{STATE_FILE}, so which rows its run held out "
             "is unknown; give a checkpoint of plora train"
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PloraError(f"{file}: cannot read the trainer state ({err})") from None
+        )
+    return TrainerState.read(adapter)
 
 
 def select_rows(options: EvalOptions, num_rows: int, shards_digest: str) -> np.ndarray:
@@ -121,17 +117,38 @@ def select_rows(options: EvalOptions, num_rows: int, shards_digest: str) -> np.n
         raise PloraError(f"--max-rows must be >= 0 (0: all), got {options.max_rows}")
     rows = np.arange(num_rows)
     if options.split != "all":
-        state = _run_state(options.adapter, options.split)
-        if state["shards_digest"] != shards_digest:
+        run = _run_state(options.adapter, options.split).identity
+        if run.shards_digest != shards_digest:
             raise PloraError(
                 f"--split {options.split}: {options.adapter} was trained on other shards than "
                 f"{options.shards} (their digests differ); give the --shards it was trained on"
             )
-        if options.split == "val" and state["val_fraction"] == 0:
+        if options.split == "val" and run.val_fraction == 0:
             raise PloraError(f"--split val: the run of {options.adapter} held no rows out (--val-fraction 0)")
-        train_rows, val_rows = split_rows(num_rows, val_fraction=state["val_fraction"], seed=state["seed"])
+        train_rows, val_rows = split_rows(num_rows, val_fraction=run.val_fraction, seed=run.seed)
         rows = val_rows if options.split == "val" else train_rows
     return rows[: options.max_rows] if options.max_rows else rows
+
+
+def _rope_settings(options: EvalOptions, adapter: AdapterMeta | None) -> dict[str, Any]:
+    """Positions and mask: the adapter's own (its plora.json), else the options'."""
+    if adapter is None:
+        return {
+            "patch_rope": options.patch_rope,
+            "rope_2d_ratio": DEFAULT_ROPE_2D_RATIO
+            if options.rope_2d_ratio is None
+            else options.rope_2d_ratio,
+            "pair_indices": None,
+            "stride": DEFAULT_STRIDE if options.stride is None else options.stride,
+            "mask": options.mask,
+        }
+    return {
+        "patch_rope": adapter.patch_rope,
+        "rope_2d_ratio": adapter.rope_2d_ratio,
+        "pair_indices": list(adapter.pair_indices),
+        "stride": adapter.stride,
+        "mask": adapter.mask,
+    }
 
 
 def run_eval(
@@ -144,17 +161,9 @@ def run_eval(
 
     Returns the totals and a description of what was evaluated (model, positions, mask, split).
     """
-    settings: dict[str, Any] = {
-        "patch_rope": options.patch_rope,
-        "rope_2d_ratio": DEFAULT_ROPE_2D_RATIO if options.rope_2d_ratio is None else options.rope_2d_ratio,
-        "pair_indices": None,
-        "stride": DEFAULT_STRIDE if options.stride is None else options.stride,
-        "mask": options.mask,
-    }
-    adapter = AdapterConfig.read(options.adapter) if options.adapter is not None else None
-    if adapter is not None:
-        settings = {key: adapter.raw[key] for key in settings}
-    dtype = options.dtype or (adapter.raw.get("dtype", "float32") if adapter is not None else "float32")
+    adapter = AdapterMeta.read(options.adapter) if options.adapter is not None else None
+    settings = _rope_settings(options, adapter)
+    dtype = options.dtype or (adapter.dtype if adapter is not None else "float32")
     cfg = TrainConfig(
         shards=options.shards,
         base_model=options.base_model,
@@ -168,15 +177,15 @@ def run_eval(
     ).validate()
     shards = open_checked_shards(cfg.shards, cfg.tokenizer_path or cfg.base_model, verify=True)
     store = RowStore(shards)
-    rows = select_rows(options, len(store), shards.manifest["fingerprint"]["digest"])
+    rows = select_rows(options, len(store), shards.manifest.digest)
     if on_start is not None:
         on_start(len(rows))
     device = pick_device(options.device, 0)
-    vocab_size = shards.manifest["tokenizer"]["vocab_size"]
+    vocab_size = shards.manifest.tokenizer["vocab_size"]
     model, rope = load_rope_model(cfg, vocab_size, store.max_coordinates, device)
     if adapter is not None:
         against = f"the tokenizer of the shards in {options.shards}"
-        check_adapter_fits(adapter, model, shards.manifest["tokenizer"], base=cfg.base_model, against=against)
+        check_adapter_fits(adapter, model, shards.manifest.tokenizer, base=cfg.base_model, against=against)
         model = add_lora(model, cfg, options.adapter).to(device)
     order = rows[np.argsort(-store.num_tokens[rows], kind="stable")]  # similar lengths together: less padding
     batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]

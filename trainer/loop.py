@@ -15,7 +15,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,15 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from parallel.adaptermeta import PLORA_JSON, AdapterMeta
 from parallel.errors import PloraError
 from parallel.fingerprint import plora_version
-from parallel.loading import AdapterConfig, check_adapter_fits, model_facts
+from parallel.loading import check_adapter_fits, model_facts
 from parallel.pretrained import resolve_pretrained
+from pipeline.shards import Manifest
 from trainer.checkpoint import (
+    RunIdentity,
+    TrainerState,
     check_writable,
     final_checkpoint,
     latest_checkpoint,
@@ -52,7 +56,7 @@ from trainer.data import (
 )
 from trainer.distributed import DistEnv, all_sum, init_distributed, shutdown, wait_for_all
 from trainer.evaluate import autocast, evaluate_rows
-from trainer.metrics import MetricsLog, epochs_text, first_logged_loss, new_run_id
+from trainer.metrics import MetricsLog, epochs_text, new_run_id
 from trainer.model import (
     PackedLoss,
     RopeSettings,
@@ -63,17 +67,6 @@ from trainer.model import (
     trainable_parameters,
 )
 from trainer.rundir import claimed_out_dir, prune_checkpoints
-
-# Settings a resumed run must share with the checkpoint, or its data order and batches would differ
-# (and, for the run's length, its learning-rate schedule and where it ends).
-RESUME_MUST_MATCH: tuple[str, ...] = (
-    "seed",
-    "group_by_length",
-    "val_fraction",
-    "global_batch",
-    "shards_digest",
-    "total_steps",
-)
 
 
 @dataclass
@@ -155,29 +148,24 @@ def _train(cfg: TrainConfig, env: DistEnv, clear_replaced_run: Callable[[], None
         epochs=cfg.epochs,
         max_steps=cfg.max_steps,
     )
-    run_identity = {
-        "seed": cfg.seed,
-        "group_by_length": cfg.group_by_length,
-        "val_fraction": cfg.val_fraction,
-        "global_batch": plan.global_batch,
-        "shards_digest": manifest["fingerprint"]["digest"],
-        "total_steps": plan.total_steps,
-    }
+    run_identity = RunIdentity(
+        seed=cfg.seed,
+        group_by_length=cfg.group_by_length,
+        val_fraction=cfg.val_fraction,
+        global_batch=plan.global_batch,
+        shards_digest=manifest.digest,
+        total_steps=plan.total_steps,
+    )
     resume_dir = resolve_resume(cfg, env)
     resumed = read_trainer_state(resume_dir) if resume_dir is not None else None
     if resumed is not None:
-        for key in RESUME_MUST_MATCH:
-            if resumed[key] != run_identity[key]:
-                raise PloraError(
-                    f"--resume {resume_dir}: {key} was {resumed[key]!r}, now {run_identity[key]!r}; "
-                    "resume with the checkpoint's settings"
-                )
-        if resumed["step"] >= plan.total_steps:
-            assert resume_dir is not None
+        assert resume_dir is not None
+        run_identity.check_resumes(resumed.identity, resume_dir)
+        if resumed.step >= plan.total_steps:
             return _already_finished(cfg, env, plan, resume_dir, resumed)
 
     torch.manual_seed(cfg.seed)  # fresh LoRA weights are the same in every process and every run
-    base, rope = load_rope_model(cfg, manifest["tokenizer"]["vocab_size"], store.max_coordinates, env.device)
+    base, rope = load_rope_model(cfg, manifest.tokenizer["vocab_size"], store.max_coordinates, env.device)
     adapter_source = str(resume_dir) if resume_dir is not None else cfg.load_lora
     if adapter_source is not None:
         _check_adapter(adapter_source, base, rope, manifest, cfg)
@@ -194,11 +182,11 @@ def _train(cfg: TrainConfig, env: DistEnv, clear_replaced_run: Callable[[], None
     start_step = 0
     if resume_dir is not None and resumed is not None:
         load_optimizer(resume_dir, optimizer, resumed)
-        if resumed["scaler"]:
-            scaler.load_state_dict(resumed["scaler"])
-        start_step = resumed["step"]
+        if resumed.scaler:
+            scaler.load_state_dict(resumed.scaler)
+        start_step = resumed.step
     total_steps = plan.total_steps
-    run_id = (resumed or {}).get("run_id") or new_run_id()  # a resumed run keeps its TensorBoard directory
+    run_id = resumed.run_id if resumed is not None else new_run_id()
     clear_replaced_run()  # every check has passed: only now may --overwrite remove the earlier run
     if env.is_main:
         save_run_config(cfg)
@@ -218,11 +206,11 @@ def _train(cfg: TrainConfig, env: DistEnv, clear_replaced_run: Callable[[], None
     # ---- training -------------------------------------------------------------------------------------
     is_ddp = isinstance(ddp_module, DistributedDataParallel)
     order_epoch, order = -1, np.empty(0, dtype=np.int64)
-    first_loss = _first_loss(resumed, cfg) if resumed else float("nan")
+    first_loss = resumed.first_loss if resumed is not None else float("nan")
     last_loss = float("nan")
     val_loss: float | None = None
     last_saved: Path | None = resume_dir
-    tokens_before = tokens_seen = resumed["tokens_seen"] if resumed else 0
+    tokens_before = tokens_seen = resumed.tokens_seen if resumed is not None else 0
     started, data_seconds = time.perf_counter(), 0.0
     metrics.start(total_steps, start_step)
     try:
@@ -291,10 +279,10 @@ def _train(cfg: TrainConfig, env: DistEnv, clear_replaced_run: Callable[[], None
                 metrics.validation(done, val_loss)
             if done % cfg.save_interval == 0 and done < total_steps:
                 path = step_checkpoint(cfg.out_dir, cfg.lora_name, done)
-                losses = {"first_loss": first_loss, "last_loss": last_loss}
+                losses = (first_loss, last_loss)
                 state = _trainer_state(done, plan, run_identity, tokens_seen, scaler, cfg, run_id, losses)
                 if env.is_main:
-                    meta = {**plora_meta, "step": done}
+                    meta = replace(plora_meta, step=done)
                     save_checkpoint(path, model=model, plora_meta=meta, state=state, optimizer=optimizer)
                     prune_checkpoints(cfg.out_dir, cfg.lora_name, cfg.save_total_limit, keep=resume_dir)
                 last_saved = path
@@ -302,9 +290,9 @@ def _train(cfg: TrainConfig, env: DistEnv, clear_replaced_run: Callable[[], None
         seconds = time.perf_counter() - started
         final = final_checkpoint(cfg.out_dir, cfg.lora_name)
         if env.is_main:
-            losses = {"first_loss": first_loss, "last_loss": last_loss}
+            losses = (first_loss, last_loss)
             state = _trainer_state(total_steps, plan, run_identity, tokens_seen, scaler, cfg, run_id, losses)
-            meta = {**plora_meta, "step": total_steps}
+            meta = replace(plora_meta, step=total_steps)
             save_checkpoint(final, model=model, plora_meta=meta, state=state, optimizer=optimizer)
         wait_for_all(env)
     finally:
@@ -324,31 +312,22 @@ def _train(cfg: TrainConfig, env: DistEnv, clear_replaced_run: Callable[[], None
     return result
 
 
-def _first_loss(resumed: dict[str, Any], cfg: TrainConfig) -> float:
-    """The loss of the run's first step, so a resumed run's summary covers the whole run (checkpoints
-    from before the state recorded it: the first loss in the run's metrics.jsonl)."""
-    if "first_loss" in resumed:
-        return float(resumed["first_loss"])
-    return first_logged_loss(cfg.out_dir, cfg.lora_name)
-
-
 def _already_finished(
-    cfg: TrainConfig, env: DistEnv, plan: DataPlan, resume_dir: Path, resumed: dict[str, Any]
+    cfg: TrainConfig, env: DistEnv, plan: DataPlan, resume_dir: Path, resumed: TrainerState
 ) -> TrainResult:
     """Resuming a run that already made its last step: nothing to train and nothing rewritten."""
     final = final_checkpoint(cfg.out_dir, cfg.lora_name)
     adapter = final if final.is_dir() else resume_dir
     _say(
         env,
-        f"plora train: nothing to do: the run already finished at step {resumed['step']} "
+        f"plora train: nothing to do: the run already finished at step {resumed.step} "
         f"(this run has {plan.total_steps} steps); the final adapter is {adapter}",
     )
-    nan = float("nan")
     return TrainResult(
         adapter,
-        int(resumed["step"]),
-        float(resumed.get("first_loss", nan)),
-        float(resumed.get("last_loss", nan)),
+        resumed.step,
+        resumed.first_loss,
+        resumed.last_loss,
         None,
         0,
         0.0,
@@ -366,15 +345,15 @@ def _validate(loss_module: PackedLoss, store: RowStore, plan: DataPlan, env: Dis
 
 
 def _check_adapter(
-    adapter_dir: str, base: torch.nn.Module, rope: RopeSettings, manifest: dict[str, Any], cfg: TrainConfig
+    adapter_dir: str, base: torch.nn.Module, rope: RopeSettings, manifest: Manifest, cfg: TrainConfig
 ) -> None:
     """An adapter continues only on its own base model, token ids and positions."""
     path = Path(adapter_dir)
-    if not (path / "plora.json").is_file():
+    if not (path / PLORA_JSON).is_file():
         return  # a plain PEFT adapter: nothing recorded to compare
-    config = AdapterConfig.read(path)
+    config = AdapterMeta.read(path)
     against = f"the tokenizer of the shards in {cfg.shards}"
-    check_adapter_fits(config, base, manifest["tokenizer"], base=cfg.base_model, against=against)
+    check_adapter_fits(config, base, manifest.tokenizer, base=cfg.base_model, against=against)
     have = list(rope.rope.pair_indices) if rope.rope is not None else []
     if list(config.pair_indices) != have or config.stride != rope.stride:
         raise PloraError(
@@ -387,55 +366,56 @@ def _check_adapter(
 def _plora_metadata(
     cfg: TrainConfig,
     rope: RopeSettings,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     base: torch.nn.Module,
     lora: dict[str, Any],
-) -> dict[str, Any]:
-    """plora.json: everything inference needs to rebuild the exact model and inputs, and the facts a
-    base model given at load time is checked against."""
-    return {
-        "format_version": 1,
-        "plora_version": plora_version(),
+) -> AdapterMeta:
+    """plora.json (of step 0: each checkpoint sets its own): everything inference needs to rebuild
+    the exact model and inputs, and the facts a base model given at load time is checked against."""
+    return AdapterMeta(
+        plora_version=plora_version(),
         # Absolute for a local directory (the adapter may be loaded from another working directory).
-        "base_model": resolve_pretrained(cfg.base_model, what="base model").name,
-        "model": model_facts(base),
-        "tokenizer": manifest["tokenizer"],
-        "special_tokens": manifest["special_tokens"],
-        "patch_rope": rope.rope is not None,
-        "rope_2d_ratio": rope.rope.ratio if rope.rope is not None else 0.0,
-        "pair_indices": list(rope.rope.pair_indices) if rope.rope is not None else [],
-        "num_pairs": rope.rope.num_pairs if rope.rope is not None else None,
-        "stride": rope.stride,
-        "mask": cfg.mask,
-        "align": manifest["packing"]["align"],
-        "packing": manifest["packing"],
-        "attn": cfg.attn,
-        "dtype": cfg.dtype,
-        "lora": lora,
-        "shards": {"directory": str(Path(cfg.shards).resolve()), "digest": manifest["fingerprint"]["digest"]},
-    }
+        base_model=resolve_pretrained(cfg.base_model, what="base model").name,
+        model=model_facts(base),
+        tokenizer=manifest.tokenizer,
+        special_tokens=manifest.special_tokens,
+        patch_rope=rope.rope is not None,
+        rope_2d_ratio=rope.rope.ratio if rope.rope is not None else 0.0,
+        pair_indices=tuple(rope.rope.pair_indices) if rope.rope is not None else (),
+        num_pairs=rope.rope.num_pairs if rope.rope is not None else None,
+        stride=rope.stride,
+        mask=cfg.mask,
+        align=manifest.packing["align"],
+        packing=manifest.packing,
+        attn=cfg.attn,
+        dtype=cfg.dtype,
+        lora=lora,
+        shards={"directory": str(Path(cfg.shards).resolve()), "digest": manifest.digest},
+        step=0,
+    )
 
 
 def _trainer_state(
     step: int,
     plan: DataPlan,
-    run_identity: dict[str, Any],
+    run_identity: RunIdentity,
     tokens_seen: int,
     scaler: torch.amp.GradScaler,
     cfg: TrainConfig,
     run_id: str,
-    losses: dict[str, float],
-) -> dict[str, Any]:
+    losses: tuple[float, float],
+) -> TrainerState:
     epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
-    return {
-        **run_identity,
-        **losses,
-        "run_id": run_id,
-        "step": step,
-        "epoch": epoch,
-        "step_in_epoch": step_in_epoch,
-        "world_size": plan.world_size,
-        "tokens_seen": tokens_seen,
-        "scaler": scaler.state_dict(),
-        "config": cfg.to_json(),
-    }
+    return TrainerState(
+        identity=run_identity,
+        first_loss=losses[0],
+        last_loss=losses[1],
+        run_id=run_id,
+        step=step,
+        epoch=epoch,
+        step_in_epoch=step_in_epoch,
+        world_size=plan.world_size,
+        tokens_seen=tokens_seen,
+        scaler=scaler.state_dict(),
+        config=cfg.to_json(),
+    )

@@ -40,13 +40,6 @@ def epochs_text(epochs: float) -> str:
     return f"{count} epoch{'' if count == '1' else 's'}"
 
 
-def first_logged_loss(out_dir: str | Path, name: str) -> float:
-    """The first training loss in a run's metrics.jsonl (NaN if it has none)."""
-    path = logs_dir(out_dir, name) / METRICS_FILE
-    records = read_metrics(path) if path.is_file() else []
-    return next((float(r["loss"]) for r in records if "loss" in r), float("nan"))
-
-
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a metrics file; a last line cut short by a killed run is skipped."""
     records = []

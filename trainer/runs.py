@@ -13,7 +13,7 @@ from typing import Any
 
 from parallel.errors import PloraError
 from pipeline.draw import save_png
-from trainer.checkpoint import STATE_DIR, STATE_FILE, lora_dir, read_trainer_state
+from trainer.checkpoint import STATE_DIR, STATE_FILE, TrainerState, lora_dir
 from trainer.metrics import METRICS_FILE, read_metrics
 
 _CHECKPOINT = re.compile(r"(?P<name>.+)_(?:step(?P<step>\d+)|final)")
@@ -29,6 +29,14 @@ class Checkpoint:
 
 
 @dataclass(frozen=True)
+class Unreadable:
+    """A published checkpoint whose trainer state cannot be read: shown as such, not a stop."""
+
+    path: Path
+    reason: str  # the one-line error
+
+
+@dataclass(frozen=True)
 class Run:
     name: str
     total_steps: int | None  # from the newest checkpoint's trainer state
@@ -36,6 +44,7 @@ class Run:
     val_losses: list[tuple[int, float]]
     times: list[float]  # the metrics records' wall-clock times
     checkpoints: list[Checkpoint]
+    unreadable: list[Unreadable]
 
     @property
     def seconds(self) -> float | None:
@@ -66,14 +75,20 @@ def _read_run(name: str, metrics: Path | None, checkpoint_dirs: list[Path]) -> R
     records = read_metrics(metrics) if metrics is not None else []
     losses = [(int(r["step"]), float(r["loss"])) for r in records if "loss" in r]
     val_losses = [(int(r["step"]), float(r["val_loss"])) for r in records if "val_loss" in r]
-    states = [(path, read_trainer_state(path)) for path in checkpoint_dirs]
+    states: list[tuple[Path, TrainerState]] = []
+    unreadable: list[Unreadable] = []
+    for path in sorted(checkpoint_dirs):
+        try:
+            states.append((path, TrainerState.read(path)))
+        except PloraError as err:
+            unreadable.append(Unreadable(path, str(err)))
     checkpoints = sorted(
-        (_checkpoint(path, int(state["step"]), losses, val_losses) for path, state in states),
+        (_checkpoint(path, state.step, losses, val_losses) for path, state in states),
         key=lambda c: (c.step, c.path.name),
     )
-    total = max((int(s["total_steps"]) for _, s in states), default=None)
+    total = max((s.identity.total_steps for _, s in states), default=None)
     times = [float(r["time"]) for r in records if "time" in r]
-    return Run(name, total, losses, val_losses, times, checkpoints)
+    return Run(name, total, losses, val_losses, times, checkpoints, unreadable)
 
 
 def _checkpoint(
