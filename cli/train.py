@@ -144,6 +144,16 @@ def train_command(
     ),
     device: str = options.DEVICE,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    save_every_minutes: float = typer.Option(
+        30.0,
+        "--save-every-minutes",
+        help="Also checkpoint when this many minutes passed since the last save (0: off).",
+    ),
+    dist_timeout_minutes: float = typer.Option(
+        5.0,
+        "--dist-timeout-minutes",
+        help="Under torchrun, after the first step: a collective waiting longer fails the run (a hang).",
+    ),
     ddp: bool = typer.Option(
         False, "--ddp", hidden=True, help="Accepted for the original guide; torchrun's environment decides."
     ),
@@ -194,6 +204,8 @@ def train_command(
         resume=resume,
         device=device,
         progress=progress,
+        save_every_minutes=save_every_minutes,
+        dist_timeout_minutes=dist_timeout_minutes,
     )
     train(cfg)
 

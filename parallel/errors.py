@@ -22,6 +22,15 @@ class PloraError(Exception):
     """An error the CLI reports as one line (no traceback) and exits non-zero."""
 
 
+class Stopped(Exception):
+    """Work stopped on SIGINT or SIGTERM after saving what it had: the CLI prints ``plora: <message>``
+    and exits with the shell's status for that signal (130, 143)."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
 class InputError(PloraError):
     """Bad input at a known place: ``FILE:LINE: message``, and ``FILE:LINE: item [I] of the array:
     message`` for an element of a JSON array (many of which can share a line)."""

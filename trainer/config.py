@@ -72,6 +72,8 @@ class TrainConfig:
     resume: str | None = None
     device: str = "auto"  # auto|cpu|cuda|cuda:N
     progress: bool = True
+    save_every_minutes: float = 30.0  # also save when this long has passed since the last save (0: off)
+    dist_timeout_minutes: float = 5.0  # under torchrun, from the second step: a collective's longest wait
 
     def validate(self) -> TrainConfig:
         """Raise PloraError naming the first impossible setting; return self for chaining."""
@@ -123,6 +125,14 @@ class TrainConfig:
             (
                 bool(self.lora_name) and "/" not in self.lora_name and not self.lora_name.startswith("."),
                 f"--lora-name must be a plain file name, got {self.lora_name!r}",
+            ),
+            (
+                self.save_every_minutes >= 0,
+                f"--save-every-minutes must be >= 0 (0 turns it off), got {self.save_every_minutes}",
+            ),
+            (
+                self.dist_timeout_minutes > 0,
+                f"--dist-timeout-minutes must be positive, got {self.dist_timeout_minutes}",
             ),
         ]
         if self.pair_indices is not None:
