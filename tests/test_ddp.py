@@ -3,11 +3,16 @@ batch (each process takes disjoint rows; the loss is normalised over the whole g
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from cli_helpers import run_plora
 from train_helpers import (
+    REPO_ROOT,
     cli_args,
     max_adapter_difference,
     relative_adapter_difference,
@@ -53,3 +58,40 @@ def test_two_processes_match_one_with_the_same_global_batch(
     assert max_adapter_difference(two_final, one_final) < 1e-3  # a few near-zero-gradient weights at most
     # Only rank 0 wrote: one final checkpoint, one metrics file.
     assert sorted(p.name for p in (tmp_path / "two" / "lora").iterdir()) == [f"{name}_final"]
+
+
+HUNG_PEER = """
+import datetime, sys, time
+from trainer.distributed import all_sum, init_distributed, shorten_timeout
+env = init_distributed("cpu")
+shorten_timeout(env, datetime.timedelta(seconds=2))
+if env.rank == 1:
+    time.sleep(120)  # hung: never joins the next collective
+started = time.monotonic()
+try:
+    all_sum([1.0], env)
+except RuntimeError:
+    print(f"failed after {time.monotonic() - started:.1f} s", flush=True)
+"""
+
+
+def test_after_shorten_timeout_a_hung_peer_fails_the_collective_in_that_time(tmp_path: Path) -> None:
+    """The 3-hour startup timeout would let rank 0 wait for the hung rank 1 for hours."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**subprocess_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    ranks = [
+        subprocess.Popen([sys.executable, "-c", HUNG_PEER], env={**env, "RANK": r, "LOCAL_RANK": r}, **pipes)
+        for r in ("0", "1")
+    ]
+    try:
+        stdout, stderr = ranks[0].communicate(timeout=60)
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.communicate()
+    waited = float(stdout.split()[2]) if stdout.startswith("failed after") else None
+    assert waited is not None and waited < 10, stdout + stderr[-3000:]
