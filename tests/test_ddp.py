@@ -4,9 +4,11 @@ batch (each process takes disjoint rows; the loss is normalised over the whole g
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,44 @@ def test_after_shorten_timeout_a_hung_peer_fails_the_collective_in_that_time(tmp
             rank.communicate()
     waited = float(stdout.split()[2]) if stdout.startswith("failed after") else None
     assert waited is not None and waited < 10, stdout + stderr[-3000:]
+
+
+def _worker_pid(launcher: subprocess.Popen[str], rank: int) -> int:
+    """The pid of torchrun's worker of global rank ``rank`` (from /proc: its parent and environment)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == launcher.pid and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    raise AssertionError(f"no worker of rank {rank} under torchrun (pid {launcher.pid})")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="finds torchrun's workers in /proc")
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(
+    train_shards: Path, tiny_model_dir: Path, plora_bin: Path, torchrun_bin: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    flags = ["--batch-size", "1", "--epochs", "4", "--save-interval", "3", "--log-interval", "1"]
+    launch = [str(torchrun_bin), "--standalone", "--nproc_per_node", "2", "--no-python", str(plora_bin)]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    run = subprocess.Popen(
+        [*launch, *cli_args(train_shards, tiny_model_dir, out, *flags)], env=subprocess_env(), **pipes
+    )
+    deadline = time.monotonic() + 180
+    while not list(out.glob("lora/*_step*")) and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert run.poll() is None, "training ended before it could be stopped"
+    os.kill(_worker_pid(run, 1), signal.SIGTERM)  # rank 1 only: rank 0 hears of it in the step's all-reduce
+    _, stderr = run.communicate(timeout=300)
+
+    lines = [line for line in stderr.splitlines() if line.startswith("plora: terminated at step ")]
+    assert len(lines) == 2, stderr[-3000:]
+    step = int(lines[0].split()[4].rstrip(":"))
+    saved = out / "lora" / f"hf_parallel_lora_step{step}"
+    how = f": saved {saved}; to continue, run the same command with --resume latest"
+    # Rank 1 says where it stopped; rank 0, which wrote the checkpoint, says also where it is.
+    assert sorted(lines) == [f"plora: terminated at step {step}", f"plora: terminated at step {step}{how}"]
+    assert saved.is_dir() and not (out / "lora" / "hf_parallel_lora_final").exists()
