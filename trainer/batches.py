@@ -2,17 +2,20 @@
 
 The rows of a step are a function of (seed, epoch, step) (trainer.data), so the next micro-batch can be
 collated ahead of time without changing what any step sees: the prefetch changes when a batch is made,
-never which rows it holds, and exact resume holds as before. One background thread collates (numpy,
-no torch RNG); on CUDA it also pins the batch, which the training thread then copies with
-``non_blocking=True``, so the copy is queued behind the running step instead of stalling it.
+never which rows it holds, and exact resume holds as before. On CUDA one background thread collates
+(numpy, no torch RNG) and pins the next micro-batch while the GPU runs the current one; the training
+thread copies it with ``non_blocking=True``, so the copy is queued behind the running step instead of
+stalling it. On the CPU the step itself keeps every core busy: a collating thread would only take
+turns with it, so there a micro-batch is collated when it is taken, as before.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -66,12 +69,22 @@ class StepBatch:
 
 
 class Prefetcher:
-    """Steps ``start .. total-1`` as :class:`StepBatch`, their micro-batches one ahead."""
+    """Steps ``start .. total-1`` as :class:`StepBatch`; with ``background`` (the default on CUDA)
+    their micro-batches are collated one ahead in a thread."""
 
-    def __init__(self, store: RowStore, schedule: StepSchedule, start: int, total: int, device: torch.device):
+    def __init__(
+        self,
+        store: RowStore,
+        schedule: StepSchedule,
+        start: int,
+        total: int,
+        device: torch.device,
+        background: bool | None = None,
+    ):
         self.store, self.schedule, self.start, self.total, self.device = store, schedule, start, total, device
         self.wait_seconds = 0.0  # time the training thread waited for a batch: collation not hidden
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plora-collate")
+        background = device.type == "cuda" if background is None else background
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="plora-collate") if background else None
         self._jobs = self._parts()
         self._next = self._submit()
 
@@ -88,9 +101,12 @@ class Prefetcher:
             for part in rows.parts:
                 yield rows.rows, part
 
-    def _submit(self) -> Future[Batch] | None:
+    def _submit(self) -> Callable[[], Batch] | None:
+        """The next micro-batch, being made in the background (or, without one, made when called)."""
         job = next(self._jobs, None)
-        return None if job is None else self._pool.submit(self._collate, *job)
+        if job is None:
+            return None
+        return self._pool.submit(self._collate, *job).result if self._pool else partial(self._collate, *job)
 
     def _collate(self, global_rows: np.ndarray, part: np.ndarray) -> Batch:
         batch = self.store.collate(part) if len(part) else self.store.weightless(int(global_rows[0]))
@@ -101,14 +117,15 @@ class Prefetcher:
     def _take(self) -> Batch:
         tick = time.perf_counter()
         assert self._next is not None, "more micro-batches taken than the schedule holds"
-        ready = self._next.result()
+        ready = self._next()
         self._next = self._submit()
         batch = ready.to(self.device)
         self.wait_seconds += time.perf_counter() - tick
         return batch
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> Prefetcher:
         return self
