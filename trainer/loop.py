@@ -332,13 +332,30 @@ def setup(cfg: TrainConfig, env: DistEnv, data: RunData, clear_replaced_run: Cal
     schedule = StepSchedule(
         data.plan, data.store, seed=cfg.seed, group_by_length=cfg.group_by_length, rank=env.rank
     )
+    tokens_seen = resumed["tokens_seen"] if resumed is not None else 0
     run = Run(
-        cfg, env, data.store, data.plan, schedule, model, loss_module, step_module, params, optimizer,
-        scaler, data.identity, _plora_metadata(cfg, rope, manifest, base, lora_settings(model)), run_id,
-        metrics, start_step, resume_dir, first_loss=_first_loss(resumed, cfg) if resumed else float("nan"),
-        tokens_seen=resumed["tokens_seen"] if resumed else 0, last_saved=resume_dir,
-    )  # fmt: skip
-    run.tokens_before = run.tokens_seen
+        cfg=cfg,
+        env=env,
+        store=data.store,
+        plan=data.plan,
+        schedule=schedule,
+        model=model,
+        loss_module=loss_module,
+        step_module=step_module,
+        params=params,
+        optimizer=optimizer,
+        scaler=scaler,
+        identity=data.identity,
+        plora_meta=_plora_metadata(cfg, rope, manifest, base, lora_settings(model)),
+        run_id=run_id,
+        metrics=metrics,
+        start_step=start_step,
+        resume_dir=resume_dir,
+        first_loss=_first_loss(resumed, cfg) if resumed is not None else float("nan"),
+        tokens_seen=tokens_seen,
+        tokens_before=tokens_seen,
+        last_saved=resume_dir,
+    )
     _announce(run)
     return run
 
@@ -395,13 +412,12 @@ def _save(run: Run, path: Path, done: int) -> None:
 
 
 def _stopped(run: Run, signum: int | None, done: int) -> Stopped:
-    """Every process stops; rank 0, which wrote the checkpoint, says how to go on."""
-    how = (
-        f": saved {run.last_saved}; to continue, run the same command with --resume latest"
-        if run.env.is_main
-        else ""
-    )
-    return Stopped(signal.SIGTERM if signum is None else signum, f"at step {done}{how}")
+    """What every process raises; rank 0, which wrote the checkpoint, also says how to go on. A process
+    stopped because another one was signalled reports SIGTERM, as torchrun's own stop would."""
+    message = f"at step {done}"
+    if run.env.is_main:
+        message += f": saved {run.last_saved}; to continue, run the same command with --resume latest"
+    return Stopped(signum or signal.SIGTERM, message)
 
 
 def _result(run: Run, seconds: float, data_seconds: float) -> TrainResult:
