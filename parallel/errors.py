@@ -23,8 +23,8 @@ class PloraError(Exception):
 
 
 class Stopped(Exception):
-    """Work stopped on SIGINT or SIGTERM after saving what it had: the CLI prints ``plora: <message>``
-    and exits with the shell's status for that signal (130, 143)."""
+    """Work stopped on SIGINT or SIGTERM after saving what it had: the CLI prints ``plora: interrupted
+    <message>`` (or ``terminated``) and exits with the shell's status for that signal (130, 143)."""
 
     def __init__(self, signum: int, message: str) -> None:
         super().__init__(message)

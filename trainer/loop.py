@@ -214,6 +214,7 @@ def train_loop(run: Run) -> TrainResult:
                 _save(run, step_checkpoint(cfg.out_dir, cfg.lora_name, done), done)
                 saved_at = time.monotonic()
             if stopping and done < total:
+                wait_for_all(env)  # no process exits before rank 0 has saved: torchrun would stop it
                 raise _stopped(run, stop.signum, done)
         seconds = time.perf_counter() - started
         _save(run, final_checkpoint(cfg.out_dir, cfg.lora_name), total)
