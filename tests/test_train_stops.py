@@ -16,7 +16,7 @@ import trainer.loop
 from parallel.errors import Stopped
 from trainer.checkpoint import final_checkpoint, lora_dir, read_trainer_state, step_checkpoints
 from trainer.loop import train
-from trainer.stop import STOP_SIGNALS
+from trainer.stop import STOP_SIGNALS, graceful_stops
 
 NAME = "hf_parallel_lora"
 # Dropout and accumulation: randomness and state a resumed run must draw and hold alike.
@@ -74,3 +74,21 @@ def test_time_based_saves_happen_between_save_intervals(
     cfg = quick_config(train_shards, tiny_model_dir, tmp_path, max_steps=3, save_every_minutes=1e-9)
     train(cfg)  # --save-interval is 1000: every save here is a timed one
     assert [s for s, _ in step_checkpoints(tmp_path, NAME)] == [1, 2]  # and _final at 3
+
+
+@pytest.mark.parametrize("under_torchrun", [False, True])
+def test_the_signal_after_one_stop_request_has_the_default_action(
+    under_torchrun: bool, monkeypatch: pytest.MonkeyPatch, signal_handlers: None
+) -> None:
+    """Under torchrun a terminal's Ctrl-C comes twice (from the terminal and from torchrun): one request."""
+    if under_torchrun:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    else:
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    with graceful_stops() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.signum == signal.SIGINT
+        if under_torchrun:
+            assert signal.getsignal(signal.SIGINT) == stop.handle
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) == signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

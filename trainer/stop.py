@@ -5,10 +5,15 @@ signal gets the default action, which ends the process at once (also inside a co
 forward, where a Python handler would not run): checkpoints already published stay whole, since each is
 written under a temporary name and renamed into place, and a half-written temporary is removed by the
 next run.
+
+Under torchrun one stop can arrive twice: Ctrl-C in a terminal reaches every process of the foreground
+group, and torchrun, stopping too, sends each worker the signal it got. There the first two signals are
+one request, and the third ends the process at once.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -24,11 +29,15 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.caught: list[int] = []  # the signals handled here (not those the process ignores)
+        self.received = 0
+        self.copies = 2 if "TORCHELASTIC_RUN_ID" in os.environ else 1  # signals that make one request
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
-        self.signum = signum
-        for other in self.caught:  # the next one ends the process at once
-            signal.signal(other, signal.SIG_DFL)
+        self.signum = self.signum or signum
+        self.received += 1
+        if self.received >= self.copies:  # the next one ends the process at once
+            for other in self.caught:
+                signal.signal(other, signal.SIG_DFL)
 
 
 @contextmanager
