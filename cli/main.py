@@ -23,7 +23,7 @@ import cli.tinymodel
 import cli.tokenize
 import cli.train  # noqa: F401
 from cli.app import app
-from parallel.errors import PloraError
+from parallel.errors import PloraError, Stopped
 
 # click < 8.2 prints the help itself on a bare `plora`; later ones raise this
 NO_ARGS_IS_HELP = getattr(click_exceptions, "NoArgsIsHelpError", ())
@@ -57,13 +57,16 @@ def _exit_stopped() -> None:
 
 def main() -> None:
     """Console entry point: known errors become one line on stderr and exit status 2; Ctrl-C and
-    SIGTERM one line and 130 or 143."""
+    SIGTERM one line and 130 or 143 (training stops after its current step and saves, trainer.stop)."""
     _catch_stop_signals()
     try:
         status = app(standalone_mode=False)
     except PloraError as err:
         print(f"plora: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as stop:  # the work was saved first: the line says how to go on
+        print(f"plora: {STOP_SIGNALS[stop.signum]} {stop}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
     except typer.Exit as done:
         sys.exit(done.exit_code)
     except typer.Abort:

@@ -27,6 +27,15 @@ def missing_extra(what: str, extra: str) -> PloraError:
     return PloraError(f"{what} needs the '{extra}' extra: pip install 'plora[{extra}]'")
 
 
+class Stopped(Exception):
+    """Work stopped on SIGINT or SIGTERM after saving what it had: the CLI prints ``plora: interrupted
+    <message>`` (or ``terminated``) and exits with the shell's status for that signal (130, 143)."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
 class InputError(PloraError):
     """Bad input at a known place: ``FILE:LINE: message``, and ``FILE:LINE: item [I] of the array:
     message`` for an element of a JSON array (many of which can share a line)."""

@@ -3,11 +3,18 @@ batch (each process takes disjoint rows; the loss is normalised over the whole g
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from cli_helpers import run_plora
 from train_helpers import (
+    REPO_ROOT,
     cli_args,
     max_adapter_difference,
     relative_adapter_difference,
@@ -53,3 +60,81 @@ def test_two_processes_match_one_with_the_same_global_batch(
     assert max_adapter_difference(two_final, one_final) < 1e-3  # a few near-zero-gradient weights at most
     # Only rank 0 wrote: one final checkpoint, one metrics file.
     assert sorted(p.name for p in (tmp_path / "two" / "lora").iterdir()) == [f"{name}_final"]
+
+
+HUNG_PEER = """
+import datetime, sys, time
+from trainer.distributed import all_sum, init_distributed, shorten_timeout
+env = init_distributed("cpu")
+shorten_timeout(env, datetime.timedelta(seconds=2))
+if env.rank == 1:
+    time.sleep(120)  # hung: never joins the next collective
+started = time.monotonic()
+try:
+    all_sum([1.0], env)
+except RuntimeError:
+    print(f"failed after {time.monotonic() - started:.1f} s", flush=True)
+"""
+
+
+def test_after_shorten_timeout_a_hung_peer_fails_the_collective_in_that_time(tmp_path: Path) -> None:
+    """The 3-hour startup timeout would let rank 0 wait for the hung rank 1 for hours."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**subprocess_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    ranks = [
+        subprocess.Popen([sys.executable, "-c", HUNG_PEER], env={**env, "RANK": r, "LOCAL_RANK": r}, **pipes)
+        for r in ("0", "1")
+    ]
+    try:
+        stdout, stderr = ranks[0].communicate(timeout=60)
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.communicate()
+    waited = float(stdout.split()[2]) if stdout.startswith("failed after") else None
+    assert waited is not None and waited < 10, stdout + stderr[-3000:]
+
+
+def _worker_pid(launcher: subprocess.Popen[str], rank: int) -> int:
+    """The pid of torchrun's worker of global rank ``rank`` (from /proc: its parent and environment)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == launcher.pid and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    raise AssertionError(f"no worker of rank {rank} under torchrun (pid {launcher.pid})")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="finds torchrun's workers in /proc")
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(
+    train_shards: Path, tiny_model_dir: Path, plora_bin: Path, torchrun_bin: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    flags = ["--batch-size", "1", "--epochs", "4", "--save-interval", "3", "--log-interval", "1"]
+    launch = [str(torchrun_bin), "--standalone", "--nproc_per_node", "2", "--no-python", str(plora_bin)]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    run = subprocess.Popen(
+        [*launch, *cli_args(train_shards, tiny_model_dir, out, *flags)], env=subprocess_env(), **pipes
+    )
+    deadline = time.monotonic() + 180
+    while not list(out.glob("lora/*_step*")) and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert run.poll() is None, "training ended before it could be stopped"
+    os.kill(_worker_pid(run, 1), signal.SIGTERM)  # rank 1 only: rank 0 hears of it in the step's all-reduce
+    _, stderr = run.communicate(timeout=300)
+
+    lines = [line for line in stderr.splitlines() if line.startswith("plora: terminated at step ")]
+    assert len(lines) == 2, stderr[-3000:]
+    step = int(lines[0].split()[4].rstrip(":"))
+    saved = out / "lora" / f"hf_parallel_lora_step{step}"
+    how = f": saved {saved}; to continue, run the same command with --resume latest"
+    # Rank 1 says where it stopped; rank 0, which wrote the checkpoint, says also where it is.
+    assert sorted(lines) == [f"plora: terminated at step {step}", f"plora: terminated at step {step}{how}"]
+    assert saved.is_dir() and not (out / "lora" / "hf_parallel_lora_final").exists()

@@ -328,6 +328,11 @@ BAD_CASES = {
     ),
     "impossible ratio": (lambda s, m, t: {"rope_2d_ratio": 1.5}, r"--rope-2d-ratio must lie in \[0, 1\]"),
     "impossible stride": (lambda s, m, t: {"stride": 0}, "--stride must be a positive integer"),
+    "negative save time": (lambda s, m, t: {"save_every_minutes": -1.0}, "--save-every-minutes must be >= 0"),
+    "no dist timeout": (
+        lambda s, m, t: {"dist_timeout_minutes": 0.0},
+        "--dist-timeout-minutes must be positive",
+    ),
     "pair out of range": (lambda s, m, t: {"pair_indices": [3, 9]}, "pair_indices must lie in 1..8"),
     "unwritable out_dir": (
         lambda s, m, t: {"out_dir": str(_a_file(t / "occupied"))},

@@ -146,6 +146,12 @@ class TrainConfig:
         False,
         panel="Memory",  # its own table: the name is too long for the options table at 80 columns
     )
+    save_every_minutes: float = opt(
+        "Also checkpoint when this many minutes passed since the last save (0: off).", 30.0
+    )
+    dist_timeout_minutes: float = opt(
+        "Under torchrun, after the first step: a collective waiting longer fails the run (a hang).", 5.0
+    )
 
     def validate(self) -> TrainConfig:
         """Raise PloraError naming the first impossible setting; return self for chaining."""
@@ -197,6 +203,14 @@ class TrainConfig:
             (
                 bool(self.lora_name) and "/" not in self.lora_name and not self.lora_name.startswith("."),
                 f"--lora-name must be a plain file name, got {self.lora_name!r}",
+            ),
+            (
+                self.save_every_minutes >= 0,
+                f"--save-every-minutes must be >= 0 (0 turns it off), got {self.save_every_minutes}",
+            ),
+            (
+                self.dist_timeout_minutes > 0,
+                f"--dist-timeout-minutes must be positive, got {self.dist_timeout_minutes}",
             ),
         ]
         if self.pair_indices is not None:

@@ -3,9 +3,11 @@
 torchrun (or any launcher that sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT) starts
 the processes; a plain `plora train` is a world of one and never touches torch.distributed.
 
-Collectives wait up to PROCESS_GROUP_TIMEOUT (3 hours, not torch's 10/30 minutes): before training,
-rank 0 of the guide script may tokenize a large dataset while every other process waits for it in a
-collective. The price: a process that hangs later is only reported after that long.
+Collectives first wait up to PROCESS_GROUP_TIMEOUT (3 hours, not torch's 10/30 minutes): before
+training, rank 0 of the guide script may tokenize a large dataset while every other process waits for it
+in a collective, and the first step loads, compiles and warms up. After the first step the trainer
+lowers the timeout to ``--dist-timeout-minutes`` (as torchtitan does), so a process that hangs later is
+reported in minutes, not hours.
 """
 
 from __future__ import annotations
@@ -80,6 +82,15 @@ def wait_for_all(env: DistEnv) -> None:
     """
     if env.is_distributed:
         dist.barrier()
+
+
+def shorten_timeout(env: DistEnv, timeout: datetime.timedelta) -> None:
+    """From now on a collective fails after ``timeout``. The barrier first: a process still in slow
+    startup work, allowed under the long timeout, must not meet a peer already on the short one."""
+    if env.is_distributed:
+        dist.barrier()
+        # Private but stable (torch >= 2.3, the API torchtitan uses); sets gloo's and nccl's default.
+        dist.distributed_c10d._set_pg_timeout(timeout)
 
 
 def shutdown(env: DistEnv) -> None:

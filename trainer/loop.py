@@ -1,9 +1,11 @@
-"""The training loop: one function, read top to bottom.
+"""The training loop, read top to bottom: ``train`` -> ``open_data`` -> ``setup`` -> ``train_loop``.
 
-    setup   shards (verified, tokenizer checked) -> exact plan -> base model -> 2D RoPE -> LoRA -> DDP
-    step    accumulate micro-batches (DDP syncs only on the last), loss = summed CE / trained tokens of the
-            whole global batch, clip, set the LR, optimizer step
-    then    log, validate every eval_interval, save every save_interval, and the final adapter at the end
+    open_data   shards (verified, tokenizer checked) -> exact plan -> the checkpoint to resume, checked
+    setup       base model -> 2D RoPE -> LoRA -> DDP -> optimizer (resumed) -> metrics log: a :class:`Run`
+    train_step  accumulate micro-batches (DDP syncs only on the last), loss = summed CE / trained tokens of
+                the whole global batch, clip, set the LR, optimizer step
+    train_loop  step, log, validate every eval_interval, save every save_interval (and every
+                save_every_minutes), stop resumably on SIGINT/SIGTERM, and the final adapter at the end
 
 A non-finite loss stops the run before its update is applied; checkpoints already written stay.
 """
@@ -11,7 +13,9 @@ A non-finite loss stops the run before its update is applied; checkpoints alread
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -24,11 +28,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from parallel.adaptermeta import PLORA_JSON, AdapterMeta
-from parallel.errors import PloraError
+from parallel.errors import PloraError, Stopped
 from parallel.fingerprint import plora_version
 from parallel.loading import check_adapter_fits, model_facts
 from parallel.pretrained import resolve_pretrained
 from pipeline.shards import Manifest
+from trainer.batches import Prefetcher, StepBatch, StepSchedule
 from trainer.checkpoint import (
     RunIdentity,
     TrainerState,
@@ -44,17 +49,8 @@ from trainer.checkpoint import (
 )
 from trainer.config import TrainConfig
 from trainer.configfile import save_run_config
-from trainer.data import (
-    DataPlan,
-    RowStore,
-    epoch_order,
-    make_plan,
-    micro_batches,
-    open_checked_shards,
-    step_rows,
-    validation_batches,
-)
-from trainer.distributed import DistEnv, all_sum, init_distributed, shutdown, wait_for_all
+from trainer.data import DataPlan, RowStore, make_plan, open_checked_shards, validation_batches
+from trainer.distributed import DistEnv, all_sum, init_distributed, shorten_timeout, shutdown, wait_for_all
 from trainer.evaluate import autocast, evaluate_rows
 from trainer.metrics import MetricsLog, epochs_text, new_run_id
 from trainer.model import (
@@ -67,6 +63,7 @@ from trainer.model import (
     trainable_parameters,
 )
 from trainer.rundir import claimed_out_dir, prune_checkpoints
+from trainer.stop import graceful_stops
 
 
 @dataclass
@@ -78,8 +75,58 @@ class TrainResult:
     val_loss: float | None
     tokens: int  # tokens this invocation trained on (a resumed run's earlier tokens are not in `seconds`)
     seconds: float
-    data_seconds: float  # collation and host-to-device copies
+    data_seconds: float  # time steps waited for their batch: collation the prefetch did not hide
     epochs: float  # passes over the training rows the whole run makes
+
+
+@dataclass(frozen=True)
+class RunData:
+    """What ``open_data`` found: the shards' rows and plan, and the checkpoint this run continues."""
+
+    manifest: Manifest
+    store: RowStore
+    plan: DataPlan
+    identity: RunIdentity  # what a resumed run must share with its checkpoint
+    resume_dir: Path | None
+    resumed: TrainerState | None  # its trainer state
+
+
+@dataclass
+class Run:
+    """A set-up run: what ``setup`` built, and the counters the loop advances."""
+
+    cfg: TrainConfig
+    env: DistEnv
+    store: RowStore
+    plan: DataPlan
+    schedule: StepSchedule
+    model: torch.nn.Module  # the PEFT model: its adapter is what a checkpoint saves
+    loss_module: PackedLoss  # validation runs it directly
+    step_module: torch.nn.Module  # loss_module, in DDP under torchrun
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    identity: RunIdentity
+    plora_meta: AdapterMeta
+    run_id: str
+    metrics: MetricsLog
+    start_step: int
+    resume_dir: Path | None
+    first_loss: float  # the whole run's first step, also after a resume
+    last_loss: float = float("nan")
+    val_loss: float | None = None
+    tokens_seen: int = 0  # the whole run's, also before a resume
+    tokens_before: int = 0  # of tokens_seen, those before this invocation
+    last_saved: Path | None = None  # the last good checkpoint, named when the loss goes non-finite
+
+
+@dataclass(frozen=True)
+class StepStats:
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int  # of the global batch
+    trained: int  # trained tokens of the global batch
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -124,19 +171,100 @@ def train(cfg: TrainConfig) -> TrainResult:
     env = init_distributed(cfg.device)
     try:
         with claimed_out_dir(cfg, env.is_main) as clear_replaced_run:
-            return _train(cfg, env, clear_replaced_run)
+            data = open_data(cfg, env)
+            if data.resumed is not None and data.resumed.step >= data.plan.total_steps:
+                return _already_finished(cfg, env, data)
+            run = setup(cfg, env, data, clear_replaced_run)
+            try:
+                return train_loop(run)
+            finally:
+                run.metrics.close()
     finally:
         shutdown(env)
 
 
-def _train(cfg: TrainConfig, env: DistEnv, clear_replaced_run: Callable[[], None]) -> TrainResult:
-    # ---- setup: every check that can fail does so here, before the first step ----------------------
+def train_loop(run: Run) -> TrainResult:
+    """Step, log, validate, save; stop early and resumably on SIGINT/SIGTERM; the final adapter last."""
+    cfg, env, total = run.cfg, run.env, run.plan.total_steps
+    eval_every = cfg.eval_interval or cfg.save_interval
+    started = time.perf_counter()
+    saved_at = time.monotonic()
+    run.metrics.start(total, run.start_step)
+    with (
+        graceful_stops() as stop,
+        Prefetcher(run.store, run.schedule, run.start_step, total, env.device) as data,
+    ):
+        for batch in data:
+            stats = train_step(run, batch)
+            done = batch.step + 1
+            _record(run, done, stats)
+            if done == run.start_step + 1:  # startup is over: from now on a hang fails in minutes
+                shorten_timeout(env, datetime.timedelta(minutes=cfg.dist_timeout_minutes))
+            if len(run.plan.val_rows) and (done % eval_every == 0 or done == total):
+                _validate(run, done)
+            time_to_save = 0 < cfg.save_every_minutes * 60 <= time.monotonic() - saved_at
+            stopping, time_to_save = _agree(env, stop.signum is not None, time_to_save)
+            if done < total and (stopping or time_to_save or done % cfg.save_interval == 0):
+                _save(run, step_checkpoint(cfg.out_dir, cfg.lora_name, done), done)
+                saved_at = time.monotonic()
+            if stopping and done < total:
+                wait_for_all(env)  # no process exits before rank 0 has saved: torchrun would stop it
+                raise _stopped(run, stop.signum, done)
+        seconds = time.perf_counter() - started
+        _save(run, final_checkpoint(cfg.out_dir, cfg.lora_name), total)
+    wait_for_all(env)
+    result = _result(run, seconds, data.wait_seconds)
+    run.metrics.summary(result)
+    return result
+
+
+def train_step(run: Run, batch: StepBatch) -> StepStats:
+    """One optimizer step: accumulate the micro-batches (DDP syncs only on the last), loss = summed CE /
+    trained tokens of the whole global batch, clip, set the learning rate, step."""
+    cfg, env = run.cfg, run.env
+    torch.manual_seed(step_seed(cfg.seed, batch.step, env.rank))
+    divisor = max(batch.trained, 1)  # every process knows the whole global batch: no communication
+    loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+    is_ddp = isinstance(run.step_module, DistributedDataParallel)
+    for micro, inputs in enumerate(batch.micro):
+        last = micro == batch.count - 1
+        with run.step_module.no_sync() if is_ddp and not last else contextlib.nullcontext():
+            with autocast(env.device, cfg.dtype):
+                micro_loss = run.step_module(
+                    inputs.input_ids, inputs.branch_id, inputs.time_id, inputs.attention_mask, inputs.labels
+                )
+            # DDP averages gradients over processes; scale by world_size so they add up instead.
+            run.scaler.scale(micro_loss * (env.world_size / divisor)).backward()
+        loss_sum += micro_loss.detach().double()
+    loss = all_sum([float(loss_sum)], env)[0] / divisor
+    if not math.isfinite(loss):
+        where = (
+            f"the last good checkpoint is {run.last_saved}" if run.last_saved else "no checkpoint was written"
+        )
+        raise PloraError(
+            f"loss is {loss} at step {batch.step + 1}; stopped without applying that update ({where}); "
+            "try a lower --learning-rate, --grad-clip, or --dtype bfloat16/float32"
+        )
+    run.scaler.unscale_(run.optimizer)
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, max_norm))
+    lr = lr_at(batch.step, cfg, run.plan.total_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return StepStats(loss=loss, lr=lr, grad_norm=grad_norm, tokens=batch.tokens, trained=batch.trained)
+
+
+def open_data(cfg: TrainConfig, env: DistEnv) -> RunData:
+    """Shards (verified, tokenizer checked), the exact plan, and the checkpoint to resume, checked
+    against this run: every check that needs no model, before the model loads."""
     if env.is_main:
         check_writable(cfg.out_dir)
         remove_stale_temporaries(cfg.out_dir, cfg.lora_name)
     # One process per node reads every byte to check the checksums; its siblings read the same files.
     shards = open_checked_shards(cfg.shards, cfg.tokenizer_path or cfg.base_model, verify=env.local_rank == 0)
-    manifest = shards.manifest
     store = RowStore(shards)
     plan = make_plan(
         len(store),
@@ -148,176 +276,163 @@ def _train(cfg: TrainConfig, env: DistEnv, clear_replaced_run: Callable[[], None
         epochs=cfg.epochs,
         max_steps=cfg.max_steps,
     )
-    run_identity = RunIdentity(
+    identity = RunIdentity(
         seed=cfg.seed,
         group_by_length=cfg.group_by_length,
         val_fraction=cfg.val_fraction,
         global_batch=plan.global_batch,
-        shards_digest=manifest.digest,
+        shards_digest=shards.manifest.digest,
         total_steps=plan.total_steps,
     )
     resume_dir = resolve_resume(cfg, env)
     resumed = read_trainer_state(resume_dir) if resume_dir is not None else None
-    if resumed is not None:
-        assert resume_dir is not None
-        run_identity.check_resumes(resumed.identity, resume_dir)
-        if resumed.step >= plan.total_steps:
-            return _already_finished(cfg, env, plan, resume_dir, resumed)
+    if resume_dir is not None and resumed is not None:
+        identity.check_resumes(resumed.identity, resume_dir)
+    return RunData(shards.manifest, store, plan, identity, resume_dir, resumed)
 
+
+def setup(cfg: TrainConfig, env: DistEnv, data: RunData, clear_replaced_run: Callable[[], None]) -> Run:
+    """Base model, 2D RoPE, LoRA (fresh, continued or resumed), DDP, optimizer; then, every check passed,
+    the earlier run --overwrite replaces is removed and the metrics log opens."""
+    manifest, resumed, resume_dir = data.manifest, data.resumed, data.resume_dir
     torch.manual_seed(cfg.seed)  # fresh LoRA weights are the same in every process and every run
-    base, rope = load_rope_model(cfg, manifest.tokenizer["vocab_size"], store.max_coordinates, env.device)
+    base, rope = load_rope_model(
+        cfg, manifest.tokenizer["vocab_size"], data.store.max_coordinates, env.device
+    )
     adapter_source = str(resume_dir) if resume_dir is not None else cfg.load_lora
     if adapter_source is not None:
         _check_adapter(adapter_source, base, rope, manifest, cfg)
     model = add_lora(base, cfg, adapter_source).to(env.device)
     model.train()
     loss_module = PackedLoss(model, mask=cfg.mask, stride=rope.stride)
-    ddp_module: torch.nn.Module = loss_module
+    step_module: torch.nn.Module = loss_module
     if env.is_distributed:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
-        ddp_module = DistributedDataParallel(loss_module, device_ids=device_ids)
+        step_module = DistributedDataParallel(loss_module, device_ids=device_ids)
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.dtype == "float16")
-    start_step = 0
     if resume_dir is not None and resumed is not None:
         load_optimizer(resume_dir, optimizer, resumed)
         if resumed.scaler:
             scaler.load_state_dict(resumed.scaler)
-        start_step = resumed.step
-    total_steps = plan.total_steps
-    run_id = resumed.run_id if resumed is not None else new_run_id()
+    start_step = resumed.step if resumed is not None else 0
+    run_id = resumed.run_id if resumed is not None else new_run_id()  # it keeps its TensorBoard directory
     clear_replaced_run()  # every check has passed: only now may --overwrite remove the earlier run
     if env.is_main:
         save_run_config(cfg)
     metrics = MetricsLog(cfg, enabled=env.is_main, start_step=start_step, run_id=run_id)
-    plora_meta = _plora_metadata(cfg, rope, manifest, base, lora_settings(model))
-    if env.is_main:
-        sizes = count_parameters(model)
-        metrics.announce(
-            f"{len(plan.train_rows)} training rows ({len(plan.val_rows)} validation), global batch "
-            f"{plan.global_batch} = {cfg.batch_size} x {env.world_size} process(es) "
-            f"x {cfg.accumulation_steps} accumulation, "
-            f"{total_steps} steps ({epochs_text(plan.epochs_run)} of {plan.steps_per_epoch} steps); "
-            f"{sizes['trainable']:,} of {sizes['total']:,} parameters trainable"
-            + (f"; resuming at step {start_step} from {resume_dir}" if resumed else "")
+    schedule = StepSchedule(
+        data.plan, data.store, seed=cfg.seed, group_by_length=cfg.group_by_length, rank=env.rank
+    )
+    tokens_seen = resumed.tokens_seen if resumed is not None else 0
+    run = Run(
+        cfg=cfg,
+        env=env,
+        store=data.store,
+        plan=data.plan,
+        schedule=schedule,
+        model=model,
+        loss_module=loss_module,
+        step_module=step_module,
+        params=params,
+        optimizer=optimizer,
+        scaler=scaler,
+        identity=data.identity,
+        plora_meta=_plora_metadata(cfg, rope, manifest, base, lora_settings(model)),
+        run_id=run_id,
+        metrics=metrics,
+        start_step=start_step,
+        resume_dir=resume_dir,
+        first_loss=resumed.first_loss if resumed is not None else float("nan"),
+        tokens_seen=tokens_seen,
+        tokens_before=tokens_seen,
+        last_saved=resume_dir,
+    )
+    _announce(run)
+    return run
+
+
+def _announce(run: Run) -> None:
+    if not run.env.is_main:
+        return
+    cfg, plan, sizes = run.cfg, run.plan, count_parameters(run.model)
+    run.metrics.announce(
+        f"{len(plan.train_rows)} training rows ({len(plan.val_rows)} validation), global batch "
+        f"{plan.global_batch} = {cfg.batch_size} x {run.env.world_size} process(es) "
+        f"x {cfg.accumulation_steps} accumulation, "
+        f"{plan.total_steps} steps ({epochs_text(plan.epochs_run)} of {plan.steps_per_epoch} steps); "
+        f"{sizes['trainable']:,} of {sizes['total']:,} parameters trainable"
+        + (f"; resuming at step {run.start_step} from {run.resume_dir}" if run.resume_dir else "")
+    )
+
+
+def _record(run: Run, done: int, stats: StepStats) -> None:
+    run.tokens_seen += stats.tokens
+    run.first_loss = stats.loss if math.isnan(run.first_loss) else run.first_loss
+    run.last_loss = stats.loss
+    run.metrics.step(
+        done,
+        loss=stats.loss,
+        lr=stats.lr,
+        grad_norm=stats.grad_norm,
+        tokens=stats.tokens,
+        trained=stats.trained,
+    )
+
+
+def _agree(env: DistEnv, stop: bool, time_to_save: bool) -> tuple[bool, bool]:
+    """Every process stops at the same step if any of them was signalled, and saves when rank 0's clock
+    says so (clocks differ between processes; one decides)."""
+    stops, saves = all_sum([float(stop), float(time_to_save and env.is_main)], env)
+    return stops > 0, saves > 0
+
+
+def _save(run: Run, path: Path, done: int) -> None:
+    """Checkpoint after update ``done``, written by rank 0; step checkpoints beyond the limit go."""
+    if run.env.is_main:
+        losses = (run.first_loss, run.last_loss)
+        state = _trainer_state(
+            done, run.plan, run.identity, run.tokens_seen, run.scaler, run.cfg, run.run_id, losses
         )
-
-    # ---- training -------------------------------------------------------------------------------------
-    is_ddp = isinstance(ddp_module, DistributedDataParallel)
-    order_epoch, order = -1, np.empty(0, dtype=np.int64)
-    first_loss = resumed.first_loss if resumed is not None else float("nan")
-    last_loss = float("nan")
-    val_loss: float | None = None
-    last_saved: Path | None = resume_dir
-    tokens_before = tokens_seen = resumed.tokens_seen if resumed is not None else 0
-    started, data_seconds = time.perf_counter(), 0.0
-    metrics.start(total_steps, start_step)
-    try:
-        for step in range(start_step, total_steps):
-            epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
-            if epoch != order_epoch:
-                order_epoch, order = (
-                    epoch,
-                    epoch_order(plan, epoch, cfg.seed, store.num_tokens, cfg.group_by_length),
-                )
-            global_rows = step_rows(order, plan, step_in_epoch)
-            # Every process knows the whole global batch, so it knows the divisor without communicating.
-            trained_tokens = int(store.num_trained[global_rows].sum())
-            step_tokens = int(store.num_tokens[global_rows].sum())
-            torch.manual_seed(step_seed(cfg.seed, step, env.rank))
-            parts = micro_batches(global_rows, plan, env.rank)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
-            for micro, rows in enumerate(parts):
-                tick = time.perf_counter()
-                batch = store.collate(rows) if len(rows) else store.weightless(int(global_rows[0]))
-                batch = batch.to(env.device)
-                data_seconds += time.perf_counter() - tick
-                last_micro = micro == len(parts) - 1
-                sync = ddp_module.no_sync() if is_ddp and not last_micro else contextlib.nullcontext()
-                with sync:
-                    with autocast(env.device, cfg.dtype):
-                        micro_loss = ddp_module(
-                            batch.input_ids,
-                            batch.branch_id,
-                            batch.time_id,
-                            batch.attention_mask,
-                            batch.labels,
-                        )
-                    # DDP averages gradients over processes; scale by world_size so they add up instead.
-                    scaler.scale(micro_loss * (env.world_size / max(trained_tokens, 1))).backward()
-                loss_sum += micro_loss.detach().double()
-            loss = all_sum([float(loss_sum)], env)[0] / max(trained_tokens, 1)
-            if not math.isfinite(loss):
-                where = (
-                    f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written"
-                )
-                raise PloraError(
-                    f"loss is {loss} at step {step + 1}; stopped without applying that update ({where}); "
-                    "try a lower --learning-rate, --grad-clip, or --dtype bfloat16/float32"
-                )
-            scaler.unscale_(optimizer)
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            lr = lr_at(step, cfg, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-
-            done = step + 1
-            tokens_seen += step_tokens
-            first_loss = loss if math.isnan(first_loss) else first_loss
-            last_loss = loss
-            metrics.step(
-                done, loss=loss, lr=lr, grad_norm=grad_norm, tokens=step_tokens, trained=trained_tokens
+        meta = replace(run.plora_meta, step=done)
+        save_checkpoint(path, model=run.model, plora_meta=meta, state=state, optimizer=run.optimizer)
+        if done < run.plan.total_steps:
+            prune_checkpoints(
+                run.cfg.out_dir, run.cfg.lora_name, run.cfg.save_total_limit, keep=run.resume_dir
             )
-            eval_every = cfg.eval_interval or cfg.save_interval
-            if len(plan.val_rows) and (done % eval_every == 0 or done == total_steps):
-                val_loss = _validate(loss_module, store, plan, env, cfg.dtype)
-                metrics.validation(done, val_loss)
-            if done % cfg.save_interval == 0 and done < total_steps:
-                path = step_checkpoint(cfg.out_dir, cfg.lora_name, done)
-                losses = (first_loss, last_loss)
-                state = _trainer_state(done, plan, run_identity, tokens_seen, scaler, cfg, run_id, losses)
-                if env.is_main:
-                    meta = replace(plora_meta, step=done)
-                    save_checkpoint(path, model=model, plora_meta=meta, state=state, optimizer=optimizer)
-                    prune_checkpoints(cfg.out_dir, cfg.lora_name, cfg.save_total_limit, keep=resume_dir)
-                last_saved = path
+    run.last_saved = path
 
-        seconds = time.perf_counter() - started
-        final = final_checkpoint(cfg.out_dir, cfg.lora_name)
-        if env.is_main:
-            losses = (first_loss, last_loss)
-            state = _trainer_state(total_steps, plan, run_identity, tokens_seen, scaler, cfg, run_id, losses)
-            meta = replace(plora_meta, step=total_steps)
-            save_checkpoint(final, model=model, plora_meta=meta, state=state, optimizer=optimizer)
-        wait_for_all(env)
-    finally:
-        metrics.close()
-    result = TrainResult(
-        final,
-        total_steps,
-        first_loss,
-        last_loss,
-        val_loss,
-        tokens_seen - tokens_before,
+
+def _stopped(run: Run, signum: int | None, done: int) -> Stopped:
+    """What every process raises; rank 0, which wrote the checkpoint, also says how to go on. A process
+    stopped because another one was signalled reports SIGTERM, as torchrun's own stop would."""
+    message = f"at step {done}"
+    if run.env.is_main:
+        message += f": saved {run.last_saved}; to continue, run the same command with --resume latest"
+    return Stopped(signum or signal.SIGTERM, message)
+
+
+def _result(run: Run, seconds: float, data_seconds: float) -> TrainResult:
+    return TrainResult(
+        final_checkpoint(run.cfg.out_dir, run.cfg.lora_name),
+        run.plan.total_steps,
+        run.first_loss,
+        run.last_loss,
+        run.val_loss,
+        run.tokens_seen - run.tokens_before,
         seconds,
         data_seconds,
-        plan.epochs_run,
+        run.plan.epochs_run,
     )
-    metrics.summary(result)
-    return result
 
 
-def _already_finished(
-    cfg: TrainConfig, env: DistEnv, plan: DataPlan, resume_dir: Path, resumed: TrainerState
-) -> TrainResult:
+def _already_finished(cfg: TrainConfig, env: DistEnv, data: RunData) -> TrainResult:
     """Resuming a run that already made its last step: nothing to train and nothing rewritten."""
+    assert data.resumed is not None and data.resume_dir is not None
+    resumed, plan = data.resumed, data.plan
     final = final_checkpoint(cfg.out_dir, cfg.lora_name)
-    adapter = final if final.is_dir() else resume_dir
+    adapter = final if final.is_dir() else data.resume_dir
     _say(
         env,
         f"plora train: nothing to do: the run already finished at step {resumed.step} "
@@ -336,12 +451,13 @@ def _already_finished(
     )
 
 
-def _validate(loss_module: PackedLoss, store: RowStore, plan: DataPlan, env: DistEnv, dtype: str) -> float:
-    totals = evaluate_rows(
-        loss_module, store, validation_batches(plan, env.rank), device=env.device, dtype=dtype
-    )
+def _validate(run: Run, done: int) -> None:
+    env = run.env
+    batches = validation_batches(run.plan, env.rank)
+    totals = evaluate_rows(run.loss_module, run.store, batches, device=env.device, dtype=run.cfg.dtype)
     loss_sum, tokens = all_sum([totals.loss_sum, float(totals.tokens)], env)
-    return loss_sum / tokens if tokens else float("nan")
+    run.val_loss = loss_sum / tokens if tokens else float("nan")
+    run.metrics.validation(done, run.val_loss)
 
 
 def _check_adapter(
