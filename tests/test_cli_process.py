@@ -197,7 +197,7 @@ def test_a_second_signal_ends_train_at_once_leaving_whole_checkpoints(
     assert run.returncode == -signal.SIGTERM, stderr[-3000:]  # the default action: no line, no save
     assert not final_checkpoint(out, TRAIN_NAME).exists()
     for checkpoint in _step_checkpoints(out):  # a save under way stays a hidden temporary
-        step = read_trainer_state(checkpoint)["step"]
+        step = read_trainer_state(checkpoint).step
         assert checkpoint.name == f"{TRAIN_NAME}_step{step}"
         assert adapter_tensors(checkpoint)  # reads back whole
 

@@ -59,7 +59,7 @@ def test_a_signal_mid_step_finishes_it_saves_and_resumes_to_the_same_adapter(
         == f"at step 3: saved {saved}; to continue, run the same command with --resume latest"
     )
     assert [p for _, p in step_checkpoints(out, NAME)] == [saved] and not final_checkpoint(out, NAME).exists()
-    assert read_trainer_state(saved)["step"] == 3
+    assert read_trainer_state(saved).step == 3
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a second signal would have ended it at once
 
     monkeypatch.setattr(trainer.loop, "train_step", step)
