@@ -26,6 +26,8 @@ from typer.testing import CliRunner
 import cli.main
 
 WIDE = {"COLUMNS": "200"}  # rich output as wide as a roomy terminal (no wrapped lines)
+# One torch thread per run, as the training processes had: the models are tiny and 2 cores are shared.
+IN_PROCESS = {**WIDE, "OMP_NUM_THREADS": "1"}
 
 
 def run_plora(
@@ -56,7 +58,7 @@ def run_cli(
     argv = ["plora", *map(str, args)]
     outer_stderr = sys.stderr
     with (
-        CliRunner().isolation(env={**WIDE, **(env or {})}) as (stdout, stderr, _),
+        CliRunner().isolation(env={**IN_PROCESS, **(env or {})}) as (stdout, stderr, _),
         _own_process_state(argv, cwd, outer_stderr),
     ):
         try:
@@ -85,6 +87,8 @@ def _own_process_state(argv: list[str], cwd: Path | None, outer_stderr: object) 
     saved_signals = {signum: signal.getsignal(signum) for signum in cli.main.STOP_SIGNALS}
     saved_torch = (torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled())
     cli.main._received.clear()
+    if os.environ.get("OMP_NUM_THREADS"):  # what a new process would take for its thread pool
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     sys.argv = argv
     sys.modules["__main__"] = types.ModuleType("__main__")  # a script's: click names the program argv[0]
     if cwd is not None:

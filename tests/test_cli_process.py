@@ -58,6 +58,7 @@ def _stop_when(run: subprocess.Popen[str], ready: object, signum: int, what: str
     return run.communicate(timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("signum", "status", "line"), STOPS, ids=STOP_IDS)
 def test_stopped_tokenize_says_so_and_resumes_to_identical_shards(
     signum: int,
@@ -89,6 +90,7 @@ def test_stopped_tokenize_says_so_and_resumes_to_identical_shards(
     open_shards(out)
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_terminal_stops_tokenize_workers_quietly(
     plora_bin: Path, records: Path, tiny_model_dir: Path, whole_shards: Path, tmp_path: Path
 ) -> None:
@@ -115,6 +117,7 @@ def test_ctrl_c_in_a_terminal_stops_tokenize_workers_quietly(
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("signum", "status", "line"), STOPS, ids=STOP_IDS)
 def test_stopped_train_says_so_and_resumes(
     signum: int,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from cli_helpers import run_plora
+from cli_helpers import run_cli, run_plora
 from train_helpers import (
     cli_args,
     max_adapter_difference,
@@ -19,6 +19,7 @@ from trainer.checkpoint import final_checkpoint
 from trainer.metrics import logs_dir, read_metrics
 
 
+@pytest.mark.ddp
 def test_two_processes_match_one_with_the_same_global_batch(
     train_shards: Path, tiny_model_dir: Path, plora_bin: Path, torchrun_bin: Path, tmp_path: Path
 ) -> None:
@@ -35,10 +36,10 @@ def test_two_processes_match_one_with_the_same_global_batch(
     two = run_plora(torchrun_bin, *launch, *two_args, env=subprocess_env(), timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "global batch 8 = 2 x 2 process(es)" in two.stderr.replace("\n", " ")
-    one = run_plora(
-        plora_bin, *cli_args(train_shards, tiny_model_dir, tmp_path / "one", "--batch-size", "4", *flags),
-        env=subprocess_env(), timeout=300,
-    )  # fmt: skip
+    one = run_cli(
+        *cli_args(train_shards, tiny_model_dir, tmp_path / "one", "--batch-size", "4", *flags),
+        env=subprocess_env(),
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     name = "hf_parallel_lora"
     two_final, one_final = final_checkpoint(tmp_path / "two", name), final_checkpoint(tmp_path / "one", name)
