@@ -66,7 +66,7 @@ def run_cli(
             status = 0
         except SystemExit as done:
             status = done.code if isinstance(done.code, int) else 1
-        except BaseException:  # what a process would print before dying
+        except BaseException:  # noqa: BLE001 - a process would print it and die: so does the run
             traceback.print_exc()
             status = 1
         finally:
@@ -121,7 +121,14 @@ def _fresh_warnings() -> None:
     warnings.onceregistry.clear()
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: str | None = None,
+) -> None:
     sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 

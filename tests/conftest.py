@@ -54,9 +54,9 @@ def one_step_adapter(
 ) -> Path:
     """An adapter of one training step on ``train_shards`` (float32, default 2D RoPE settings), in its
     own --out-dir. Built once per session; read-only."""
-    from train_helpers import quick_config  # noqa: PLC0415 - torch only where needed
+    from train_helpers import quick_config  # torch only where needed
 
-    from trainer.loop import train  # noqa: PLC0415
+    from trainer.loop import train
 
     out = tmp_path_factory.mktemp("adapter") / "out"
     return train(quick_config(train_shards, tiny_model_dir, out, max_steps=1)).final_dir
