@@ -287,7 +287,8 @@ def test_no_trunk_no_bos_empty_branch_starts_from_eos() -> None:
 
 def test_generate_command_json_and_table(tiny_model_dir) -> None:
     common = ["generate", "--base-model", tiny_model_dir, "--stride", STRIDE]
-    done = run_cli(*common, "--prompt", "Hello", "--chat", "--branch", "One", "--branch", "Two",
+    done = run_cli(
+        *common, "--prompt", "Hello", "--chat", "--branch", "One", "--branch", "Two",
         "--max-new-tokens", "4", "--temperature", "0.8", "--seed", "1", "--json",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -299,7 +300,8 @@ def test_generate_command_json_and_table(tiny_model_dir) -> None:
         assert 1 <= branch["tokens"] <= 4
     assert summary["generated_tokens"] == sum(b["tokens"] for b in summary["branches"])
 
-    table = run_cli(*common, "--prompt", "Hello", "--num-branches", "3", "--max-new-tokens", "3",
+    table = run_cli(
+        *common, "--prompt", "Hello", "--num-branches", "3", "--max-new-tokens", "3",
         "--temperature", "0.8", "--seed", "1",
     )  # fmt: skip
     assert table.returncode == 0, table.stderr

@@ -65,7 +65,8 @@ def test_item1_export_refuses_protected_paths_even_with_overwrite(
     (tmp_path / "home").mkdir()
     watched = [adapter, tiny_model_dir, cwd]
     before = [tree(path) for path in watched]
-    done = run_cli("export", "--adapter", adapter, "--out", out, "--overwrite",
+    done = run_cli(
+        "export", "--adapter", adapter, "--out", out, "--overwrite",
         cwd=cwd, env={"HOME": str(tmp_path / "home")},
     )  # fmt: skip
     line = one_line_error(done)

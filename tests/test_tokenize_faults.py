@@ -149,7 +149,7 @@ def test_item7_wide_parallel_record_is_split_into_rows_of_max_branches(
     records = write_records(tmp_path / "records.jsonl", [ELEVEN])
     out = tmp_path / "out"
     done = run_cli("tokenize", records, "--tokenizer", tiny_model_dir, "--out", out,
-                     "--min-branches", 2, "--max-branches", 7)  # fmt: skip
+                   "--min-branches", 2, "--max-branches", 7)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "1 parallel records wider than --max-branches 7 split into 2 rows" in done.stderr
     rows = rows_of(out)
@@ -289,7 +289,7 @@ def test_item19_summary_counts_branches_split_for_length(tiny_model_dir: Path, t
     records = write_records(tmp_path / "records.jsonl", texts)
     out = tmp_path / "out"
     done = run_cli("tokenize", records, "--tokenizer", tiny_model_dir, "--out", out,
-                     "--max-seq-len", 16, "--branches", 2)  # fmt: skip
+                   "--max-seq-len", 16, "--branches", 2)  # fmt: skip
     assert done.returncode == 0, done.stderr
     found = re.search(r"(\d+) branches longer than --max-seq-len 16 split into (\d+) pieces", done.stderr)
     assert found, done.stderr
@@ -313,7 +313,7 @@ def test_item19_empty_branch_error_names_the_branch_and_the_option(
 
     out = tmp_path / "dropped"
     done = run_cli("tokenize", records, "--tokenizer", tiny_model_dir, "--out", out,
-                     "--drop-empty-branches")  # fmt: skip
+                   "--drop-empty-branches")  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "1 records in, 1 out, 0 rejected" in done.stderr and "1 empty branches dropped" in done.stderr
     assert [r.num_branches for r in rows_of(out)] == [2]

@@ -93,17 +93,16 @@ def test_item15_resume_latest_with_nothing_to_resume_says_so(
 
 
 def test_item4_eval_and_load_lora_refuse_an_adapter_of_another_base(
-    train_shards: Path, tiny_model_dir: Path, tmp_path: Path
+    train_shards: Path, one_step_adapter: Path, tmp_path: Path
 ) -> None:
-    _train(train_shards, tiny_model_dir, tmp_path / "qwen2", "--max-steps", "1")
-    adapter = final_checkpoint(tmp_path / "qwen2", NAME)
+    adapter = one_step_adapter  # trained on the tiny qwen2 model
     llama = ensure_tiny_model(arch="llama")  # the same tokenizer, another architecture
     expected = f"model_type is 'llama', but the adapter {adapter} was trained on a base with 'qwen2'"
     evaluate = ["eval", "--shards", train_shards, "--base-model", llama, "--adapter", adapter]
     evaluated = run_cli(*evaluate)
     assert expected in one_line_error(evaluated)
     continued = run_cli(*cli_args(train_shards, llama, tmp_path / "llama", "--max-steps", "1",
-                                               "--load-lora", str(adapter)))  # fmt: skip
+                                  "--load-lora", str(adapter)))  # fmt: skip
     assert expected in one_line_error(continued)
     assert not final_checkpoint(tmp_path / "llama", NAME).exists()
 
