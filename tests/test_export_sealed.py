@@ -26,7 +26,6 @@ def adapter(train_shards: Path, tiny_model_dir: Path, tmp_path_factory) -> Path:
     return final_checkpoint(out, "hf_parallel_lora")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("merge", [True, False])
 def test_item10_export_refuses_plain_transformers_and_loads_in_plora(
     adapter: Path, train_shards: Path, tiny_model_dir: Path, tmp_path: Path, merge: bool

@@ -174,6 +174,7 @@ def test_item2_second_tokenize_into_one_out_stops_at_once(
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_item11_tokenize_on_a_full_disk_names_the_shard_directory(
     tiny_model_dir: Path, sample_dir: Path, plora_bin: Path, tmp_path: Path
 ) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from cli_helpers import one_line_error, run_cli
 from train_helpers import cli_args
 
@@ -16,7 +15,6 @@ from trainer.metrics import logs_dir, read_metrics
 NAME = "hf_parallel_lora"
 
 
-@pytest.mark.slow
 def test_item18_runs_lists_checkpoints_with_losses_and_draws_curves(
     train_shards: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:

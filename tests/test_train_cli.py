@@ -45,7 +45,6 @@ def test_bad_input_is_one_line_and_exit_status_2(
     assert not (tmp_path / "out" / "lora").exists() or not any((tmp_path / "out" / "lora").iterdir())
 
 
-@pytest.mark.slow
 def test_guide_spellings_train_and_eval_reports_per_branch_count(
     train_shards: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -172,7 +171,6 @@ def test_guide_script_on_two_nodes_tokenizes_once_on_global_rank_0(
     assert (final_checkpoint(tmp_path, NAME) / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.slow
 def test_issue7_item5_eval_defaults_to_the_adapters_training_dtype(
     train_shards: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:

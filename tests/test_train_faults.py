@@ -32,7 +32,6 @@ def _summary_losses(stderr: str) -> tuple[float, float]:
     return float(found.group(1)), float(found.group(2))
 
 
-@pytest.mark.slow
 def test_item23_max_steps_is_the_length_of_the_run(
     train_shards: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -49,7 +48,6 @@ def test_item23_max_steps_is_the_length_of_the_run(
     assert f"trained {steps} steps ({epochs} epochs)" in " ".join(done.stderr.split())
 
 
-@pytest.mark.slow
 def test_item9_resume_covers_the_whole_run_and_a_finished_run_is_left_alone(
     train_shards: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -107,7 +105,6 @@ def test_item4_eval_and_load_lora_refuse_an_adapter_of_another_base(
     assert not final_checkpoint(tmp_path / "llama", NAME).exists()
 
 
-@pytest.mark.slow
 def test_item17_eval_split_val_is_the_runs_held_out_rows_and_max_rows_caps(
     train_shards: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:

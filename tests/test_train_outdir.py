@@ -31,7 +31,6 @@ def step_of(checkpoint: Path) -> int:
     return json.loads((checkpoint / "trainer_state" / "state.json").read_text())["step"]
 
 
-@pytest.mark.slow
 def test_item2_new_run_into_a_used_out_dir_refuses_and_overwrite_starts_clean(
     train_shards: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -124,7 +123,6 @@ def test_item11_full_disk_while_saving_a_checkpoint_is_one_line_and_leaves_no_te
     assert list((out / "lora").iterdir()) == []  # the partial checkpoint does not keep the disk full
 
 
-@pytest.mark.slow
 def test_item16_save_total_limit_keeps_the_newest_and_the_resumed_checkpoint(
     train_shards: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
