@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.plora-installed
 DEMO := .demo
 
-.PHONY: demo demo-tiny test lint install clean
+.PHONY: demo demo-tiny test test-fast lint install clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -26,6 +26,10 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q
+
+# The inner loop: every test but the slow and the torchrun ones (a few minutes).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not ddp"
 
 # SmolLM2-135M-Instruct learns to write lists one item per branch (under 10 minutes on 2 cores).
 demo: $(STAMP)

@@ -18,7 +18,7 @@ Words used throughout:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -574,16 +574,6 @@ class Packer:
     def state(self) -> PackerState:
         pending = tuple(self._pending)
         return PackerState(pending, self._target, self._counter.rng_state, counts=dict(self.counts))
-
-
-def pack_rows(
-    items: Iterable[PackItem], options: PackingOptions, special: SpecialTokens
-) -> Iterator[PackedRow]:
-    """Pack tokenized records into rows per the contract (see :class:`Packer`)."""
-    packer = Packer(options, special)
-    for item in items:
-        yield from packer.add(item)
-    yield from packer.finish()
 
 
 # --------------------------------------------------------------------------------------

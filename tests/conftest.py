@@ -49,6 +49,20 @@ def train_shards(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture(scope="session")
+def one_step_adapter(
+    train_shards: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """An adapter of one training step on ``train_shards`` (float32, default 2D RoPE settings), in its
+    own --out-dir. Built once per session; read-only."""
+    from train_helpers import quick_config  # torch only where needed
+
+    from trainer.loop import train
+
+    out = tmp_path_factory.mktemp("adapter") / "out"
+    return train(quick_config(train_shards, tiny_model_dir, out, max_steps=1)).final_dir
+
+
+@pytest.fixture(scope="session")
 def plora_bin() -> Path:
     """The installed `plora` console script next to this interpreter."""
     path = Path(sys.executable).parent / "plora"

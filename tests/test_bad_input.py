@@ -1,4 +1,4 @@
-"""Bad input through the real `plora convert` console script, in both --on-error modes.
+"""Bad input through `plora convert` (in-process, by its console entry point), in both --on-error modes.
 
 Every bad record ends either in exactly one stderr line ``plora: error: FILE:LINE: ...`` with
 exit status 2 and no output file, or (``--on-error skip``) in one counted entry of the rejects
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cli_helpers import one_line_error, run_plora
+from cli_helpers import one_line_error, run_cli
 from inputs import read_jsonl
 
 OK = b'{"text": "fine"}\n'
@@ -123,24 +123,19 @@ def assert_one_line_error(done: subprocess.CompletedProcess[str], start: str, ex
     assert line.startswith(f"plora: error: {start}") and expect in line, line
 
 
-def test_at_least_fifteen_distinct_cases() -> None:
-    names = [c.name for c in BAD_RECORDS] + [c[0] for c in BAD_FILES]
-    assert len(set(names)) == len(names) >= 15
-
-
 @pytest.mark.parametrize("case", BAD_RECORDS, ids=lambda c: c.name)
-def test_bad_record_raise_is_one_line(tmp_path: Path, plora_bin: Path, case: BadRecord) -> None:
+def test_bad_record_raise_is_one_line(tmp_path: Path, case: BadRecord) -> None:
     (tmp_path / case.filename).write_bytes(case.content)
-    done = run_plora(plora_bin, "convert", case.filename, "--out", "out.jsonl", *case.args, cwd=tmp_path)
+    done = run_cli("convert", case.filename, "--out", "out.jsonl", *case.args, cwd=tmp_path)
     assert_one_line_error(done, f"{case.filename}:{case.line}: ", case.expect)
     assert not (tmp_path / "out.jsonl").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [case.filename]  # no temporary file left either
 
 
 @pytest.fixture(scope="module")
-def skipped_run(plora_bin: Path, tmp_path_factory) -> dict[tuple[str, ...], tuple]:
-    """One `--on-error skip` run per distinct argument set over all bad files at once (a run per
-    case would cost a process start each): args -> (process, records written, rejects)."""
+def skipped_run(tmp_path_factory) -> dict[tuple[str, ...], tuple]:
+    """One `--on-error skip` run per distinct argument set over all bad files at once:
+    args -> (run, records written, rejects)."""
     runs = {}
     for args in dict.fromkeys(case.args for case in BAD_RECORDS):
         tmp = tmp_path_factory.mktemp("skip")
@@ -150,7 +145,7 @@ def skipped_run(plora_bin: Path, tmp_path_factory) -> dict[tuple[str, ...], tupl
                 names.append(f"{index:02d}-{case.filename}")
                 (tmp / names[-1]).write_bytes(case.content)
         skip = ("--out", "out.jsonl", "--on-error", "skip", *args)
-        done = run_plora(plora_bin, "convert", *names, *skip, cwd=tmp)
+        done = run_cli("convert", *names, *skip, cwd=tmp)
         rejects = read_jsonl(tmp / "out.rejects.jsonl") if done.returncode == 0 else []
         written = read_jsonl(tmp / "out.jsonl") if done.returncode == 0 else []
         runs[args] = (done, written, rejects)
@@ -227,25 +222,25 @@ BAD_FILES = [
 
 @pytest.mark.parametrize("mode", ["raise", "skip"])
 @pytest.mark.parametrize("case", BAD_FILES, ids=lambda c: c[0])
-def test_bad_file_is_one_line_in_both_modes(tmp_path: Path, plora_bin: Path, case, mode: str) -> None:
+def test_bad_file_is_one_line_in_both_modes(tmp_path: Path, case, mode: str) -> None:
     _, setup, expect = case
     args = setup(tmp_path)
     if mode == "skip" and "--out" not in args and "--frmat" not in args:
         args += ["--rejects", "r.jsonl"]
-    done = run_plora(plora_bin, "convert", *args, "--on-error", mode, cwd=tmp_path)
+    done = run_cli("convert", *args, "--on-error", mode, cwd=tmp_path)
     assert_one_line_error(done, "", expect)
     assert not (tmp_path / "out.jsonl").exists()
 
 
-def test_unwritable_rejects_file_is_one_line(tmp_path: Path, plora_bin: Path) -> None:
+def test_unwritable_rejects_file_is_one_line(tmp_path: Path) -> None:
     args = _with_input(tmp_path, "--out", "out.jsonl", "--on-error", "skip", "--rejects", "a_file/r.jsonl")
-    done = run_plora(plora_bin, "convert", *args, cwd=tmp_path)
+    done = run_cli("convert", *args, cwd=tmp_path)
     assert_one_line_error(done, "a_file/r.jsonl: cannot write: a_file is not a directory", "")
 
 
-def test_skip_to_stdout_without_rejects_file_is_one_line(tmp_path: Path, plora_bin: Path) -> None:
+def test_skip_to_stdout_without_rejects_file_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "a.jsonl").write_bytes(OK)
-    done = run_plora(plora_bin, "convert", "a.jsonl", "--on-error", "skip", cwd=tmp_path)
+    done = run_cli("convert", "a.jsonl", "--on-error", "skip", cwd=tmp_path)
     assert_one_line_error(done, "", "needs --rejects FILE")
 
 
@@ -271,10 +266,10 @@ ACCEPTED = [
 
 
 @pytest.mark.parametrize("case", ACCEPTED, ids=lambda c: c[0])
-def test_quirks_are_accepted(tmp_path: Path, plora_bin: Path, case) -> None:
+def test_quirks_are_accepted(tmp_path: Path, case) -> None:
     _, filename, content, texts = case
     (tmp_path / filename).write_bytes(content)
-    done = run_plora(plora_bin, "convert", filename, "--out", "out.jsonl", cwd=tmp_path)
+    done = run_cli("convert", filename, "--out", "out.jsonl", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert read_jsonl(tmp_path / "out.jsonl") == [{"text": t} for t in texts]
     assert f"{len(texts)} records in, {len(texts)} out, 0 rejected" in done.stderr
@@ -282,11 +277,11 @@ def test_quirks_are_accepted(tmp_path: Path, plora_bin: Path, case) -> None:
         assert f"{filename}: 0 in, 0 out, 0 rejected (no records found)" in done.stderr
 
 
-def test_ten_megabyte_line_is_just_a_record(tmp_path: Path, plora_bin: Path) -> None:
+def test_ten_megabyte_line_is_just_a_record(tmp_path: Path) -> None:
     big = "word " * 2_000_000
     with gzip.open(tmp_path / "a.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write(json.dumps({"text": "small"}) + "\n" + json.dumps({"text": big}) + "\n")
-    done = run_plora(plora_bin, "convert", "a.jsonl.gz", "--out", "out.jsonl", cwd=tmp_path)
+    done = run_cli("convert", "a.jsonl.gz", "--out", "out.jsonl", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert read_jsonl(tmp_path / "out.jsonl") == [{"text": "small"}, {"text": big}]
 

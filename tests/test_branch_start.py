@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from cli_helpers import one_line_error, run_plora
+from cli_helpers import one_line_error, run_cli
 from contract_check import check_rows
 from models import tiny_model
 
@@ -111,19 +111,17 @@ def test_item3_isolated_logits_for_each_branch_first_token_differ() -> None:
         torch.testing.assert_close(steps[0].logits[k], predicting[k].float(), atol=1e-4, rtol=0)
 
 
-def test_item3_shards_of_the_old_layout_are_not_reused(
-    plora_bin: Path, tiny_model_dir: Path, tmp_path: Path
-) -> None:
+def test_item3_shards_of_the_old_layout_are_not_reused(tiny_model_dir: Path, tmp_path: Path) -> None:
     records = write(tmp_path / "records.jsonl", TRAINED_RECORDS)
     out = tmp_path / "shards"
     args = ["tokenize", records, "--tokenizer", tiny_model_dir, "--out", out]
-    assert run_plora(plora_bin, *args).returncode == 0
+    assert run_cli(*args).returncode == 0
     manifest_path = out / MANIFEST_NAME
     manifest = json.loads(manifest_path.read_text())
     old = {k: v for k, v in manifest.items() if k != SEAL_KEY} | {"format_version": 1}
     manifest_path.write_text(json.dumps({**old, SEAL_KEY: manifest_seal(old)}))
-    error = one_line_error(run_plora(plora_bin, *args))
+    error = one_line_error(run_cli(*args))
     assert f"{manifest_path}: format_version 1" in error and "--overwrite" in error, error
-    done = run_plora(plora_bin, *args, "--overwrite")
+    done = run_cli(*args, "--overwrite")
     assert done.returncode == 0, done.stderr
     assert json.loads(manifest_path.read_text())["format_version"] == manifest["format_version"] > 1

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cli_helpers import one_line_error, run_plora
+from cli_helpers import one_line_error, run_cli
 
 from parallel.decoder import _plan
 from parallel.errors import Rejects
@@ -108,46 +108,44 @@ CHAT_PARALLEL = {
 
 
 def test_item2_convert_tokenize_inspect_and_eval_accept_chat_parallel_records(
-    plora_bin: Path, tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     source = tmp_path / "in.jsonl"
     source.write_text(json.dumps(CHAT_PARALLEL) + "\n", encoding="utf-8")
     records = tmp_path / "records.jsonl"
-    done = run_plora(plora_bin, "convert", source, "--out", records)
+    done = run_cli("convert", source, "--out", records)
     assert done.returncode == 0, done.stderr
     assert [json.loads(line) for line in records.read_text().splitlines()] == [CHAT_PARALLEL]
     assert record_to_json(parse_record(CHAT_PARALLEL)) == CHAT_PARALLEL
 
     shards = tmp_path / "shards"
-    done = run_plora(plora_bin, "tokenize", records, "--tokenizer", tiny_model_dir, "--out", shards)
+    done = run_cli("tokenize", records, "--tokenizer", tiny_model_dir, "--out", shards)
     assert done.returncode == 0, done.stderr
-    done = run_plora(plora_bin, "inspect", shards, "--row", 0, "--json")
+    done = run_cli("inspect", shards, "--row", 0, "--json")
     assert done.returncode == 0, done.stderr
     row = json.loads(done.stdout)["row"]
     assert row["has_trunk"] and row["num_branches"] == 2
     assert "Seal the windows." in row["sequences"][2]["text"]
-    done = run_plora(
-        plora_bin, "eval", "--shards", shards, "--base-model", tiny_model_dir, "--json", timeout=300
-    )
+    done = run_cli("eval", "--shards", shards, "--base-model", tiny_model_dir, "--json")
     assert done.returncode == 0, done.stderr
     assert "loss" in done.stdout
 
 
 def test_item7_chat_parallel_ending_with_assistant_is_one_line_error_or_counted(
-    plora_bin: Path, tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     bad = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
            "branches": ["a", "b"]}  # fmt: skip
     records = tmp_path / "records.jsonl"
     records.write_text(json.dumps(CHAT_PARALLEL) + "\n" + json.dumps(bad) + "\n", encoding="utf-8")
     args = ["tokenize", records, "--tokenizer", tiny_model_dir]
-    error = one_line_error(run_plora(plora_bin, *args, "--out", tmp_path / "raise"))
+    error = one_line_error(run_cli(*args, "--out", tmp_path / "raise"))
     assert f"{records}:2" in error and "end with an assistant turn" in error, error
-    error = one_line_error(run_plora(plora_bin, "convert", records))
+    error = one_line_error(run_cli("convert", records))
     assert f"{records}:2" in error and "end with an assistant turn" in error, error
 
     out = tmp_path / "skip"
-    done = run_plora(plora_bin, *args, "--out", out, "--on-error", "skip")
+    done = run_cli(*args, "--out", out, "--on-error", "skip")
     assert done.returncode == 0, done.stderr
     assert "2 records in, 1 out, 1 rejected" in done.stderr
     (entry,) = [json.loads(line) for line in Path(f"{out}.rejects.jsonl").read_text().splitlines()]
@@ -187,25 +185,25 @@ def test_lead_needs_string_branches() -> None:
 
 
 def test_split_lists_records_keep_their_lead_through_convert_and_tokenize(
-    plora_bin: Path, tiny_model_dir: Path, sample_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, sample_dir: Path, tmp_path: Path
 ) -> None:
     answer = "Three of them:\n1. Walk.\n2. Cycle.\n3. Take the train."
     chat = [{"role": "user", "content": "Ways to get to work?"}, {"role": "assistant", "content": answer}]
     led = tmp_path / "led.jsonl"
     led.write_text(json.dumps({"messages": chat}) + "\n")
     records, again = tmp_path / "lists.jsonl", tmp_path / "again.jsonl"
-    done = run_plora(plora_bin, "convert", led, "--split-lists", "--out", records)
+    done = run_cli("convert", led, "--split-lists", "--out", records)
     assert done.returncode == 0, done.stderr
     [record] = [json.loads(line) for line in records.read_text().splitlines()]
     assert record["lead"] == "Three of them:\n" and len(record["branches"]) == 3
-    done = run_plora(plora_bin, "convert", records, "--out", again)  # canonical records pass through whole
+    done = run_cli("convert", records, "--out", again)  # canonical records pass through whole
     assert done.returncode == 0, done.stderr
     assert json.loads(again.read_text()) == record
 
     shards = tmp_path / "shards"
-    done = run_plora(plora_bin, "tokenize", records, "--tokenizer", tiny_model_dir, "--out", shards)
+    done = run_cli("tokenize", records, "--tokenizer", tiny_model_dir, "--out", shards)
     assert done.returncode == 0, done.stderr
-    done = run_plora(plora_bin, "inspect", shards, "--row", 0, "--json")
+    done = run_cli("inspect", shards, "--row", 0, "--json")
     assert done.returncode == 0, done.stderr
     trunk, *branches = json.loads(done.stdout)["row"]["sequences"]
     # The lead ends the trunk; its last token (":\n" for this tokenizer) is every branch's start.
@@ -216,14 +214,14 @@ def test_split_lists_records_keep_their_lead_through_convert_and_tokenize(
     # The sample Alpaca lists tokenize whole.
     alpaca = tmp_path / "alpaca.jsonl"
     lists = sample_dir / "sample_alpaca.json"
-    done = run_plora(plora_bin, "convert", lists, "--split-lists", "--out", alpaca)
+    done = run_cli("convert", lists, "--split-lists", "--out", alpaca)
     assert done.returncode == 0, done.stderr
-    done = run_plora(plora_bin, "tokenize", alpaca, "--tokenizer", tiny_model_dir, "--out", tmp_path / "s2")
+    done = run_cli("tokenize", alpaca, "--tokenizer", tiny_model_dir, "--out", tmp_path / "s2")
     assert done.returncode == 0, done.stderr
     assert "0 rejected" in done.stderr + done.stdout
 
 
-def test_a_lead_with_a_prompt_response_branch_is_one_line(plora_bin: Path, tmp_path: Path) -> None:
+def test_a_lead_with_a_prompt_response_branch_is_one_line(tmp_path: Path) -> None:
     record = {
         "messages": [{"role": "user", "content": PROMPT}],
         "lead": "Two ways:\n",
@@ -231,5 +229,5 @@ def test_a_lead_with_a_prompt_response_branch_is_one_line(plora_bin: Path, tmp_p
     }
     source = tmp_path / "bad.jsonl"
     source.write_text(json.dumps(record) + "\n")
-    line = one_line_error(run_plora(plora_bin, "convert", source))
+    line = one_line_error(run_cli("convert", source))
     assert f"{source}:1" in line and "every branch must be a string" in line

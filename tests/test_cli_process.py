@@ -58,6 +58,7 @@ def _stop_when(run: subprocess.Popen[str], ready: object, signum: int, what: str
     return run.communicate(timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("signum", "status", "line"), STOPS, ids=STOP_IDS)
 def test_stopped_tokenize_says_so_and_resumes_to_identical_shards(
     signum: int,
@@ -89,6 +90,7 @@ def test_stopped_tokenize_says_so_and_resumes_to_identical_shards(
     open_shards(out)
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_terminal_stops_tokenize_workers_quietly(
     plora_bin: Path, records: Path, tiny_model_dir: Path, whole_shards: Path, tmp_path: Path
 ) -> None:
@@ -137,6 +139,7 @@ def _step_checkpoints(out: Path) -> list[Path]:
     return sorted(lora_dir(out).glob(f"{TRAIN_NAME}_step*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("signum", "status", "line"), STOPS, ids=STOP_IDS)
 def test_stopped_train_saves_says_how_to_resume_and_resumes_to_the_same_adapter(
     signum: int,
@@ -178,6 +181,7 @@ def _catches(pid: int, signum: int) -> bool:
     return bool(caught >> (signum - 1) & 1)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads signal masks from /proc")
 def test_a_second_signal_ends_train_at_once_leaving_whole_checkpoints(
     plora_bin: Path, train_shards: Path, tiny_model_dir: Path, tmp_path: Path

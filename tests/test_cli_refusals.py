@@ -10,15 +10,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cli_helpers import one_line_error, run_plora
-from train_helpers import cli_args
+from cli_helpers import one_line_error, run_cli, run_plora
 
 from pipeline.shards import open_shards, write_manifest, write_shard
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "generate"])
 def test_item12_flex_attention_on_cpu_is_one_line(
-    command: str, plora_bin: Path, train_shards: Path, tiny_model_dir: Path, tmp_path: Path
+    command: str, train_shards: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     if command == "generate":
         args = ["--base-model", tiny_model_dir, "--prompt", "Hi", "--num-branches", "2"]
@@ -26,29 +25,27 @@ def test_item12_flex_attention_on_cpu_is_one_line(
         args = ["--shards", train_shards, "--base-model", tiny_model_dir]
     if command == "train":
         args += ["--out-dir", tmp_path / "out"]
-    line = one_line_error(run_plora(plora_bin, command, *args, "--attn", "flex", "--device", "cpu"))
+    line = one_line_error(run_cli(command, *args, "--attn", "flex", "--device", "cpu"))
     assert "--attn flex needs CUDA" in line and "--attn sdpa" in line
     assert not (tmp_path / "out").exists()
 
 
-def test_item13_parquet_null_text_says_null_with_file_and_row(plora_bin: Path, tmp_path: Path) -> None:
+def test_item13_parquet_null_text_says_null_with_file_and_row(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": ["fine", None, "fine too"]}), tmp_path / "rows.parquet")
-    line = one_line_error(run_plora(plora_bin, "convert", "rows.parquet", "--out", "out.jsonl", cwd=tmp_path))
+    line = one_line_error(run_cli("convert", "rows.parquet", "--out", "out.jsonl", cwd=tmp_path))
     assert line.startswith("plora: error: rows.parquet:2: null field: 'text' is null;"), line
     assert "expected one of text, messages" in line and "unknown format" not in line
 
 
-def test_item13_one_line_json_array_names_the_records_index(plora_bin: Path, tmp_path: Path) -> None:
+def test_item13_one_line_json_array_names_the_records_index(tmp_path: Path) -> None:
     (tmp_path / "all.json").write_text('[{"text": "a"}, {"text": "b"}, {"foo": 1}, {"text": "c"}]')
-    line = one_line_error(run_plora(plora_bin, "convert", "all.json", "--out", "out.jsonl", cwd=tmp_path))
+    line = one_line_error(run_cli("convert", "all.json", "--out", "out.jsonl", cwd=tmp_path))
     assert line.startswith("plora: error: all.json:1: item [2] of the array: unknown format"), line
 
-    skipped = run_plora(
-        plora_bin, "convert", "all.json", "--out", "out.jsonl", "--on-error", "skip", cwd=tmp_path
-    )
+    skipped = run_cli("convert", "all.json", "--out", "out.jsonl", "--on-error", "skip", cwd=tmp_path)
     assert skipped.returncode == 0, skipped.stderr
     [entry] = [json.loads(x) for x in (tmp_path / "out.rejects.jsonl").read_text().splitlines()]
     assert (entry["line"], entry["index"], entry["raw"]) == (1, 2, {"foo": 1})
@@ -83,7 +80,7 @@ def _without_training_on(source: Path, out: Path, branches: int) -> None:
 
 
 def test_item22_eval_json_gives_null_for_a_branch_count_without_trained_tokens(
-    plora_bin: Path, train_shards: Path, tiny_model_dir: Path, tmp_path: Path
+    train_shards: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     counts = sorted(set(open_shards(train_shards).metadata()["num_branches"].tolist()))
     untrained = counts[0]
@@ -91,7 +88,7 @@ def test_item22_eval_json_gives_null_for_a_branch_count_without_trained_tokens(
     _without_training_on(train_shards, shards, untrained)
     args = ["eval", "--shards", shards, "--base-model", tiny_model_dir, "--device", "cpu", "--no-progress"]
 
-    done = run_plora(plora_bin, *args, "--json")
+    done = run_cli(*args, "--json")
     assert done.returncode == 0, done.stderr
     facts = _strict_json(done.stdout)
     assert facts["by_branches"][str(untrained)]["loss"] is None
@@ -99,7 +96,7 @@ def test_item22_eval_json_gives_null_for_a_branch_count_without_trained_tokens(
     assert all(facts["by_branches"][str(k)]["loss"] > 0 for k in counts[1:])
     assert facts["loss"] > 0
 
-    table = run_plora(plora_bin, *args)
+    table = run_cli(*args)
     assert table.returncode == 0, table.stderr
     [row] = [line.split() for line in table.stdout.splitlines() if line.split()[:1] == [str(untrained)]]
     assert row[2:] == ["0", "-"]
@@ -107,61 +104,56 @@ def test_item22_eval_json_gives_null_for_a_branch_count_without_trained_tokens(
 
 @pytest.mark.parametrize("command", ["inspect", "generate"])
 def test_item22_every_json_the_cli_prints_is_strict(
-    command: str, plora_bin: Path, train_shards: Path, tiny_model_dir: Path
+    command: str, train_shards: Path, tiny_model_dir: Path
 ) -> None:
     if command == "inspect":
-        done = run_plora(plora_bin, "inspect", train_shards, "--tokenizer", tiny_model_dir, "--json")
+        done = run_cli("inspect", train_shards, "--tokenizer", tiny_model_dir, "--json")
         documents = [done.stdout]
     else:
         args = ["--base-model", tiny_model_dir, "--prompt", "Hi", "--num-branches", "2", "--temperature", "1"]
-        done = run_plora(plora_bin, "generate", *args, "--max-new-tokens", "3", "--seed", "0", "--json")
+        done = run_cli("generate", *args, "--max-new-tokens", "3", "--seed", "0", "--json")
         documents = done.stdout.splitlines()
     assert done.returncode == 0, done.stderr
     assert documents and all(_strict_json(document) for document in documents)
 
 
-def test_item21_inspect_png_makes_its_directory(plora_bin: Path, train_shards: Path, tmp_path: Path) -> None:
+def test_item21_inspect_png_makes_its_directory(train_shards: Path, tmp_path: Path) -> None:
     png = tmp_path / "new" / "deeper" / "row.png"
-    done = run_plora(plora_bin, "inspect", train_shards, "--png", png)
+    done = run_cli("inspect", train_shards, "--png", png)
     assert done.returncode == 0, done.stderr
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert sorted(p.name for p in png.parent.iterdir()) == ["row.png"]
 
 
-def test_item21_inspect_png_refuses_another_format(
-    plora_bin: Path, train_shards: Path, tmp_path: Path
-) -> None:
-    line = one_line_error(run_plora(plora_bin, "inspect", train_shards, "--png", tmp_path / "out.jpg"))
+def test_item21_inspect_png_refuses_another_format(train_shards: Path, tmp_path: Path) -> None:
+    line = one_line_error(run_cli("inspect", train_shards, "--png", tmp_path / "out.jpg"))
     assert "out.jpg" in line and ".png" in line
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.fixture(scope="module")
-def adapter(plora_bin: Path, train_shards: Path, tiny_model_dir: Path, tmp_path_factory) -> Path:
+@pytest.fixture
+def adapter(one_step_adapter: Path) -> Path:
     """An adapter of one training step (plora.json: the default 2D RoPE ratio and stride)."""
-    out = tmp_path_factory.mktemp("adapter")
-    done = run_plora(plora_bin, *cli_args(train_shards, tiny_model_dir, out, "--max-steps", "1"), timeout=300)
-    assert done.returncode == 0, done.stderr
-    return out / "lora" / "hf_parallel_lora_final"
+    return one_step_adapter
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--stride", "64"), ("--rope-2d-ratio", "0.25")])
 def test_item21_eval_refuses_rope_flags_that_disagree_with_the_adapter(
-    flag: str, value: str, plora_bin: Path, train_shards: Path, tiny_model_dir: Path, adapter: Path
+    flag: str, value: str, train_shards: Path, tiny_model_dir: Path, adapter: Path
 ) -> None:
     args = ["eval", "--shards", train_shards, "--base-model", tiny_model_dir, "--adapter", adapter]
-    line = one_line_error(run_plora(plora_bin, *args, flag, value, "--no-progress"))
+    line = one_line_error(run_cli(*args, flag, value, "--no-progress"))
     recorded = json.loads((adapter / "plora.json").read_text())[flag[2:].replace("-", "_")]
     assert f"{flag} {value} disagrees with adapter {adapter}, trained with {recorded}" in line
 
 
 def test_item21_eval_takes_rope_flags_that_agree_with_the_adapter(
-    plora_bin: Path, train_shards: Path, tiny_model_dir: Path, adapter: Path
+    train_shards: Path, tiny_model_dir: Path, adapter: Path
 ) -> None:
     recorded = json.loads((adapter / "plora.json").read_text())
     args = ["eval", "--shards", train_shards, "--base-model", tiny_model_dir, "--adapter", adapter, "--json"]
     agreeing = ["--stride", recorded["stride"], "--rope_2d_ratio", recorded["rope_2d_ratio"]]
-    done = run_plora(plora_bin, *args, *agreeing, "--no-progress", "--device", "cpu")
+    done = run_cli(*args, *agreeing, "--no-progress", "--device", "cpu", "--max-rows", "2")
     assert done.returncode == 0, done.stderr
     assert _strict_json(done.stdout)["model"]["stride"] == recorded["stride"]
 
@@ -179,16 +171,17 @@ BAD_GENERATE_SETTINGS = [
     ("flags", "expect"), BAD_GENERATE_SETTINGS, ids=[" ".join(flags) for flags, _ in BAD_GENERATE_SETTINGS]
 )
 def test_item15_generate_refuses_bad_settings_before_loading_the_model(
-    flags: list[str], expect: str, plora_bin: Path, tmp_path: Path
+    flags: list[str], expect: str, tmp_path: Path
 ) -> None:
     # No model is in this directory: refusing the setting first proves that nothing was loaded.
     (tmp_path / "not-a-model").mkdir()
     args = ["generate", "--base-model", tmp_path / "not-a-model", "--prompt", "Hi", "--num-branches", "2"]
-    line = one_line_error(run_plora(plora_bin, *args, *flags))
+    line = one_line_error(run_cli(*args, *flags))
     assert expect in line, line
 
 
 # The hub is not offline by configuration but cannot be reached: nothing listens on the discard port.
+# A real process: huggingface_hub reads these variables when it is imported.
 UNREACHABLE_HUB = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "OMP_NUM_THREADS": "1"}
 
 

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from cli_helpers import one_line_error, run_plora
+from cli_helpers import one_line_error, run_cli, run_plora
 from inputs import (
     CONTAINERS,
     DETECTED,
@@ -318,6 +318,7 @@ def test_cli_hf_dataset_without_the_datasets_package(tmp_path: Path, plora_bin: 
     shim.mkdir(parents=True)
     (shim / "__init__.py").write_text("raise ImportError(\"No module named 'datasets'\")\n")
     path = os.pathsep.join(filter(None, [str(tmp_path / "shim"), os.environ.get("PYTHONPATH")]))
+    # a real process: the shim must come before the installed package at import
     done = run_plora(plora_bin, "convert", "--hf-dataset", tmp_path, env={"PYTHONPATH": path})
     error = one_line_error(done)
     assert error == "plora: error: --hf-dataset needs the 'hf' extra: pip install 'plora[hf]'"
@@ -446,11 +447,11 @@ def test_input_fingerprint_parts_follow_bytes(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def test_cli_converts_with_summary(tmp_path: Path, plora_bin: Path) -> None:
+def test_cli_converts_with_summary(tmp_path: Path) -> None:
     raw, expected = SAMPLES["sharegpt"]
     path = write_jsonl(tmp_path / "chats.jsonl", raw)
     out = tmp_path / "out.jsonl"
-    done = run_plora(plora_bin, "convert", path, "--out", out)
+    done = run_cli("convert", path, "--out", out)
     assert done.returncode == 0, done.stderr
     assert read_jsonl(out) == expected
     assert done.stdout == ""
@@ -458,20 +459,20 @@ def test_cli_converts_with_summary(tmp_path: Path, plora_bin: Path) -> None:
     assert "formats: sharegpt 2" in done.stderr
 
 
-def test_cli_pretrain_to_stdout(tmp_path: Path, plora_bin: Path) -> None:
+def test_cli_pretrain_to_stdout(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "p", "response": "r"}])
-    done = run_plora(plora_bin, "convert", path, "--mode", "pretrain")
+    done = run_cli("convert", path, "--mode", "pretrain")
     assert done.returncode == 0, done.stderr
     assert read_jsonl_text(done.stdout) == [{"text": "p\n\nr"}]
     assert "1 records in, 1 out" in done.stderr
 
 
-def test_cli_hf_dataset_folder(tmp_path: Path, plora_bin: Path) -> None:
+def test_cli_hf_dataset_folder(tmp_path: Path) -> None:
     folder = tmp_path / "ds"
     folder.mkdir()
     raw, expected = SAMPLES["text"]
     write_jsonl(folder / "part-0.jsonl", raw)
     out = tmp_path / "out.jsonl"
-    done = run_plora(plora_bin, "convert", "--hf-dataset", folder, "--streaming", "--out", out)
+    done = run_cli("convert", "--hf-dataset", folder, "--streaming", "--out", out)
     assert done.returncode == 0, done.stderr
     assert read_jsonl(out) == expected

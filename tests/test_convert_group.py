@@ -9,7 +9,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from cli_helpers import one_line_error, run_plora
+from cli_helpers import one_line_error, run_cli
 
 from parallel.errors import Rejects
 from pipeline import grouping
@@ -32,8 +32,8 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def convert(plora_bin: Path, *args: object) -> tuple[list[dict], str]:
-    done = run_plora(plora_bin, "convert", *args)
+def convert(*args: object) -> tuple[list[dict], str]:
+    done = run_cli("convert", *args)
     assert done.returncode == 0, done.stderr
     return [json.loads(line) for line in done.stdout.splitlines()], done.stderr
 
@@ -46,9 +46,9 @@ def qa(*numbers: int) -> list[dict]:
     return [{"prompt": f"Q{n}?", "response": f"A{n}"} for n in numbers]
 
 
-def test_group_by_passage_splits_wide_groups_and_counts(plora_bin: Path, tmp_path: Path) -> None:
+def test_group_by_passage_splits_wide_groups_and_counts(tmp_path: Path) -> None:
     out, stderr = convert(
-        plora_bin, write_jsonl(tmp_path / "qa.jsonl", QA), "--group-by", "context", "--max-branches", "3"
+        write_jsonl(tmp_path / "qa.jsonl", QA), "--group-by", "context", "--max-branches", "3"
     )
     assert out == [
         {"messages": trunk("Passage A"), "branches": qa(1, 3)},  # 4 > 3 branches: two records of 2
@@ -63,8 +63,8 @@ def test_group_by_passage_splits_wide_groups_and_counts(plora_bin: Path, tmp_pat
     )
 
 
-def test_group_by_reads_csv_parquet_and_json_alike(plora_bin: Path, tmp_path: Path) -> None:
-    expected, _ = convert(plora_bin, write_jsonl(tmp_path / "qa.jsonl", QA), "--group-by", "context")
+def test_group_by_reads_csv_parquet_and_json_alike(tmp_path: Path) -> None:
+    expected, _ = convert(write_jsonl(tmp_path / "qa.jsonl", QA), "--group-by", "context")
     with open(tmp_path / "qa.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(QA[0]))
         writer.writeheader()
@@ -72,10 +72,10 @@ def test_group_by_reads_csv_parquet_and_json_alike(plora_bin: Path, tmp_path: Pa
     pl.DataFrame(QA).write_parquet(tmp_path / "qa.parquet")
     (tmp_path / "qa.json").write_text(json.dumps(QA), encoding="utf-8")
     for name in ("qa.csv", "qa.parquet", "qa.json"):
-        assert convert(plora_bin, tmp_path / name, "--group-by", "context")[0] == expected, name
+        assert convert(tmp_path / name, "--group-by", "context")[0] == expected, name
 
 
-def test_group_by_alpaca_instruction(plora_bin: Path, tmp_path: Path) -> None:
+def test_group_by_alpaca_instruction(tmp_path: Path) -> None:
     """One instruction with several answers: string branches; with inputs: {prompt, response} branches;
     a system field is the system turn and part of the key."""
     records = [
@@ -87,8 +87,8 @@ def test_group_by_alpaca_instruction(plora_bin: Path, tmp_path: Path) -> None:
     ]
     path = tmp_path / "alpaca.json"
     path.write_text(json.dumps(records), encoding="utf-8")
-    out, _ = convert(plora_bin, path, "--group-by", "instruction")
-    plain, _ = convert(plora_bin, write_jsonl(tmp_path / "last.jsonl", records[-1:]))
+    out, _ = convert(path, "--group-by", "instruction")
+    plain, _ = convert(write_jsonl(tmp_path / "last.jsonl", records[-1:]))
     assert out == [
         {"messages": trunk("Name a colour."), "branches": ["Red.", "Blue."]},
         {
@@ -99,23 +99,22 @@ def test_group_by_alpaca_instruction(plora_bin: Path, tmp_path: Path) -> None:
     ]
 
 
-def test_group_by_missing_field_is_one_line_error(plora_bin: Path, tmp_path: Path) -> None:
+def test_group_by_missing_field_is_one_line_error(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "qa.jsonl", QA)
-    line = one_line_error(run_plora(plora_bin, "convert", path, "--group-by", "context,passage"))
+    line = one_line_error(run_cli("convert", path, "--group-by", "context,passage"))
     assert line == (
         f"plora: error: {path}: --group-by field 'passage' is missing; "
         "the records have fields context, question, answer, id"
     )
 
 
-def test_group_by_record_without_the_field(plora_bin: Path, tmp_path: Path) -> None:
+def test_group_by_record_without_the_field(tmp_path: Path) -> None:
     """A record that lacks a group field's value: a one-line error naming file and record, or with
     --on-error skip a counted reject."""
     path = write_jsonl(tmp_path / "qa.jsonl", [*QA[:3], {"question": "Q?", "answer": "A"}, *QA[3:]])
-    line = one_line_error(run_plora(plora_bin, "convert", path, "--group-by", "context"))
+    line = one_line_error(run_cli("convert", path, "--group-by", "context"))
     assert line.startswith(f"plora: error: {path}: record 4: field 'context' is missing")
     out, stderr = convert(
-        plora_bin,
         path,
         "--group-by",
         "context",
@@ -139,13 +138,11 @@ def test_group_by_record_without_the_field(plora_bin: Path, tmp_path: Path) -> N
         ),
     ],
 )
-def test_group_by_unreadable_record_is_one_line_error(
-    plora_bin: Path, tmp_path: Path, line: str, expected: str
-) -> None:
+def test_group_by_unreadable_record_is_one_line_error(tmp_path: Path, line: str, expected: str) -> None:
     path = tmp_path / "qa.jsonl"
     first = json.dumps(QA[0]) if line.startswith("{not") else line  # a field of one type in every record
     path.write_text(first + "\n" + line + "\n", encoding="utf-8")
-    assert one_line_error(run_plora(plora_bin, "convert", path, "--group-by", "context")).startswith(
+    assert one_line_error(run_cli("convert", path, "--group-by", "context")).startswith(
         f"plora: error: {path}{expected}"
     )
 

@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-from cli_helpers import one_line_error, run_plora
+from cli_helpers import one_line_error, run_cli
 
 from pipeline.lists import NO_LIST, TEXT_AFTER, ListSplit, fewer_than, split_answer
 
 
-def convert(plora_bin: Path, *args: object) -> tuple[list[dict], str]:
-    done = run_plora(plora_bin, "convert", *args)
+def convert(*args: object) -> tuple[list[dict], str]:
+    done = run_cli("convert", *args)
     assert done.returncode == 0, done.stderr
     return [json.loads(line) for line in done.stdout.splitlines()], done.stderr
 
@@ -22,12 +22,12 @@ def summary_line(stderr: str) -> str:
     return next(line.strip() for line in stderr.splitlines() if line.strip().startswith("--split-lists:"))
 
 
-def check_alpaca_split(plora_bin: Path, path: Path) -> int:
+def check_alpaca_split(path: Path) -> int:
     """Every Alpaca record either splits into a lead-in and branches that join to its output, or
     comes out as plain convert writes it; the summary counts both. Returns the records split."""
     originals = json.loads(path.read_text(encoding="utf-8"))
-    split, stderr = convert(plora_bin, path, "--split-lists")
-    plain, _ = convert(plora_bin, path)
+    split, stderr = convert(path, "--split-lists")
+    plain, _ = convert(path)
     assert len(split) == len(plain) == len(originals)
     parallel = 0
     for original, record, chat in zip(originals, split, plain, strict=True):
@@ -48,18 +48,18 @@ def check_alpaca_split(plora_bin: Path, path: Path) -> int:
     return parallel
 
 
-def test_split_lists_sample_alpaca_joins_back_exactly(plora_bin: Path, sample_dir: Path) -> None:
-    assert check_alpaca_split(plora_bin, sample_dir / "sample_alpaca.json") >= 3
+def test_split_lists_sample_alpaca_joins_back_exactly(sample_dir: Path) -> None:
+    assert check_alpaca_split(sample_dir / "sample_alpaca.json") >= 3
 
 
-def test_split_lists_shared_alpaca_joins_back_exactly(plora_bin: Path, shared_file) -> None:
-    assert check_alpaca_split(plora_bin, shared_file("alpaca_2k.json")) >= 150
+def test_split_lists_shared_alpaca_joins_back_exactly(shared_file) -> None:
+    assert check_alpaca_split(shared_file("alpaca_2k.json")) >= 150
 
 
 LIST = "Three ways:\n\n1. Walk.\n2. Cycle,\n   when dry.\n3. Take the bus.\n"
 
 
-def test_split_lists_every_input_format(plora_bin: Path, tmp_path: Path) -> None:
+def test_split_lists_every_input_format(tmp_path: Path) -> None:
     """The last assistant turn of the normalised chat is split, whatever the format; the turns before it
     are the trunk's messages."""
     records = [
@@ -83,7 +83,7 @@ def test_split_lists_every_input_format(plora_bin: Path, tmp_path: Path) -> None
     ]
     path = tmp_path / "chats.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    out, stderr = convert(plora_bin, path, "--split-lists")
+    out, stderr = convert(path, "--split-lists")
     branches = ["1. Walk.\n", "2. Cycle,\n   when dry.\n", "3. Take the bus.\n"]
     assert out[0] == {
         "messages": [
@@ -106,9 +106,7 @@ def test_split_lists_every_input_format(plora_bin: Path, tmp_path: Path) -> None
     assert "4 parallel records out (12 branches), 0 kept as they were" in summary_line(stderr)
 
 
-def test_split_lists_text_after_the_list_keeps_the_record_whole_and_counted(
-    plora_bin: Path, tmp_path: Path
-) -> None:
+def test_split_lists_text_after_the_list_keeps_the_record_whole_and_counted(tmp_path: Path) -> None:
     records = [
         {"instruction": "Tips", "output": "1. a\n2. b\n3. c\n\nThat is all."},
         {"instruction": "Two", "output": "1. a\n2. b"},
@@ -116,29 +114,26 @@ def test_split_lists_text_after_the_list_keeps_the_record_whole_and_counted(
     ]
     path = tmp_path / "a.json"
     path.write_text(json.dumps(records), encoding="utf-8")
-    out, stderr = convert(plora_bin, path, "--split-lists")
+    out, stderr = convert(path, "--split-lists")
     assert [r["messages"][-1]["content"] for r in out] == [r["output"] for r in records]
     assert summary_line(stderr) == (
         "--split-lists: 3 records in, 0 parallel records out (0 branches), 3 kept as they were "
         "(1 text after the list, 1 fewer than 3 items, 1 no list)"
     )
-    out, _ = convert(plora_bin, path, "--split-lists", "--min-items", "2")
+    out, _ = convert(path, "--split-lists", "--min-items", "2")
     assert out[1]["branches"] == ["1. a\n", "2. b"]
 
 
-def test_split_lists_on_records_without_assistant_turns_is_one_line_error(
-    plora_bin: Path, tmp_path: Path
-) -> None:
+def test_split_lists_on_records_without_assistant_turns_is_one_line_error(tmp_path: Path) -> None:
     path = tmp_path / "notes.jsonl"
     path.write_text(
         '{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}\n'
         '{"text": "a plain document"}\n',
         encoding="utf-8",
     )
-    line = one_line_error(run_plora(plora_bin, "convert", path, "--split-lists"))
+    line = one_line_error(run_cli("convert", path, "--split-lists"))
     assert line.startswith(f"plora: error: {path}:2: no assistant turn")
-    done = run_plora(
-        plora_bin,
+    done = run_cli(
         "convert",
         path,
         "--split-lists",

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import run_plora
+from cli_helpers import run_cli, run_plora
 from train_helpers import (
     REPO_ROOT,
     cli_args,
@@ -26,6 +26,7 @@ from trainer.checkpoint import final_checkpoint
 from trainer.metrics import logs_dir, read_metrics
 
 
+@pytest.mark.ddp
 def test_two_processes_match_one_with_the_same_global_batch(
     train_shards: Path, tiny_model_dir: Path, plora_bin: Path, torchrun_bin: Path, tmp_path: Path
 ) -> None:
@@ -42,10 +43,10 @@ def test_two_processes_match_one_with_the_same_global_batch(
     two = run_plora(torchrun_bin, *launch, *two_args, env=subprocess_env(), timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "global batch 8 = 2 x 2 process(es)" in two.stderr.replace("\n", " ")
-    one = run_plora(
-        plora_bin, *cli_args(train_shards, tiny_model_dir, tmp_path / "one", "--batch-size", "4", *flags),
-        env=subprocess_env(), timeout=300,
-    )  # fmt: skip
+    one = run_cli(
+        *cli_args(train_shards, tiny_model_dir, tmp_path / "one", "--batch-size", "4", *flags),
+        env=subprocess_env(),
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     name = "hf_parallel_lora"
     two_final, one_final = final_checkpoint(tmp_path / "two", name), final_checkpoint(tmp_path / "one", name)
@@ -77,6 +78,7 @@ except RuntimeError:
 """
 
 
+@pytest.mark.ddp
 def test_after_shorten_timeout_a_hung_peer_fails_the_collective_in_that_time(tmp_path: Path) -> None:
     """The 3-hour startup timeout would let rank 0 wait for the hung rank 1 for hours."""
     with socket.socket() as probe:
@@ -112,6 +114,7 @@ def _worker_pid(launcher: subprocess.Popen[str], rank: int) -> int:
     raise AssertionError(f"no worker of rank {rank} under torchrun (pid {launcher.pid})")
 
 
+@pytest.mark.ddp
 @pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="finds torchrun's workers in /proc")
 def test_a_signal_to_one_process_stops_every_process_at_the_same_step(
     train_shards: Path, tiny_model_dir: Path, plora_bin: Path, torchrun_bin: Path, tmp_path: Path

@@ -11,17 +11,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cli_helpers import run_plora
+import pytest
+from cli_helpers import run_cli
 from train_helpers import REPO_ROOT, subprocess_env
 
 DEMO_LISTS = REPO_ROOT / "data" / "demo_lists.jsonl"
 
 
-def test_issue7_item6_demo_lists_all_become_parallel_records_that_join_back(
-    plora_bin: Path, tmp_path: Path
-) -> None:
+def test_issue7_item6_demo_lists_all_become_parallel_records_that_join_back(tmp_path: Path) -> None:
     out = tmp_path / "lists.jsonl"
-    done = run_plora(plora_bin, "convert", DEMO_LISTS, "--split-lists", "--out", out)
+    done = run_cli("convert", DEMO_LISTS, "--split-lists", "--out", out)
     assert done.returncode == 0, done.stderr
     originals = [json.loads(line) for line in DEMO_LISTS.read_text().splitlines()]
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -32,6 +31,7 @@ def test_issue7_item6_demo_lists_all_become_parallel_records_that_join_back(
         assert record.get("lead", "") + "".join(record["branches"]) == original["output"]
 
 
+@pytest.mark.slow
 def test_issue7_item6_demo_script_trains_and_shows_before_and_after(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_helpers import run_plora
-from train_helpers import cli_args, subprocess_env
+from cli_helpers import run_cli
+from train_helpers import cli_args
 
 from parallel.errors import PloraError
 from parallel.forward import forward_packed
@@ -20,23 +20,23 @@ from trainer.checkpoint import final_checkpoint
 
 
 @pytest.fixture(scope="module")
-def adapter(train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path_factory) -> Path:
+def adapter(train_shards: Path, tiny_model_dir: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sealed") / "out"
     args = cli_args(train_shards, tiny_model_dir, out, "--max-steps", "2", "--lr", "2e-2")
-    done = run_plora(plora_bin, *args, env=subprocess_env(), timeout=300)
+    done = run_cli(*args)
     assert done.returncode == 0, done.stderr[-3000:]
     return final_checkpoint(out, "hf_parallel_lora")
 
 
 @pytest.mark.parametrize("merge", [True, False])
 def test_item10_export_refuses_plain_transformers_and_loads_in_plora(
-    adapter: Path, train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path, merge: bool
+    adapter: Path, train_shards: Path, tiny_model_dir: Path, tmp_path: Path, merge: bool
 ) -> None:
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "export"
     export = ["export", "--adapter", adapter, "--out", out, *(["--merge"] if merge else [])]
-    exported = run_plora(plora_bin, *export, env=subprocess_env())
+    exported = run_cli(*export)
     assert exported.returncode == 0, exported.stderr
     with pytest.raises(Exception, match="plora") as refused:
         AutoModelForCausalLM.from_pretrained(str(out))
@@ -52,7 +52,7 @@ def test_item10_export_refuses_plain_transformers_and_loads_in_plora(
     torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=0)
 
     generate = ["generate", "--adapter", out, "--prompt", "Three ways:", "--num-branches", "2"]
-    generated = run_plora(plora_bin, *generate, "--max-new-tokens", "3", "--json", env=subprocess_env())
+    generated = run_cli(*generate, "--max-new-tokens", "3", "--json")
     assert generated.returncode == 0, generated.stderr
     assert "plora-qwen2" not in generated.stderr  # transformers' warning about it is expected: not shown
 

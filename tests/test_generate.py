@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from cli_helpers import one_line_error, run_plora
+from cli_helpers import one_line_error, run_cli
 from models import tiny_model
 
 import parallel
@@ -133,6 +133,7 @@ def test_decoder_prefill_then_steps_is_decode_parallel() -> None:
     assert [s.generated for s in decoder.states] == expected.tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 @pytest.mark.parametrize("mode", ["isolated", "columnar"])
 def test_final_sequence_is_a_greedy_fixed_point(arch: str, mode: str) -> None:
@@ -176,6 +177,7 @@ def test_final_sequence_is_a_greedy_fixed_point(arch: str, mode: str) -> None:
             torch.testing.assert_close(used[k][j], scores, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 @pytest.mark.parametrize("trunk", [TRUNK, []])
 def test_isolated_branches_decode_alone_as_together(arch: str, trunk: list[int]) -> None:
@@ -254,7 +256,7 @@ def test_sampler_filters() -> None:
     assert len({tuple(wide(logits).tolist()) for _ in range(50)}) > 1
 
 
-@pytest.mark.parametrize("new_tokens", [10, 60])
+@pytest.mark.parametrize("new_tokens", [10, pytest.param(60, marks=pytest.mark.slow)])
 def test_text_api_stops_at_stop_strings(bare_tiny, new_tokens: int) -> None:
     model, tokenizer = bare_tiny
     branches = [" is", " was"]
@@ -311,10 +313,10 @@ def test_no_trunk_no_bos_empty_branch_starts_from_eos() -> None:
     assert result.prompt_tokens == 3  # [eos, 10] and [eos]
 
 
-def test_generate_command_json_and_table(tiny_model_dir, plora_bin) -> None:
+def test_generate_command_json_and_table(tiny_model_dir) -> None:
     common = ["generate", "--base-model", tiny_model_dir, "--stride", STRIDE]
-    done = run_plora(
-        plora_bin, *common, "--prompt", "Hello", "--chat", "--branch", "One", "--branch", "Two",
+    done = run_cli(
+        *common, "--prompt", "Hello", "--chat", "--branch", "One", "--branch", "Two",
         "--max-new-tokens", "4", "--temperature", "0.8", "--seed", "1", "--json",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -326,16 +328,14 @@ def test_generate_command_json_and_table(tiny_model_dir, plora_bin) -> None:
         assert 1 <= branch["tokens"] <= 4
     assert summary["generated_tokens"] == sum(b["tokens"] for b in summary["branches"])
 
-    table = run_plora(
-        plora_bin, *common, "--prompt", "Hello", "--num-branches", "3", "--max-new-tokens", "3",
+    table = run_cli(
+        *common, "--prompt", "Hello", "--num-branches", "3", "--max-new-tokens", "3",
         "--temperature", "0.8", "--seed", "1",
     )  # fmt: skip
     assert table.returncode == 0, table.stderr
     assert "branch 3" in table.stdout and "tokens/s" in table.stdout
 
-    missing = run_plora(
-        plora_bin, "generate", "--adapter", "/nonexistent/adapter", "--prompt", "x", "--num-branches", "2"
-    )
+    missing = run_cli("generate", "--adapter", "/nonexistent/adapter", "--prompt", "x", "--num-branches", "2")
     assert "no such adapter directory" in one_line_error(missing)
 
 
@@ -351,12 +351,12 @@ def test_generate_command_json_and_table(tiny_model_dir, plora_bin) -> None:
     ],
 )
 def test_generate_command_bad_input_is_one_line(
-    tiny_model_dir, plora_bin, tmp_path, args: list[str], message: str
+    tiny_model_dir, tmp_path, args: list[str], message: str
 ) -> None:
     (tmp_path / "bad.json").write_text('["a", ')
     names = {"missing": tmp_path / "missing.txt", "bad_json": tmp_path / "bad.json"}
     argv = ["generate", "--base-model", tiny_model_dir, *(a.format(**names) for a in args)]
-    assert message in one_line_error(run_plora(plora_bin, *argv))
+    assert message in one_line_error(run_cli(*argv))
 
 
 def test_branches_file_forms(tmp_path) -> None:

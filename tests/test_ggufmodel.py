@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import one_line_error, run_plora
+from cli_helpers import one_line_error, run_cli
 from outdir_helpers import tree, user_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -37,6 +37,7 @@ def fake_gguf(path: Path, arch: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_converted_model_equals_transformers_gguf_load(smollm2_dir: Path) -> None:
     source = demo_gguf()
     reference_tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
@@ -64,46 +65,47 @@ def test_converted_model_equals_transformers_gguf_load(smollm2_dir: Path) -> Non
         assert torch.equal(model(batch).logits, reference(batch).logits)
 
 
+@pytest.mark.slow
 def test_demo_model_command_reuses_a_build_and_refuses_a_foreign_directory(
-    plora_bin: Path, smollm2_dir: Path, tmp_path: Path
+    smollm2_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "smollm2"
     out.symlink_to(smollm2_dir, target_is_directory=True)  # the same build: nothing to do
-    done = run_plora(plora_bin, "demo-model", "--out", out)
+    done = run_cli("demo-model", "--out", out)
     assert done.returncode == 0, done.stderr
     assert f"ready at {out}" in done.stdout
 
     mine = user_dir(tmp_path / "mine")
     before = tree(mine)
-    line = one_line_error(run_plora(plora_bin, "demo-model", "--out", mine))
+    line = one_line_error(run_cli("demo-model", "--out", mine))
     assert f"--out {mine}: is not empty and plora did not write it" in line
     assert tree(mine) == before
 
 
-def test_gguf_bad_input_is_one_line(plora_bin: Path, tmp_path: Path) -> None:
+def test_gguf_bad_input_is_one_line(tmp_path: Path) -> None:
     missing = tmp_path / "missing.gguf"
-    line = one_line_error(run_plora(plora_bin, "demo-model", "--out", tmp_path / "a", "--gguf", missing))
+    line = one_line_error(run_cli("demo-model", "--out", tmp_path / "a", "--gguf", missing))
     assert line == f"plora: error: {missing}: no such file (expected a .gguf model file)"
 
     foreign = fake_gguf(tmp_path / "rwkv.gguf", "rwkv-fake")
-    line = one_line_error(run_plora(plora_bin, "demo-model", "--out", tmp_path / "b", "--gguf", foreign))
+    line = one_line_error(run_cli("demo-model", "--out", tmp_path / "b", "--gguf", foreign))
     assert f"{foreign}: GGUF architecture 'rwkv-fake' is not supported by transformers" in line
     assert "llama" in line
 
     not_gguf = tmp_path / "notes.gguf"
     not_gguf.write_text("not a model\n")
-    line = one_line_error(run_plora(plora_bin, "demo-model", "--out", tmp_path / "c", "--gguf", not_gguf))
+    line = one_line_error(run_cli("demo-model", "--out", tmp_path / "c", "--gguf", not_gguf))
     assert f"{not_gguf}: not a readable GGUF file" in line
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
 def test_a_gguf_file_is_a_tokenizer_and_a_base_model(
-    plora_bin: Path, smollm2_dir: Path, sample_dir: Path, tmp_path: Path
+    smollm2_dir: Path, sample_dir: Path, tmp_path: Path
 ) -> None:
     source = demo_gguf()
     shards = tmp_path / "shards"
-    done = run_plora(
-        plora_bin,
+    done = run_cli(
         "tokenize",
         sample_dir / "sample_parallel.jsonl",
         "--tokenizer",
@@ -120,23 +122,19 @@ def test_a_gguf_file_is_a_tokenizer_and_a_base_model(
     assert str(smollm2_dir) in manifest  # the converted directory is the tokenizer plora records
 
     missing = tmp_path / "missing.gguf"
-    line = one_line_error(run_plora(plora_bin, "eval", "--shards", shards, "--base-model", missing))
+    line = one_line_error(run_cli("eval", "--shards", shards, "--base-model", missing))
     assert line == f"plora: error: {missing}: no such file (expected a .gguf model file)"
-    done = run_plora(
-        plora_bin, "eval", "--shards", shards, "--base-model", source, "--max-rows", "2", "--json"
-    )
+    done = run_cli("eval", "--shards", shards, "--base-model", source, "--max-rows", "2", "--json")
     assert done.returncode == 0, done.stderr
     assert '"loss"' in done.stdout
 
 
-def test_demo_model_never_replaces_a_directory_holding_its_gguf(plora_bin: Path, tmp_path: Path) -> None:
+def test_demo_model_never_replaces_a_directory_holding_its_gguf(tmp_path: Path) -> None:
     models = tmp_path / "models"
     models.mkdir()
     source = models / "smol.gguf"
     shutil.copyfile(demo_gguf(), source)
     before = tree(models)
-    line = one_line_error(
-        run_plora(plora_bin, "demo-model", "--gguf", source, "--out", models, "--overwrite")
-    )
+    line = one_line_error(run_cli("demo-model", "--gguf", source, "--out", models, "--overwrite"))
     assert f"--out {models}: holds the GGUF file {source}" in line
     assert tree(models) == before

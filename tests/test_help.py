@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import typer.main
-from cli_helpers import one_line_error, run_plora
+from cli_helpers import one_line_error, run_cli
 
 import cli.main  # noqa: F401 - registers every command on the app
 from cli.app import app
@@ -17,8 +17,8 @@ from cli.app import app
 COMMANDS = typer.main.get_command(app).commands  # type: ignore[attr-defined]
 
 
-def _help(plora_bin: Path, command: str) -> str:
-    done = run_plora(plora_bin, command, "--help", env={"COLUMNS": "80"})
+def _help(command: str) -> str:
+    done = run_cli(command, "--help", env={"COLUMNS": "80"})
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -29,8 +29,8 @@ def _words(text: str) -> str:
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_item21_help_names_every_option_in_full_without_bool_metavars(plora_bin: Path, command: str) -> None:
-    text = _help(plora_bin, command)
+def test_item21_help_names_every_option_in_full_without_bool_metavars(command: str) -> None:
+    text = _help(command)
     options_panel, _, epilog = text.rpartition("╰")
     assert "<bool>" not in text
     assert "…" not in options_panel
@@ -45,13 +45,13 @@ def test_item21_help_names_every_option_in_full_without_bool_metavars(plora_bin:
             assert alias not in options_panel and alias in _words(epilog), (command, alias)
 
 
-def test_item21_eval_rope_flags_have_help(plora_bin: Path) -> None:
-    text = _words(_help(plora_bin, "eval"))
+def test_item21_eval_rope_flags_have_help() -> None:
+    text = _words(_help("eval"))
     assert "share of frequency pairs for branches" in text
     assert "branch position = branch_id * stride" in text
 
 
-def test_item21_hidden_aliases_still_work(plora_bin: Path, sample_dir: Path, tiny_model_dir: Path) -> None:
+def test_item21_hidden_aliases_still_work(sample_dir: Path, tiny_model_dir: Path) -> None:
     records = sample_dir / "sample_text.txt"
-    done = run_plora(plora_bin, "inspect", records, "--tokenizer", tiny_model_dir, "--max_seq_len", "0")
+    done = run_cli("inspect", records, "--tokenizer", tiny_model_dir, "--max_seq_len", "0")
     assert "bad packing options" in one_line_error(done)  # the alias was parsed as --max-seq-len

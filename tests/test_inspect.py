@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from cli_helpers import one_line_error, run_plora
+from cli_helpers import one_line_error, run_cli
+from packing import pack_rows
 from PIL import Image
 
 from parallel.errors import PloraError
@@ -23,7 +24,6 @@ from parallel.layout import (
     SpecialTokens,
     TokenSequence,
     build_row,
-    pack_rows,
 )
 from pipeline.draw import MAX_MASK_PIXELS, PNG_FACTS_KEY, check_png_target, row_figure, write_row_png
 from pipeline.inspect import (
@@ -295,10 +295,10 @@ def records_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def shard_dir(plora_bin: Path, tiny_model_dir: Path, records_file: Path) -> Path:
+def shard_dir(tiny_model_dir: Path, records_file: Path) -> Path:
     out = records_file.parent / "shards"
     args = ["tokenize", records_file, "--tokenizer", tiny_model_dir, "--out", out, *PACKING_FLAGS]
-    result = run_plora(plora_bin, *args, "--rows-per-shard", "2")
+    result = run_cli(*args, "--rows-per-shard", "2")
     assert result.returncode == 0, result.stderr
     return out
 
@@ -321,13 +321,11 @@ def trunk_row_index(directory: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def shown(plora_bin: Path, shard_dir: Path) -> dict:
+def shown(shard_dir: Path) -> dict:
     """`plora inspect --json --png` of the row that holds the parallel record."""
     png = shard_dir.parent / "row.png"
     index = trunk_row_index(shard_dir)
-    result = run_plora(
-        plora_bin, "inspect", shard_dir, "--row", index, "--json", "--png", png, "--batch-size", 2
-    )
+    result = run_cli("inspect", shard_dir, "--row", index, "--json", "--png", png, "--batch-size", 2)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)  # stdout is exactly one JSON document
 
@@ -370,8 +368,8 @@ def test_cli_json_and_png_agree_with_the_shards(tiny_model_dir: Path, shard_dir:
         assert json.loads(image.text[PNG_FACTS_KEY]) == facts
 
 
-def test_cli_terminal_tables_show_the_facts(plora_bin: Path, shard_dir: Path, shown: dict) -> None:
-    result = run_plora(plora_bin, "inspect", shard_dir, "--row", shown["row"]["index"])
+def test_cli_terminal_tables_show_the_facts(shard_dir: Path, shown: dict) -> None:
+    result = run_cli("inspect", shard_dir, "--row", shown["row"]["index"])
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "sha256 of every file verified" in out
@@ -386,11 +384,11 @@ def test_cli_terminal_tables_show_the_facts(plora_bin: Path, shard_dir: Path, sh
 
 
 def test_cli_records_file_is_packed_like_tokenize(
-    plora_bin: Path, tiny_model_dir: Path, records_file: Path, shown: dict
+    tiny_model_dir: Path, records_file: Path, shown: dict
 ) -> None:
     index = shown["row"]["index"]
     args = ["inspect", records_file, "--tokenizer", tiny_model_dir, *PACKING_FLAGS, "--row", index]
-    result = run_plora(plora_bin, *args, "--json", "--batch-size", 2)
+    result = run_cli(*args, "--json", "--batch-size", 2)
     assert result.returncode == 0, result.stderr
     from_records = json.loads(result.stdout)
     assert from_records["source"]["kind"] == "records" and from_records["manifest"] is None
@@ -399,19 +397,19 @@ def test_cli_records_file_is_packed_like_tokenize(
     assert sorted(p.name for p in records_file.parent.iterdir()) == ["records.jsonl", "row.png", "shards"]
 
 
-def test_cli_corrupt_shard_is_a_one_line_error(plora_bin: Path, shard_dir: Path, tmp_path: Path) -> None:
+def test_cli_corrupt_shard_is_a_one_line_error(shard_dir: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(shard_dir, broken)
     victim = broken / "shard-00001.arrow"
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
-    line = one_line_error(run_plora(plora_bin, "inspect", broken))
+    line = one_line_error(run_cli("inspect", broken))
     assert "shard-00001.arrow" in line and "sha256" in line
 
 
 def test_cli_tokenizer_must_give_the_shards_ids(
-    plora_bin: Path, tiny_model_dir: Path, shard_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, shard_dir: Path, tmp_path: Path
 ) -> None:
     from transformers import AutoTokenizer
 
@@ -423,7 +421,7 @@ def test_cli_tokenizer_must_give_the_shards_ids(
     (templated / "tokenizer_config.json").write_text(json.dumps(config))
     for leftover in templated.glob("chat_template.*"):
         leftover.unlink()
-    result = run_plora(plora_bin, "inspect", shard_dir, "--tokenizer", templated, "--json")
+    result = run_cli("inspect", shard_dir, "--tokenizer", templated, "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["source"]["tokenizer"] == str(templated)
     # One more token is another vocabulary: refused.
@@ -431,18 +429,16 @@ def test_cli_tokenizer_must_give_the_shards_ids(
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     tokenizer.add_tokens(["<extra-token>"])
     tokenizer.save_pretrained(str(grown))
-    line = one_line_error(run_plora(plora_bin, "inspect", shard_dir, "--tokenizer", grown))
+    line = one_line_error(run_cli("inspect", shard_dir, "--tokenizer", grown))
     want = json.loads((shard_dir / "manifest.json").read_text())["tokenizer"]["vocab_sha256"][:12]
     assert "recorded tokenizer" in line and want in line and "re-run plora tokenize" in line
 
 
-def test_cli_bad_requests_are_one_line_errors(
-    plora_bin: Path, shard_dir: Path, records_file: Path, tmp_path: Path
-) -> None:
+def test_cli_bad_requests_are_one_line_errors(shard_dir: Path, records_file: Path, tmp_path: Path) -> None:
     rows = json.loads((shard_dir / "manifest.json").read_text())["num_rows"]
-    assert "out of range" in one_line_error(run_plora(plora_bin, "inspect", shard_dir, "--row", rows))
-    assert "no such" in one_line_error(run_plora(plora_bin, "inspect", tmp_path / "absent"))
-    assert "--tokenizer" in one_line_error(run_plora(plora_bin, "inspect", records_file))
+    assert "out of range" in one_line_error(run_cli("inspect", shard_dir, "--row", rows))
+    assert "no such" in one_line_error(run_cli("inspect", tmp_path / "absent"))
+    assert "--tokenizer" in one_line_error(run_cli("inspect", records_file))
     (tmp_path / "a-file").write_text("")  # issue 10 item 21: a missing directory is made, a file is not
     png = tmp_path / "a-file" / "row.png"
-    assert "cannot write PNG" in one_line_error(run_plora(plora_bin, "inspect", shard_dir, "--png", png))
+    assert "cannot write PNG" in one_line_error(run_cli("inspect", shard_dir, "--png", png))

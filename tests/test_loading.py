@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_helpers import one_line_error, run_plora
+from cli_helpers import one_line_error, run_cli
 
 from parallel.adaptermeta import AdapterMeta
 from parallel.atomic import temporaries
@@ -29,20 +29,19 @@ from trainer.model import PackedLoss, add_lora, apply_rope, load_base_model
 TRAIN_FLAGS = {"--mask": "columnar", "--stride": "16", "--rope-2d-ratio": "0.25"}
 
 
-def run_ok(plora_bin: Path, *args: str) -> subprocess.CompletedProcess:
-    done = run_plora(plora_bin, *args, timeout=300)
+def run_ok(*args: str) -> subprocess.CompletedProcess:
+    done = run_cli(*args)
     assert done.returncode == 0, done.stderr
     return done
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model_dir: Path, plora_bin: Path, sample_dir: Path) -> dict[str, Path]:
+def trained(tmp_path_factory, tiny_model_dir: Path, sample_dir: Path) -> dict[str, Path]:
     """A few steps of `plora train` on the sample parallel records (a high LR so the adapter matters)."""
     work = tmp_path_factory.mktemp("trained")
     records = work / "rec.jsonl"
-    run_ok(plora_bin, "convert", str(sample_dir / "sample_parallel.jsonl"), "--out", str(records))
+    run_ok("convert", str(sample_dir / "sample_parallel.jsonl"), "--out", str(records))
     run_ok(
-        plora_bin,
         "tokenize",
         str(records),
         "--tokenizer",
@@ -56,7 +55,6 @@ def trained(tmp_path_factory, tiny_model_dir: Path, plora_bin: Path, sample_dir:
     )
     flags = [part for item in TRAIN_FLAGS.items() for part in item]
     run_ok(
-        plora_bin,
         "train",
         "--shards",
         str(work / "shards"),
@@ -118,9 +116,11 @@ def test_adapter_reproduces_training_time_logits(trained, tiny_model_dir: Path) 
     for index in (0, 5):
         batch = row_batch(trained["shards"], index)
         with torch.no_grad():
-            expected = loss_module.token_logits(
-                batch["input_ids"], batch["branch_id"], batch["time_id"], torch.ones_like(batch["input_ids"])
-            )
+            ids, branch_id, time_id = batch["input_ids"], batch["branch_id"], batch["time_id"]
+            expected = forward_packed(
+                loss_module.model, ids, branch_id, time_id,
+                mask=loss_module.mask, stride=loss_module.stride, attention_mask=torch.ones_like(ids),
+            )  # fmt: skip
         torch.testing.assert_close(loaded_logits(model, batch, config.mask), expected, atol=1e-5, rtol=0)
 
     # ... and the adapter is not a no-op: the bare base with the same 2D RoPE gives other logits.
@@ -137,15 +137,12 @@ def test_adapter_reproduces_training_time_logits(trained, tiny_model_dir: Path) 
 
 
 @pytest.mark.parametrize("merge", [True, False])
-def test_export_loads_without_the_base_model(
-    trained, tiny_model_dir: Path, plora_bin: Path, merge: bool
-) -> None:
+def test_export_loads_without_the_base_model(trained, tiny_model_dir: Path, merge: bool) -> None:
     work = trained["work"]
     base_copy = work / f"base-copy-{merge}"
     shutil.copytree(tiny_model_dir, base_copy)
     out = work / f"export-{merge}"
     run_ok(
-        plora_bin,
         "export",
         "--adapter",
         str(trained["adapter"]),
@@ -268,10 +265,8 @@ def test_non_rope_base_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
         (["export", "--adapter", "{missing}", "--out", "{out}"], "no such adapter"),
     ],
 )
-def test_cli_loading_errors_are_one_line(
-    plora_bin: Path, tmp_path: Path, args: list[str], message: str
-) -> None:
+def test_cli_loading_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "plain").mkdir()
     names = {"missing": tmp_path / "missing", "plain": tmp_path / "plain", "out": tmp_path / "out"}
-    assert message in one_line_error(run_plora(plora_bin, *(a.format(**names) for a in args)))
+    assert message in one_line_error(run_cli(*(a.format(**names) for a in args)))
     assert not (tmp_path / "out").exists()

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from cli_helpers import run_cli
+from packing import pack_rows
 
 import pipeline.tokenize
 from parallel.atomic import temp_sibling
@@ -24,7 +26,6 @@ from parallel.layout import (
     PackItem,
     SpecialTokens,
     TokenSequence,
-    pack_rows,
 )
 from pipeline.shards import JOURNAL_NAME, ShardError, open_shards
 from pipeline.tokenize import TokenizeJob, tokenize_to_shards
@@ -79,6 +80,7 @@ def contents(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_shards(
     plora_bin: Path, big_input: Path, tiny_model_dir: Path, reference: Path, tmp_path: Path
 ) -> None:
@@ -103,7 +105,7 @@ def test_killed_run_resumes_to_identical_shards(
     with pytest.raises(PloraError, match="interrupted run .*pass --resume"):
         tokenize_to_shards(job(big_input, tiny_model_dir, out), Rejects(), progress=False)
 
-    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300)
+    resumed = run_cli(*args[1:], "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed after" in resumed.stderr
     assert contents(out) == contents(reference)

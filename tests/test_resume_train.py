@@ -9,7 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from cli_helpers import run_plora
+import pytest
+from cli_helpers import run_cli
 from train_helpers import adapter_tensors, cli_args, max_adapter_difference, subprocess_env
 
 from pipeline.shards import open_shards
@@ -39,13 +40,12 @@ def _assert_whole(checkpoint: Path) -> None:
     assert adapter_tensors(checkpoint)  # the safetensors file reads back whole
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_uninterrupted_adapter(
     train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path
 ) -> None:
-    whole = run_plora(
-        plora_bin, *cli_args(train_shards, tiny_model_dir, tmp_path / "whole", *FLAGS),
-        env=subprocess_env(), timeout=300,
-    )  # fmt: skip
+    # One thread (run_cli's default), as the killed process has: the adapters must agree to the bit.
+    whole = run_cli(*cli_args(train_shards, tiny_model_dir, tmp_path / "whole", *FLAGS))
     assert whole.returncode == 0, whole.stderr[-3000:]
     total = int(json.loads((final_checkpoint(tmp_path / "whole", NAME) / "plora.json").read_text())["step"])
     rows = open_shards(train_shards).manifest.num_rows
@@ -68,10 +68,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(
     killed_at = max(int(p.name.rsplit("step", 1)[1]) for p in published)
     assert killed_at < total
 
-    resumed = run_plora(
-        plora_bin, *cli_args(train_shards, tiny_model_dir, out, *FLAGS, "--resume", "latest"),
-        env=subprocess_env(), timeout=300,
-    )  # fmt: skip
+    resumed = run_cli(*cli_args(train_shards, tiny_model_dir, out, *FLAGS, "--resume", "latest"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming at step {killed_at}" in resumed.stderr.replace("\n", " ")
     finals = final_checkpoint(out, NAME), final_checkpoint(tmp_path / "whole", NAME)

@@ -9,8 +9,8 @@ import re
 from pathlib import Path
 
 import pytest
-from cli_helpers import one_line_error, run_plora
-from train_helpers import cli_args, subprocess_env
+from cli_helpers import one_line_error, run_cli
+from train_helpers import cli_args
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -46,18 +46,18 @@ FIELDS_AFTER_IDENTITY = [
 
 
 def test_item18_runs_lists_checkpoints_with_losses_and_draws_curves(
-    train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path
+    train_shards: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
     flags = ["--max-steps", "4", "--save-interval", "2", "--val-fraction", "0.2", "--log-interval", "1"]
-    trained = run_plora(plora_bin, *cli_args(train_shards, tiny_model_dir, out, *flags), env=subprocess_env())
+    trained = run_cli(*cli_args(train_shards, tiny_model_dir, out, *flags))
     assert trained.returncode == 0, trained.stderr[-3000:]
     records = read_metrics(logs_dir(out, NAME) / "metrics.jsonl")
     loss = {r["step"]: r["loss"] for r in records if "loss" in r}
     val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
 
     png = tmp_path / "curves.png"
-    done = run_plora(plora_bin, "runs", out, "--png", png)
+    done = run_cli("runs", out, "--png", png)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     header = f"run {NAME}: step 4/4, logged loss {loss[1]:.4f} -> {loss[4]:.4f}, best validation"
@@ -73,8 +73,8 @@ def test_item18_runs_lists_checkpoints_with_losses_and_draws_curves(
     assert [p.name for p in boards] == [run_id] and any(boards[0].glob("events.out.tfevents.*"))
 
 
-def test_item18_runs_of_a_directory_without_runs_is_one_line(plora_bin: Path, tmp_path: Path) -> None:
-    assert "no training runs here" in one_line_error(run_plora(plora_bin, "runs", tmp_path))
+def test_item18_runs_of_a_directory_without_runs_is_one_line(tmp_path: Path) -> None:
+    assert "no training runs here" in one_line_error(run_cli("runs", tmp_path))
 
 
 def _checkpoint(out: Path, step: int) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from cli_helpers import one_line_error, run_plora
+from cli_helpers import one_line_error, run_cli
 
 from parallel.errors import Rejects
 from parallel.fingerprint import TokenizerMismatch, check_same_tokenizer, tokenizer_identity
@@ -158,13 +158,11 @@ BADLY_SHAPED = {
 
 
 @pytest.mark.parametrize(("change", "message"), BADLY_SHAPED.values(), ids=BADLY_SHAPED.keys())
-def test_badly_shaped_manifest_is_one_line_error(
-    copy: Path, plora_bin: Path, change: object, message: str
-) -> None:
+def test_badly_shaped_manifest_is_one_line_error(copy: Path, change: object, message: str) -> None:
     manifest = json.loads((copy / "manifest.json").read_text())
     change(manifest)  # type: ignore[operator]
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    error = one_line_error(run_plora(plora_bin, "inspect", copy))
+    error = one_line_error(run_cli("inspect", copy))
     assert f"{copy / 'manifest.json'}: damaged manifest: " in error
     assert re.search(message, error), error
 

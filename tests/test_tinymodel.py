@@ -6,8 +6,9 @@ import filecmp
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
-from cli_helpers import one_line_error, run_plora
+from cli_helpers import one_line_error, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.tinymodel import (
@@ -95,6 +96,7 @@ def test_llama_arch_shares_the_tokenizer(tiny_model_dir: Path, tmp_path: Path) -
     assert AutoTokenizer.from_pretrained(llama_dir)(text) == qwen2_tokenizer(text)
 
 
+@pytest.mark.slow
 def test_cli_concurrent_builds_agree(plora_bin: Path, tmp_path: Path) -> None:
     out = tmp_path / "model"
     cmd = [str(plora_bin), "tiny-model", "--out", str(out)]
@@ -107,11 +109,11 @@ def test_cli_concurrent_builds_agree(plora_bin: Path, tmp_path: Path) -> None:
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "qwen2"
 
 
-def test_cli_refuses_a_foreign_directory_and_bad_arch(plora_bin: Path, tmp_path: Path) -> None:
+def test_cli_refuses_a_foreign_directory_and_bad_arch(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine\n")
-    assert str(tmp_path) in one_line_error(run_plora(plora_bin, "tiny-model", "--out", tmp_path, timeout=60))
+    assert str(tmp_path) in one_line_error(run_cli("tiny-model", "--out", tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
-    run = run_plora(plora_bin, "tiny-model", "--out", tmp_path / "x", "--arch", "gpt9", timeout=60)
+    run = run_cli("tiny-model", "--out", tmp_path / "x", "--arch", "gpt9")
     assert run.returncode == 2 and "gpt9" in run.stderr
     assert not (tmp_path / "x").exists()

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cli_helpers import one_line_error, run_plora
+from cli_helpers import one_line_error, run_cli
 from contract_check import check_rows
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -271,6 +271,7 @@ def test_tokenizer_identity_follows_the_tokenizer(
     assert tiny["vocab_sha256"] == templated["vocab_sha256"] and tiny["sha256"] != templated["sha256"]
 
 
+@pytest.mark.slow
 def test_num_proc_gives_the_same_shards(
     tiny_model_dir: Path, sample_dir: Path, own_input: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -291,17 +292,15 @@ def test_num_proc_gives_the_same_shards(
 # --------------------------------------------------------------------------------------
 
 
-def test_cli_aliases_and_changed_options(
-    plora_bin: Path, tiny_model_dir: Path, own_input: Path, tmp_path: Path
-) -> None:
+def test_cli_aliases_and_changed_options(tiny_model_dir: Path, own_input: Path, tmp_path: Path) -> None:
     out = tmp_path / "shards"
     args = [own_input, "--tokenizer", tiny_model_dir, "--out", out]
-    first = run_plora(plora_bin, "tokenize", *args, "--branches_per_sample", 3, "--max_seq_len", 32)
+    first = run_cli("tokenize", *args, "--branches_per_sample", 3, "--max_seq_len", 32)
     assert first.returncode == 0, first.stderr
     assert "records in" in first.stderr and "tokens/s" in first.stderr
     packing = open_shards(out).manifest.packing
     assert (packing["branches"], packing["max_seq_len"]) == (3, 32)
-    other = one_line_error(run_plora(plora_bin, "tokenize", *args, "--max_branches_per_sample", 4))
+    other = one_line_error(run_cli("tokenize", *args, "--max_branches_per_sample", 4))
     assert "options" in other and "--overwrite" in other
 
 
@@ -329,9 +328,7 @@ def test_up_to_date_is_a_no_op_and_overwrite_replaces(
     assert not summary.up_to_date and open_shards(out).manifest.packing["branches"] == 2
 
 
-def test_cli_tokenizer_without_chat_template(
-    plora_bin: Path, tiny_model_dir: Path, own_input: Path, tmp_path: Path
-) -> None:
+def test_cli_tokenizer_without_chat_template(tiny_model_dir: Path, own_input: Path, tmp_path: Path) -> None:
     bare = tmp_path / "bare-tokenizer"
     load_tokenizer(tiny_model_dir).save_pretrained(bare)
     config = json.loads((bare / "tokenizer_config.json").read_text())
@@ -342,7 +339,7 @@ def test_cli_tokenizer_without_chat_template(
     assert load_tokenizer(bare).chat_template is None
 
     args = [own_input, "--tokenizer", bare, "--out", tmp_path / "shards"]
-    error = one_line_error(run_plora(plora_bin, "tokenize", *args))
+    error = one_line_error(run_cli("tokenize", *args))
     assert f"{own_input}:3:" in error and "no chat template" in error and "--chat-template" in error
 
     template = tmp_path / "chatml.jinja"
@@ -351,29 +348,21 @@ def test_cli_tokenizer_without_chat_template(
     check(shards, [own_input], tiny_model_dir)  # the same tokens as with the template built in
 
 
-def test_cli_bad_tokenizer_and_out(
-    plora_bin: Path, tiny_model_dir: Path, own_input: Path, tmp_path: Path
-) -> None:
+def test_cli_bad_tokenizer_and_out(tiny_model_dir: Path, own_input: Path, tmp_path: Path) -> None:
     missing = tmp_path / "no-such-model"
-    error = one_line_error(
-        run_plora(plora_bin, "tokenize", own_input, "--tokenizer", missing, "--out", tmp_path / "o")
-    )
+    error = one_line_error(run_cli("tokenize", own_input, "--tokenizer", missing, "--out", tmp_path / "o"))
     assert str(missing) in error and "tokenizer" in error
     assert not (tmp_path / "o").exists()
     # A missing input is named first, before the tokenizer is loaded (here it is missing as well).
     no_input = tmp_path / "no-such-input.jsonl"
-    error = one_line_error(
-        run_plora(plora_bin, "tokenize", no_input, "--tokenizer", missing, "--out", tmp_path / "o")
-    )
+    error = one_line_error(run_cli("tokenize", no_input, "--tokenizer", missing, "--out", tmp_path / "o"))
     assert error == f"plora: error: {no_input}: no such file"
     assert not (tmp_path / "o").exists()
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     out = blocker / "shards"
-    error = one_line_error(
-        run_plora(plora_bin, "tokenize", own_input, "--tokenizer", tiny_model_dir, "--out", out)
-    )
+    error = one_line_error(run_cli("tokenize", own_input, "--tokenizer", tiny_model_dir, "--out", out))
     assert str(out) in error and "cannot write" in error
 
 
@@ -473,13 +462,13 @@ def test_template_that_drops_earlier_reasoning_trains_assistant_contents(
 
 
 def test_cli_skip_mode_reuses_its_output_directory(
-    plora_bin: Path, tiny_model_dir: Path, own_input: Path, tmp_path: Path
+    tiny_model_dir: Path, own_input: Path, tmp_path: Path
 ) -> None:
     """--on-error skip takes --out as the shard directory it is, also when it exists (rerun, --resume)."""
     out = tmp_path / "shards"
     args = (own_input, "--tokenizer", tiny_model_dir, "--out", out, "--on-error", "skip")
-    first = run_plora(plora_bin, "tokenize", *args)
+    first = run_cli("tokenize", *args)
     assert first.returncode == 0, first.stderr
-    again = run_plora(plora_bin, "tokenize", *args)
+    again = run_cli("tokenize", *args)
     assert again.returncode == 0, again.stderr
     assert "up to date" in again.stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_helpers import one_line_error, run_plora
+from cli_helpers import one_line_error, run_cli
 from contract_check import check_rows
 
 from parallel.layout import IGNORE_INDEX, PackingOptions
@@ -44,7 +44,7 @@ def words(count: int) -> str:
 
 
 def test_item5_template_without_assistant_text_is_a_setup_error(
-    plora_bin: Path, tiny_model_dir: Path, sample_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, sample_dir: Path, tmp_path: Path
 ) -> None:
     tokenizer = Path(shutil.copytree(tiny_model_dir, tmp_path / "tokenizer"))
     (tokenizer / "chat_template.jinja").write_text(
@@ -56,9 +56,7 @@ def test_item5_template_without_assistant_text_is_a_setup_error(
     chats = sample_dir / "sample_messages.jsonl"
     for on_error in ("raise", "skip"):  # the template, not a record, is at fault: no reject hides it
         out = tmp_path / f"out-{on_error}"
-        done = run_plora(
-            plora_bin, "tokenize", chats, "--tokenizer", tokenizer, "--out", out, "--on-error", on_error
-        )
+        done = run_cli("tokenize", chats, "--tokenizer", tokenizer, "--out", out, "--on-error", on_error)
         error = one_line_error(done)
         assert str(tokenizer) in error and "does not render the assistant's text" in error, error
         assert f"{chats}:1" in error, error
@@ -70,20 +68,18 @@ def test_item5_template_without_assistant_text_is_a_setup_error(
 # --------------------------------------------------------------------------------------
 
 
-def test_item6_trunk_longer_than_max_seq_len_is_rejected(
-    plora_bin: Path, tiny_model_dir: Path, tmp_path: Path
-) -> None:
+def test_item6_trunk_longer_than_max_seq_len_is_rejected(tiny_model_dir: Path, tmp_path: Path) -> None:
     records = write_records(
         tmp_path / "records.jsonl",
         [{"main": "Q: " + words(30), "branches": ["a", "b"]}, {"main": "Q:", "branches": ["c", "d"]}],
     )
     args = ["tokenize", records, "--tokenizer", tiny_model_dir, "--max-seq-len", 16]
-    error = one_line_error(run_plora(plora_bin, *args, "--out", tmp_path / "raise"))
+    error = one_line_error(run_cli(*args, "--out", tmp_path / "raise"))
     assert error.startswith(f"plora: error: {records}:1: trunk ('main') longer than --max-seq-len"), error
     assert "every branch must see it whole" in error and "at most 16 fit" in error
 
     out = tmp_path / "skip"
-    done = run_plora(plora_bin, *args, "--out", out, "--on-error", "skip")
+    done = run_cli(*args, "--out", out, "--on-error", "skip")
     assert done.returncode == 0, done.stderr
     assert "2 records in, 1 out, 1 rejected" in done.stderr
     (entry,) = [json.loads(line) for line in Path(f"{out}.rejects.jsonl").read_text().splitlines()]
@@ -92,9 +88,7 @@ def test_item6_trunk_longer_than_max_seq_len_is_rejected(
     assert [r.trunk_len for r in rows_of(out)] == [1]
 
 
-def test_item6_train_advice_names_a_max_seq_len_that_fits(
-    plora_bin: Path, tiny_model_dir: Path, tmp_path: Path
-) -> None:
+def test_item6_train_advice_names_a_max_seq_len_that_fits(tiny_model_dir: Path, tmp_path: Path) -> None:
     model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 256}))
@@ -103,9 +97,9 @@ def test_item6_train_advice_names_a_max_seq_len_that_fits(
     records = write_records(tmp_path / "records.jsonl", [{"main": words(200), "branches": [words(198)]}])
     shards = tmp_path / "shards"
     tokenize = ["tokenize", records, "--tokenizer", model, "--out", shards, "--max-seq-len", 200]
-    assert run_plora(plora_bin, *tokenize).returncode == 0
+    assert run_cli(*tokenize).returncode == 0
     train = ["train", "--shards", shards, "--base-model", model, "--out-dir", tmp_path / "run"]
-    error = one_line_error(run_plora(plora_bin, *train, "--dtype", "float32"))
+    error = one_line_error(run_cli(*train, "--dtype", "float32"))
     assert "max_position_embeddings 256" in error and "--max-seq-len at most 128" in error, error
 
 
@@ -124,7 +118,6 @@ def test_item6_train_advice_names_a_max_seq_len_that_fits(
     ids=["min-alone", "branches-and-max", "guide-spellings"],
 )
 def test_item7_contradictory_or_incomplete_branch_options_are_an_error(
-    plora_bin: Path,
     tiny_model_dir: Path,
     sample_dir: Path,
     tmp_path: Path,
@@ -133,8 +126,7 @@ def test_item7_contradictory_or_incomplete_branch_options_are_an_error(
 ) -> None:
     out = tmp_path / "out"
     error = one_line_error(
-        run_plora(
-            plora_bin,
+        run_cli(
             "tokenize",
             sample_dir / "sample_text.txt",
             "--tokenizer",
@@ -152,12 +144,12 @@ ELEVEN = {"main": "Five ways to save energy:", "branches": [f"Idea {i}: turn it 
 
 
 def test_item7_wide_parallel_record_is_split_into_rows_of_max_branches(
-    plora_bin: Path, tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     records = write_records(tmp_path / "records.jsonl", [ELEVEN])
     out = tmp_path / "out"
-    done = run_plora(plora_bin, "tokenize", records, "--tokenizer", tiny_model_dir, "--out", out,
-                     "--min-branches", 2, "--max-branches", 7)  # fmt: skip
+    done = run_cli("tokenize", records, "--tokenizer", tiny_model_dir, "--out", out,
+                   "--min-branches", 2, "--max-branches", 7)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "1 parallel records wider than --max-branches 7 split into 2 rows" in done.stderr
     rows = rows_of(out)
@@ -171,14 +163,10 @@ def test_item7_wide_parallel_record_is_split_into_rows_of_max_branches(
     check_rows(rows, [ELEVEN], load_tokenizer(tiny_model_dir), packing)  # every branch, each token once
 
 
-def test_item7_fixed_mode_keeps_a_wide_record_whole_and_says_so(
-    plora_bin: Path, tiny_model_dir: Path, tmp_path: Path
-) -> None:
+def test_item7_fixed_mode_keeps_a_wide_record_whole_and_says_so(tiny_model_dir: Path, tmp_path: Path) -> None:
     records = write_records(tmp_path / "records.jsonl", [ELEVEN])
     out = tmp_path / "out"
-    done = run_plora(
-        plora_bin, "tokenize", records, "--tokenizer", tiny_model_dir, "--out", out, "--branches", 4
-    )
+    done = run_cli("tokenize", records, "--tokenizer", tiny_model_dir, "--out", out, "--branches", 4)
     assert done.returncode == 0, done.stderr
     assert "1 parallel rows above --branches 4" in done.stderr, done.stderr
     assert [r.num_branches for r in rows_of(out)] == [11]
@@ -190,11 +178,11 @@ def test_item7_fixed_mode_keeps_a_wide_record_whole_and_says_so(
 
 
 @pytest.fixture
-def left_aligned(plora_bin: Path, tiny_model_dir: Path, tmp_path: Path) -> Path:
+def left_aligned(tiny_model_dir: Path, tmp_path: Path) -> Path:
     """Shards of one parallel record whose branches differ in length (left-aligned)."""
     records = write_records(tmp_path / "records.jsonl", [{"main": "Q:", "branches": ["a", words(9)]}])
     out = tmp_path / "shards"
-    done = run_plora(plora_bin, "tokenize", records, "--tokenizer", tiny_model_dir, "--out", out)
+    done = run_cli("tokenize", records, "--tokenizer", tiny_model_dir, "--out", out)
     assert done.returncode == 0, done.stderr
     return out
 
@@ -211,32 +199,28 @@ def edit_align(shards: Path, *, reseal: bool) -> Path:
     return path
 
 
-def test_item8_edited_align_is_refused(plora_bin: Path, tiny_model_dir: Path, left_aligned: Path) -> None:
+def test_item8_edited_align_is_refused(tiny_model_dir: Path, left_aligned: Path) -> None:
     manifest = edit_align(left_aligned, reseal=False)
-    error = one_line_error(run_plora(plora_bin, "inspect", left_aligned))
+    error = one_line_error(run_cli("inspect", left_aligned))
     assert error.startswith(f"plora: error: {manifest}: changed after plora tokenize wrote it"), error
     error = one_line_error(
-        run_plora(
-            plora_bin, "eval", "--shards", left_aligned, "--base-model", tiny_model_dir, "--dtype", "float32"
-        )
+        run_cli("eval", "--shards", left_aligned, "--base-model", tiny_model_dir, "--dtype", "float32")
     )
     assert str(manifest) in error, error
 
 
-def test_item8_packing_facts_that_contradict_the_rows_are_refused(
-    plora_bin: Path, left_aligned: Path
-) -> None:
+def test_item8_packing_facts_that_contradict_the_rows_are_refused(left_aligned: Path) -> None:
     manifest = edit_align(left_aligned, reseal=True)  # as if the writer itself had got it wrong
-    error = one_line_error(run_plora(plora_bin, "inspect", left_aligned))
+    error = one_line_error(run_cli("inspect", left_aligned))
     assert f"{manifest}: says align 'right', but the branches of a row do not end together" in error, error
 
 
-def test_item8_manifest_without_seal_is_refused(plora_bin: Path, left_aligned: Path) -> None:
+def test_item8_manifest_without_seal_is_refused(left_aligned: Path) -> None:
     path = left_aligned / "manifest.json"
     manifest = json.loads(path.read_text())
     del manifest["manifest_sha256"]  # an edit that dropped it
     path.write_text(json.dumps(manifest))
-    error = one_line_error(run_plora(plora_bin, "inspect", left_aligned))
+    error = one_line_error(run_cli("inspect", left_aligned))
     assert error.startswith(f"plora: error: {path}: has no manifest_sha256"), error
 
 
@@ -263,6 +247,7 @@ def peak_rss_bytes(plora_bin: Path, *args: object) -> int:
     return int(done.stdout) * 1024  # Linux reports KiB
 
 
+@pytest.mark.slow
 def test_item14_peak_memory_is_a_small_multiple_of_the_largest_record(
     plora_bin: Path, tiny_model_dir: Path, sample_dir: Path, tmp_path: Path
 ) -> None:
@@ -299,14 +284,12 @@ def test_item14_long_texts_tokenized_in_pieces_give_the_texts_tokens(
 # --------------------------------------------------------------------------------------
 
 
-def test_item19_summary_counts_branches_split_for_length(
-    plora_bin: Path, tiny_model_dir: Path, tmp_path: Path
-) -> None:
+def test_item19_summary_counts_branches_split_for_length(tiny_model_dir: Path, tmp_path: Path) -> None:
     texts = [{"text": words(40)}, {"text": words(20)}, {"text": "short"}]
     records = write_records(tmp_path / "records.jsonl", texts)
     out = tmp_path / "out"
-    done = run_plora(plora_bin, "tokenize", records, "--tokenizer", tiny_model_dir, "--out", out,
-                     "--max-seq-len", 16, "--branches", 2)  # fmt: skip
+    done = run_cli("tokenize", records, "--tokenizer", tiny_model_dir, "--out", out,
+                   "--max-seq-len", 16, "--branches", 2)  # fmt: skip
     assert done.returncode == 0, done.stderr
     found = re.search(r"(\d+) branches longer than --max-seq-len 16 split into (\d+) pieces", done.stderr)
     assert found, done.stderr
@@ -316,21 +299,21 @@ def test_item19_summary_counts_branches_split_for_length(
 
 
 def test_item19_empty_branch_error_names_the_branch_and_the_option(
-    plora_bin: Path, tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     records = write_records(
         tmp_path / "records.jsonl",
         [{"main": "Q:", "branches": ["a", {"prompt": "p", "response": "b"}, {"response": " "}]}],
     )
     error = one_line_error(
-        run_plora(plora_bin, "tokenize", records, "--tokenizer", tiny_model_dir, "--out", tmp_path / "out")
+        run_cli("tokenize", records, "--tokenizer", tiny_model_dir, "--out", tmp_path / "out")
     )
     assert f"{records}:1:" in error and "branch 2 'response' is empty" in error, error
     assert "rejects the whole parallel record" in error and "--drop-empty-branches" in error, error
 
     out = tmp_path / "dropped"
-    done = run_plora(plora_bin, "tokenize", records, "--tokenizer", tiny_model_dir, "--out", out,
-                     "--drop-empty-branches")  # fmt: skip
+    done = run_cli("tokenize", records, "--tokenizer", tiny_model_dir, "--out", out,
+                   "--drop-empty-branches")  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "1 records in, 1 out, 0 rejected" in done.stderr and "1 empty branches dropped" in done.stderr
     assert [r.num_branches for r in rows_of(out)] == [2]

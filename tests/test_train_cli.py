@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import one_line_error, run_plora
+from cli_helpers import one_line_error, run_cli, run_plora
 from train_helpers import REPO_ROOT, cli_args, subprocess_env
 
 from pipeline.shards import open_shards
@@ -20,7 +20,12 @@ NAME = "hf_parallel_lora"
 
 
 def _run(program: str | Path, *args: str | Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """The guide's script in a real process (it is its own entry point)."""
     return run_plora(Path(program), *args, cwd=REPO_ROOT, env=subprocess_env(), timeout=timeout)
+
+
+def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return run_cli(*args, cwd=REPO_ROOT)
 
 
 @pytest.mark.parametrize(
@@ -33,18 +38,18 @@ def _run(program: str | Path, *args: str | Path, timeout: int = 300) -> subproce
     ],
 )
 def test_bad_input_is_one_line_and_exit_status_2(
-    extra: list[str], message: str, train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path
+    extra: list[str], message: str, train_shards: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    done = _run(plora_bin, *cli_args(train_shards, tiny_model_dir, tmp_path / "out", *extra))
+    done = _cli(*cli_args(train_shards, tiny_model_dir, tmp_path / "out", *extra))
     assert message in one_line_error(done)
     assert not (tmp_path / "out" / "lora").exists() or not any((tmp_path / "out" / "lora").iterdir())
 
 
 def test_guide_spellings_train_and_eval_reports_per_branch_count(
-    train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path
+    train_shards: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    relative = os.path.relpath(tiny_model_dir, REPO_ROOT)  # _run's working directory
+    relative = os.path.relpath(tiny_model_dir, REPO_ROOT)  # _cli's working directory
     guide_flags = [
         "train", "--shards", train_shards, "--base_model", relative, "--out_dir", out,
         "--batch_size", "4", "--learning_rate", "3e-3", "--lora_rank", "4", "--accumulation_steps", "1",
@@ -52,7 +57,7 @@ def test_guide_spellings_train_and_eval_reports_per_branch_count(
         "--no_patch_rope", "--save_interval", "500", "--log_interval", "50", "--dtype", "float32",
         "--max-steps", "6", "--no-progress",
     ]  # fmt: skip
-    trained = _run(plora_bin, *guide_flags)
+    trained = _cli(*guide_flags)
     assert trained.returncode == 0, trained.stderr[-3000:]
     adapter = final_checkpoint(out, NAME)
     meta = json.loads((adapter / "plora.json").read_text())
@@ -60,8 +65,8 @@ def test_guide_spellings_train_and_eval_reports_per_branch_count(
     assert meta["base_model"] == os.path.abspath(tiny_model_dir)  # usable from any working directory
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
 
-    evaluate = [plora_bin, "eval", "--shards", train_shards, "--base-model", tiny_model_dir]
-    report = _run(*evaluate, "--adapter", adapter, "--json")
+    evaluate = ["eval", "--shards", train_shards, "--base-model", tiny_model_dir]
+    report = _cli(*evaluate, "--adapter", adapter, "--json")
     assert report.returncode == 0, report.stderr[-3000:]
     result = json.loads(report.stdout)
     manifest = open_shards(train_shards).manifest
@@ -73,9 +78,9 @@ def test_guide_spellings_train_and_eval_reports_per_branch_count(
     weighted = sum(v["loss"] * v["tokens"] for v in per_branch.values()) / result["tokens"]
     assert weighted == pytest.approx(result["loss"])
 
-    table = _run(*evaluate)
+    table = _cli(*evaluate)
     assert table.returncode == 0, table.stderr[-3000:]
-    too_far = _run(*evaluate, "--stride", "3000")  # with the progress bar: still one line
+    too_far = _cli(*evaluate, "--stride", "3000")  # with the progress bar: still one line
     assert "beyond the model's max_position_embeddings 4096; train with a smaller --stride" in one_line_error(
         too_far
     )
@@ -83,6 +88,7 @@ def test_guide_spellings_train_and_eval_reports_per_branch_count(
     assert last[0] == "all" and int(last[2]) == manifest.num_trained and float(last[3]) > 0
 
 
+@pytest.mark.slow
 def test_guide_script_takes_jsonl_tokenizes_once_and_trains(tiny_model_dir: Path, tmp_path: Path) -> None:
     script = REPO_ROOT / "trainer" / "train_hf_parallel_lora.py"
     guide = [
@@ -113,6 +119,7 @@ def test_guide_import_of_auto_pair_indices(tiny_model_dir: Path) -> None:
     assert auto_pair_indices(model, ratio=0.5) == [5, 6, 7, 8]
 
 
+@pytest.mark.ddp
 def test_guide_script_on_two_nodes_tokenizes_once_on_global_rank_0(
     tiny_model_dir: Path, torchrun_bin: Path, tmp_path: Path
 ) -> None:
@@ -165,16 +172,14 @@ def test_guide_script_on_two_nodes_tokenizes_once_on_global_rank_0(
 
 
 def test_issue7_item5_eval_defaults_to_the_adapters_training_dtype(
-    train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path
+    train_shards: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    trained = _run(
-        plora_bin, *cli_args(train_shards, tiny_model_dir, out, "--dtype", "bfloat16", "--max-steps", "2")
-    )
+    trained = _cli(*cli_args(train_shards, tiny_model_dir, out, "--dtype", "bfloat16", "--max-steps", "2"))
     assert trained.returncode == 0, trained.stderr[-3000:]
-    evaluate = [plora_bin, "eval", "--shards", train_shards, "--base-model", tiny_model_dir, "--json"]
-    by_default = _run(*evaluate, "--adapter", final_checkpoint(out, NAME))
+    evaluate = ["eval", "--shards", train_shards, "--base-model", tiny_model_dir, "--json"]
+    by_default = _cli(*evaluate, "--adapter", final_checkpoint(out, NAME))
     assert by_default.returncode == 0, by_default.stderr[-3000:]
     assert json.loads(by_default.stdout)["model"]["dtype"] == "bfloat16"
-    base = _run(*evaluate)  # a base model alone has no training dtype: float32 as before
+    base = _cli(*evaluate)  # a base model alone has no training dtype: float32 as before
     assert json.loads(base.stdout)["model"]["dtype"] == "float32"

@@ -9,8 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cli_helpers import one_line_error, run_plora
-from train_helpers import REPO_ROOT, cli_args, subprocess_env
+from cli_helpers import one_line_error, run_cli
+from train_helpers import REPO_ROOT, cli_args
 
 from pipeline.shards import open_shards
 from pipeline.tinymodel import ensure_tiny_model
@@ -20,8 +20,8 @@ from trainer.metrics import logs_dir, read_metrics
 NAME = "hf_parallel_lora"
 
 
-def _train(plora_bin: Path, shards: Path, model: Path, out: Path, *extra: str):
-    done = run_plora(plora_bin, *cli_args(shards, model, out, *extra), env=subprocess_env(), timeout=300)
+def _train(shards: Path, model: Path, out: Path, *extra: str):
+    done = run_cli(*cli_args(shards, model, out, *extra))
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -33,11 +33,11 @@ def _summary_losses(stderr: str) -> tuple[float, float]:
 
 
 def test_item23_max_steps_is_the_length_of_the_run(
-    train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path
+    train_shards: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     per_epoch = -(-open_shards(train_shards).manifest.num_rows // 4)
     steps = per_epoch + 2  # more than the default --epochs 1 makes
-    done = _train(plora_bin, train_shards, tiny_model_dir, tmp_path / "out",
+    done = _train(train_shards, tiny_model_dir, tmp_path / "out",
                   "--batch-size", "4", "--max-steps", str(steps), "--log-interval", "1")  # fmt: skip
     meta = json.loads((final_checkpoint(tmp_path / "out", NAME) / "plora.json").read_text())
     assert meta["step"] == steps
@@ -49,19 +49,19 @@ def test_item23_max_steps_is_the_length_of_the_run(
 
 
 def test_item9_resume_covers_the_whole_run_and_a_finished_run_is_left_alone(
-    train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path
+    train_shards: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     flags = ["--batch-size", "4", "--max-steps", "4", "--save-interval", "2", "--log-interval", "1",
              "--lr", "1e-2"]  # fmt: skip
     out = tmp_path / "out"
-    whole = _train(plora_bin, train_shards, tiny_model_dir, tmp_path / "whole", *flags)
-    _train(plora_bin, train_shards, tiny_model_dir, out, *flags)
+    whole = _train(train_shards, tiny_model_dir, tmp_path / "whole", *flags)
+    _train(train_shards, tiny_model_dir, out, *flags)
     # Cut the run back to its step-2 checkpoint, as a run killed after it would have left it.
     final = final_checkpoint(out, NAME)
     for path in sorted(final.rglob("*"), reverse=True):
         path.unlink() if path.is_file() else path.rmdir()
     final.rmdir()
-    resumed = _train(plora_bin, train_shards, tiny_model_dir, out, *flags, "--resume", "latest")
+    resumed = _train(train_shards, tiny_model_dir, out, *flags, "--resume", "latest")
     assert "resuming at step 2" in " ".join(resumed.stderr.split())
     first, last = _summary_losses(resumed.stderr)
     assert (first, last) == _summary_losses(whole.stderr)  # the whole run's first loss, not step 3's
@@ -69,7 +69,7 @@ def test_item9_resume_covers_the_whole_run_and_a_finished_run_is_left_alone(
 
     # Resuming the finished run: one line, exit 0, nothing rewritten.
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
-    again = _train(plora_bin, train_shards, tiny_model_dir, out, *flags, "--resume", "latest")
+    again = _train(train_shards, tiny_model_dir, out, *flags, "--resume", "latest")
     line = " ".join(again.stderr.split())
     assert "nothing to do: the run already finished at step 4" in line and str(final) in line
     assert "nan" not in again.stderr and "tokens/s" not in again.stderr
@@ -80,10 +80,10 @@ def test_item9_resume_covers_the_whole_run_and_a_finished_run_is_left_alone(
 
 
 def test_item15_resume_latest_with_nothing_to_resume_says_so(
-    train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path
+    train_shards: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    done = _train(plora_bin, train_shards, tiny_model_dir, out, "--max-steps", "1", "--resume", "latest")
+    done = _train(train_shards, tiny_model_dir, out, "--max-steps", "1", "--resume", "latest")
     line = " ".join(done.stderr.split())
     assert "--resume latest: no checkpoint of hf_parallel_lora in" in line
     assert "nothing to resume, starting a fresh run" in line
@@ -91,33 +91,31 @@ def test_item15_resume_latest_with_nothing_to_resume_says_so(
 
 
 def test_item4_eval_and_load_lora_refuse_an_adapter_of_another_base(
-    train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path
+    train_shards: Path, one_step_adapter: Path, tmp_path: Path
 ) -> None:
-    _train(plora_bin, train_shards, tiny_model_dir, tmp_path / "qwen2", "--max-steps", "1")
-    adapter = final_checkpoint(tmp_path / "qwen2", NAME)
+    adapter = one_step_adapter  # trained on the tiny qwen2 model
     llama = ensure_tiny_model(arch="llama")  # the same tokenizer, another architecture
     expected = f"model_type is 'llama', but the adapter {adapter} was trained on a base with 'qwen2'"
     evaluate = ["eval", "--shards", train_shards, "--base-model", llama, "--adapter", adapter]
-    evaluated = run_plora(plora_bin, *evaluate, env=subprocess_env(), timeout=300)
+    evaluated = run_cli(*evaluate)
     assert expected in one_line_error(evaluated)
-    continued = run_plora(plora_bin, *cli_args(train_shards, llama, tmp_path / "llama", "--max-steps", "1",
-                                               "--load-lora", str(adapter)),
-                          env=subprocess_env(), timeout=300)  # fmt: skip
+    continued = run_cli(*cli_args(train_shards, llama, tmp_path / "llama", "--max-steps", "1",
+                                  "--load-lora", str(adapter)))  # fmt: skip
     assert expected in one_line_error(continued)
     assert not final_checkpoint(tmp_path / "llama", NAME).exists()
 
 
 def test_item17_eval_split_val_is_the_runs_held_out_rows_and_max_rows_caps(
-    train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path
+    train_shards: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    _train(plora_bin, train_shards, tiny_model_dir, out, "--max-steps", "2", "--val-fraction", "0.2")
+    _train(train_shards, tiny_model_dir, out, "--max-steps", "2", "--val-fraction", "0.2")
     adapter = final_checkpoint(out, NAME)
     logged = [r["val_loss"] for r in read_metrics(logs_dir(out, NAME) / "metrics.jsonl") if "val_loss" in r]
     base = ["eval", "--shards", train_shards, "--base-model", tiny_model_dir, "--no-progress"]
 
     def evaluate(*extra: object) -> dict:
-        done = run_plora(plora_bin, *base, "--adapter", adapter, "--json", *extra, env=subprocess_env())
+        done = run_cli(*base, "--adapter", adapter, "--json", *extra)
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(done.stdout)
 
@@ -126,7 +124,7 @@ def test_item17_eval_split_val_is_the_runs_held_out_rows_and_max_rows_caps(
     assert val["rows"] == round(0.2 * rows) and val["loss"] == pytest.approx(logged[-1], rel=1e-6)
     assert evaluate("--split", "train")["rows"] == rows - val["rows"]
     assert evaluate("--split", "val", "--max-rows", "3")["rows"] == 3
-    no_adapter = run_plora(plora_bin, *base, "--split", "val", env=subprocess_env())
+    no_adapter = run_cli(*base, "--split", "val")
     assert "--split val needs --adapter" in one_line_error(no_adapter)
 
 

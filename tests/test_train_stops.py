@@ -32,6 +32,7 @@ def signal_handlers() -> Iterator[None]:
         signal.signal(signum, handler)
 
 
+@pytest.mark.slow
 def test_a_signal_mid_step_finishes_it_saves_and_resumes_to_the_same_adapter(
     train_shards: Path,
     tiny_model_dir: Path,

@@ -179,6 +179,7 @@ def test_learning_rate_warms_up_then_decays_to_the_floor(tmp_path: Path) -> None
 # ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_short_run_lowers_the_loss_and_writes_a_complete_adapter(
     train_shards: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -230,6 +231,7 @@ def test_short_run_lowers_the_loss_and_writes_a_complete_adapter(
         run_eval(dataclasses.replace(options, adapter=str(other)))
 
 
+@pytest.mark.slow
 def test_accumulation_gives_the_same_adapter_as_one_bigger_batch(
     train_shards: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -247,6 +249,7 @@ def test_accumulation_gives_the_same_adapter_as_one_bigger_batch(
     assert [r["grad_norm"] for r in big_log] == pytest.approx([r["grad_norm"] for r in acc_log], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     train_shards: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from parallel.errors import PloraError, first_line
-from parallel.forward import forward_packed, packed_token_losses
+from parallel.forward import packed_token_losses
 from parallel.hfmodel import TORCH_DTYPES, load_adapter, load_causal_lm, quiet_peft
 from parallel.rope2d import Rope2DConfig, patch_model_2d_rope, position_overflow
 from trainer.config import TrainConfig
@@ -190,23 +190,6 @@ class PackedLoss(nn.Module):
             branch_id,
             time_id,
             labels,
-            mask=self.mask,
-            stride=self.stride,
-            attention_mask=attention_mask,
-        )
-
-    def token_logits(
-        self,
-        input_ids: torch.Tensor,
-        branch_id: torch.Tensor,
-        time_id: torch.Tensor,
-        attention_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        return forward_packed(
-            self.model,
-            input_ids,
-            branch_id,
-            time_id,
             mask=self.mask,
             stride=self.stride,
             attention_mask=attention_mask,
