@@ -48,3 +48,33 @@ def test_the_check_sees_an_upward_import(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "cli" / "fine.py").write_text("import parallel.layout\nfrom pipeline import shards\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert upward_imports() == ["parallel/bad.py:2 imports trainer (above parallel)"]
+
+
+MAX_FUNCTION_LINES = 80
+SHORT_FUNCTION_LAYERS = ("parallel", "pipeline", "trainer")  # cli's commands are mostly option lists
+
+
+def long_functions(root: Path) -> list[str]:
+    """Functions of the library layers that run to MAX_FUNCTION_LINES lines or more."""
+    found = []
+    for layer in SHORT_FUNCTION_LAYERS:
+        for path in sorted((root / layer).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                    if lines >= MAX_FUNCTION_LINES:
+                        found.append(
+                            f"{path.relative_to(root).as_posix()}:{node.lineno} {node.name} ({lines})"
+                        )
+    return found
+
+
+def test_library_functions_stay_under_80_lines() -> None:
+    assert long_functions(ROOT) == []
+
+
+def test_the_length_check_sees_a_long_function(tmp_path: Path) -> None:
+    (tmp_path / "trainer").mkdir()
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "trainer" / "long.py").write_text(f"def short():\n    pass\n\n\ndef long():\n{body}")
+    assert long_functions(tmp_path) == [f"trainer/long.py:5 long ({MAX_FUNCTION_LINES + 1})"]
