@@ -147,10 +147,12 @@ class TrainConfig:
         panel="Memory",  # its own table: the name is too long for the options table at 80 columns
     )
     save_every_minutes: float = opt(
-        "Also checkpoint when this many minutes passed since the last save (0: off).", 30.0
+        "Also checkpoint when this many minutes passed since the last save (0: off).", 30.0, panel="Long runs"
     )
     dist_timeout_minutes: float = opt(
-        "Under torchrun, after the first step: a collective waiting longer fails the run (a hang).", 5.0
+        "Under torchrun, after the first step: a collective waiting longer fails the run (a hang).",
+        5.0,
+        panel="Long runs",
     )
 
     def validate(self) -> TrainConfig:
