@@ -242,7 +242,7 @@ def _train(cfg: TrainConfig, env: DistEnv, clear_replaced_run: Callable[[], None
             loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
             for micro, rows in enumerate(parts):
                 tick = time.perf_counter()
-                batch = store.collate(rows) if len(rows) else store.weightless(int(global_rows[0]))
+                batch = store.micro_batch(rows, int(global_rows[0]), padding_free=loss_module.padding_free)
                 batch = batch.to(env.device)
                 data_seconds += time.perf_counter() - tick
                 last_micro = micro == len(parts) - 1
@@ -255,6 +255,7 @@ def _train(cfg: TrainConfig, env: DistEnv, clear_replaced_run: Callable[[], None
                             batch.time_id,
                             batch.attention_mask,
                             batch.labels,
+                            batch.row_id,
                         )
                     # DDP averages gradients over processes; scale by world_size so they add up instead.
                     scaler.scale(micro_loss * (env.world_size / max(trained_tokens, 1))).backward()
