@@ -13,6 +13,8 @@ from test_masks import brute_force
 from test_prefix import STRIDE, TOL, lora_model, losses_and_grads
 
 from parallel.forward import packed_token_losses, packs_rows, resolve_attn, settle_auto_attn
+from parallel.generation import generate
+from parallel.loading import load_parallel_model
 from parallel.masks import dense_mask, mask_mod
 from parallel.prefix import IMPLEMENTATION
 from pipeline.shards import open_shards
@@ -125,3 +127,17 @@ def test_auto_picks_prefix_for_isolated_rows_on_cpu() -> None:
         settle_auto_attn(model, attn, mask)
         assert model.config._attn_implementation == want, (arch, attn, mask)
         assert packs_rows(model, mask) == (want == IMPLEMENTATION)
+
+
+def test_generation_with_auto_prefills_with_prefix(tiny_model_dir: Path) -> None:
+    """load_parallel_model settles auto (prefix on the CPU; sdpa for a columnar request), and decoding
+    with it (prefix prefill, masked SDPA steps) gives the tokens of the sdpa model."""
+    results = {}
+    for attn, mask in (("sdpa", None), ("auto", None), ("auto", "columnar")):
+        model, tokenizer, _ = load_parallel_model(tiny_model_dir, attn=attn, mask=mask)
+        results[attn, mask] = model.config._attn_implementation
+        if mask is None:
+            results[attn] = generate(model, tokenizer, "Hello", ["One", "Two"], max_new_tokens=6).texts
+    assert results["auto", None] == IMPLEMENTATION
+    assert results["auto", "columnar"] == results["sdpa", None] == "sdpa"
+    assert results["auto"] == results["sdpa"]
