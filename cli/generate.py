@@ -220,6 +220,7 @@ def generate_command(
             trust_remote_code=trust_remote_code,
             ratio=rope_2d_ratio,
             stride=stride,
+            mask=mask,
         )
     model, tokenizer, _ = loaded
     run = functools.partial(

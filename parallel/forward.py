@@ -35,7 +35,8 @@ _HF_NAMES = {
 
 
 def resolve_attn(attn: str, device: torch.device | str) -> str:
-    """The transformers ``attn_implementation`` for ``--attn``: auto = flex on CUDA, sdpa elsewhere.
+    """The transformers ``attn_implementation`` to load with for ``--attn``: auto = flex on CUDA, sdpa
+    elsewhere (on the CPU :func:`settle_auto_attn` may then pick prefix, once the mask is known).
 
     flash_attention_* cannot take an arbitrary mask, so it is refused rather than silently
     training with plain causal attention.
@@ -64,9 +65,45 @@ def check_attn_device(attn: str, device: torch.device | str) -> None:
         raise PloraError("--attn flex needs CUDA; on the CPU use --attn sdpa (or auto)")
 
 
+def _windowed(config: Any) -> bool:
+    """Whether a layer of the model attends through a sliding window (as build_attention_mask applies it)."""
+    if getattr(config, "sliding_window", None) is None:
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    return layer_types is None or "sliding_attention" in layer_types
+
+
+def settle_auto_attn(model: torch.nn.Module, attn: str, mask: str) -> None:
+    """``--attn auto`` once the model and the mask are known: on the CPU, prefix for isolated rows of a
+    model without a sliding window or attention softcapping (faster than dense SDPA at every measured
+    point, BENCHMARKS.md); otherwise the model keeps what :func:`resolve_attn` loaded (sdpa; flex on CUDA).
+    """
+    config = model.config
+    if attn != "auto" or mask != "isolated" or getattr(config, "_attn_implementation", None) != "sdpa":
+        return
+    if model.get_input_embeddings().weight.device.type != "cpu":
+        return
+    if _windowed(config) or getattr(config, "attn_logit_softcapping", None) is not None:
+        return
+    register_prefix()
+    model.set_attn_implementation(PREFIX)
+
+
+def packs_rows(model: torch.nn.Module, mask: str) -> bool:
+    """Whether batches for ``model`` go padding-free (rows end to end, ``row_id``; trainer.data).
+
+    Prefix and flex attention skip what a row cannot see, so joining the rows costs no attention and
+    saves the padding's linear layers; a dense mask over the joined batch would cost its whole L^2, so
+    sdpa and eager keep padded rows.
+    """
+    impl = getattr(model.config, "_attn_implementation", None)
+    return impl == "flex_attention" or (impl == PREFIX and mask == "isolated")
+
+
 def _model_attn(model: torch.nn.Module, attn: str | None, device: torch.device) -> str:
     current = getattr(model.config, "_attn_implementation", None) or "eager"
-    if attn is not None and resolve_attn(attn, device) != current:
+    # auto may have been settled to prefix after loading (settle_auto_attn)
+    if attn is not None and attn != "auto" and resolve_attn(attn, device) != current:
         raise PloraError(
             f"model runs {current!r} attention, not {attn!r}; load it with that attn_implementation"
         )
@@ -86,10 +123,12 @@ def build_attention_mask(
     attn: str | None = None,
     *,
     num_queries: int | None = None,
+    row_id: torch.Tensor | None = None,
 ) -> Any:
     """What to pass as ``attention_mask``: one mask, or a per-layer-type dict (sliding-window layers).
 
     ``num_queries``: only the last tokens are queries (KV-cached decoding; see parallel.masks).
+    ``row_id``: the row of each token where rows lie end to end (padding-free; see parallel.masks).
     """
     impl = _model_attn(model, attn, branch_id.device)
     config = model.config
@@ -102,20 +141,24 @@ def build_attention_mask(
                     f"--attn prefix cannot apply {type(model).__name__}'s sliding window; use --attn sdpa"
                 )
             if num_queries is not None:  # KV-cached decoding: the newest tokens against the cache
-                return dense_mask(branch_id, time_id, mode, valid, num_queries=num_queries)
-            return prefix_mask(branch_id, time_id, valid)
+                return dense_mask(branch_id, time_id, mode, valid, num_queries=num_queries, row_id=row_id)
+            return prefix_mask(branch_id, time_id, valid, row_id)
 
     elif impl == "flex_attention":
 
         def build(window: int | None) -> Any:
-            return block_mask(branch_id, time_id, mode, valid, window=window, num_queries=num_queries)
+            return block_mask(
+                branch_id, time_id, mode, valid, window=window, num_queries=num_queries, row_id=row_id
+            )
 
     else:
         # eager adds the mask to the scores, so it needs the additive form in the model's dtype.
         dtype = model.get_input_embeddings().weight.dtype
 
         def build(window: int | None) -> Any:
-            allowed = dense_mask(branch_id, time_id, mode, valid, window=window, num_queries=num_queries)
+            allowed = dense_mask(
+                branch_id, time_id, mode, valid, window=window, num_queries=num_queries, row_id=row_id
+            )
             if impl == "sdpa":
                 return allowed
             zero = torch.zeros((), dtype=dtype, device=allowed.device)
@@ -146,6 +189,7 @@ def packed_model_inputs(
     stride: int | None = None,
     attention_mask: torch.Tensor | None = None,
     attn: str | None = None,
+    row_id: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """The keyword arguments (ids, 2D positions, plora mask) that run ``model`` or its decoder on packed rows.
 
@@ -155,6 +199,8 @@ def packed_model_inputs(
     plain RoPE would rotate by the whole encoded position (branch and time), so there the branch
     is left out and tokens are placed by ``time_id`` alone. ``attn`` only asserts the model's
     attention implementation; the mask kind follows ``model.config._attn_implementation``.
+    ``row_id`` ``[B, L]``: several rows lie end to end in each sequence (a padding-free batch,
+    trainer.data); no token sees another row's, and positions stay each row's own.
     """
     if input_ids.ndim != 2 or input_ids.shape != branch_id.shape or input_ids.shape != time_id.shape:
         raise ValueError(
@@ -173,7 +219,9 @@ def packed_model_inputs(
         time_id = torch.where(valid, time_id, 0)
     return {
         "input_ids": input_ids,
-        "attention_mask": build_attention_mask(model, branch_id, time_id, mask, valid, attn),
+        "attention_mask": build_attention_mask(
+            model, branch_id, time_id, mask, valid, attn, row_id=None if row_id is None else row_id.to(device)
+        ),
         "position_ids": encode_positions(branch_id, time_id, stride),
         "use_cache": False,
     }
@@ -189,6 +237,7 @@ def forward_packed(
     stride: int | None = None,
     attention_mask: torch.Tensor | None = None,
     attn: str | None = None,
+    row_id: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits ``[B, L, V]`` of packed rows (arguments as in :func:`packed_model_inputs`).
 
@@ -204,6 +253,7 @@ def forward_packed(
         stride=stride,
         attention_mask=attention_mask,
         attn=attn,
+        row_id=row_id,
     )
     return model(**inputs).logits
 
@@ -261,6 +311,7 @@ def packed_token_losses(
     stride: int | None = None,
     attention_mask: torch.Tensor | None = None,
     attn: str | None = None,
+    row_id: torch.Tensor | None = None,
     chunk_tokens: int = LOSS_CHUNK_TOKENS,
 ) -> torch.Tensor:
     """Per-token fp32 cross-entropy ``[B, L]`` of packed rows (0 where the label is IGNORE_INDEX).
@@ -279,6 +330,7 @@ def packed_token_losses(
         stride=stride,
         attention_mask=attention_mask,
         attn=attn,
+        row_id=row_id,
     )
     hidden = parts.decoder(**inputs).last_hidden_state
     target = labels.to(device=hidden.device, dtype=torch.long)

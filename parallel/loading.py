@@ -32,6 +32,7 @@ from parallel import atomic, outdir
 from parallel.adaptermeta import PLORA_JSON, AdapterMeta, ExportInfo
 from parallel.errors import PloraError
 from parallel.fingerprint import check_same_tokenizer
+from parallel.forward import settle_auto_attn
 from parallel.generation import PLORA_CONFIG_ATTR
 from parallel.hfmodel import TORCH_DTYPES, load_adapter, load_causal_lm
 from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE
@@ -205,6 +206,7 @@ def load_parallel_model(
     trust_remote_code: bool = False,
     ratio: float = DEFAULT_ROPE_2D_RATIO,
     stride: int = DEFAULT_STRIDE,
+    mask: str | None = None,
 ) -> tuple[Any, Any, AdapterMeta | None]:
     """(model, tokenizer, adapter config) ready for :func:`parallel.generation.generate`.
 
@@ -212,6 +214,8 @@ def load_parallel_model(
     alone (or as ``adapter_dir`` with no base). ``ratio``/``stride`` apply only to a bare
     base model (no adapter, not an export); an adapter's own settings always win. The returned
     model carries the adapter config as ``model.plora_config`` so generation uses its mask and align.
+    ``mask`` (default: the adapter's, else isolated) is what ``attn="auto"`` is settled for
+    (:func:`parallel.forward.settle_auto_attn`).
     """
     if adapter_dir is not None and not Path(adapter_dir).is_dir():
         raise PloraError(f"{adapter_dir}: no such adapter directory")
@@ -247,6 +251,7 @@ def load_parallel_model(
         trust_remote_code=trust_remote_code,
         config=_export_model_config(base) if exported else None,
     )
+    settle_auto_attn(model, attn, mask or (config.mask if config is not None else "isolated"))
     if config is None:
         patch_model_2d_rope(model, ratio=ratio, stride=stride)
         return model, tokenizer, None

@@ -15,6 +15,9 @@ still all of them), giving a ``[B, 1, num_queries, L]`` mask: KV-cached decoding
 newest tokens while the earlier ones sit in the cache. The full square mask is the case
 ``num_queries = L``.
 
+``row_id`` (``[B, L]``, optional) lays several rows end to end in one sequence (padding-free batches,
+trainer.data): a token sees only tokens of its own row, and each row's trunk is found within it.
+
 ``window`` adds a sliding window in time (``time(q) - time(k) < window``), for models whose
 layers use sliding-window attention: in a packed row the time coordinate is what a 1D
 sequence's position was, so this reproduces the model's own window on a single sequence.
@@ -47,6 +50,25 @@ def _check(
     return valid.to(device=branch_id.device, dtype=torch.bool)
 
 
+def token_has_trunk(
+    branch_id: torch.Tensor, time_id: torch.Tensor, valid: torch.Tensor, row_id: torch.Tensor | None
+) -> torch.Tensor:
+    """``[B, L]``: whether the row holding each token has a trunk (``layout.row_has_trunk`` per row)."""
+    if row_id is None:
+        return row_has_trunk(branch_id, time_id, valid)[:, None].expand_as(branch_id)
+    batch, length = branch_id.shape
+    rows = int(row_id.max()) + 1 if row_id.numel() else 1
+    segment = (row_id + rows * torch.arange(batch, device=row_id.device)[:, None]).reshape(-1)
+    big = torch.iinfo(torch.int32).max
+    first = torch.where((branch_id == 0) & valid, time_id, -1).reshape(-1)
+    others = torch.where(valid & (branch_id > 0), time_id, big).reshape(-1)
+    first_end = torch.full((batch * rows,), -1, dtype=time_id.dtype, device=time_id.device)
+    others_start = torch.full_like(first_end, big)
+    first_end = first_end.scatter_reduce(0, segment, first, "amax")
+    others_start = others_start.scatter_reduce(0, segment, others, "amin")
+    return (first_end < others_start)[segment].reshape(batch, length)
+
+
 def _query_offset(length: int, num_queries: int | None) -> int:
     """Index of the first query token: the queries are the last ``num_queries`` tokens."""
     if num_queries is None:
@@ -67,9 +89,12 @@ def _allowed(
     vq: Any,
     vk: Any,
     window: int | None,
+    same_row: Any,
 ) -> Any:
-    """Visibility with padding and the optional window; elementwise, shared by both mask forms."""
-    seen = visible(mode, qb, qt, kb, kt, same, has_trunk)
+    """Visibility with padding, rows and the optional window; elementwise, shared by both mask forms.
+
+    ``has_trunk`` is the key's row's: where it differs from the query's, ``same_row`` is False."""
+    seen = visible(mode, qb, qt, kb, kt, same, has_trunk) & same_row
     if window is not None:
         seen = seen & (qt - kt < window)
     return (seen & vq & vk) | (same & ~vq)
@@ -83,17 +108,19 @@ def dense_mask(
     *,
     window: int | None = None,
     num_queries: int | None = None,
+    row_id: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bool ``[B, 1, Q, L]``: entry ``[b, 0, q, k]`` says whether query q of row b may attend to token k.
 
     The queries are the last ``Q = num_queries`` tokens (default: all ``L``, the square mask).
     """
     valid = _check(branch_id, time_id, mode, valid)
-    has_trunk = row_has_trunk(branch_id, time_id, valid)
+    has_trunk = token_has_trunk(branch_id, time_id, valid, row_id)
     length = branch_id.shape[1]
     first = _query_offset(length, num_queries)
     keys = torch.arange(length, device=branch_id.device)
     same = (keys[first:, None] == keys[None, :])[None]
+    same_row = True if row_id is None else row_id[:, first:, None] == row_id[:, None, :]
     allowed = _allowed(
         mode,
         branch_id[:, first:, None],
@@ -101,10 +128,11 @@ def dense_mask(
         branch_id[:, None, :],
         time_id[:, None, :],
         same,
-        has_trunk[:, None, None],
+        has_trunk[:, None, :],
         valid[:, first:, None],
         valid[:, None, :],
         window,
+        same_row,
     )
     return allowed[:, None]
 
@@ -117,10 +145,11 @@ def mask_mod(
     *,
     window: int | None = None,
     num_queries: int | None = None,
+    row_id: torch.Tensor | None = None,
 ) -> Any:
     """FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` of the same visibility (queries: see dense_mask)."""
     valid = _check(branch_id, time_id, mode, valid)
-    has_trunk = row_has_trunk(branch_id, time_id, valid)
+    has_trunk = token_has_trunk(branch_id, time_id, valid, row_id)
     first = _query_offset(branch_id.shape[1], num_queries)
 
     def allowed(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
@@ -132,10 +161,11 @@ def mask_mod(
             branch_id[b, kv],
             time_id[b, kv],
             q == kv,
-            has_trunk[b],
+            has_trunk[b, kv],
             valid[b, q],
             valid[b, kv],
             window,
+            True if row_id is None else row_id[b, q] == row_id[b, kv],
         )
 
     return allowed
@@ -149,11 +179,12 @@ def block_mask(
     *,
     window: int | None = None,
     num_queries: int | None = None,
+    row_id: torch.Tensor | None = None,
 ) -> Any:
     """FlexAttention ``BlockMask`` of the rows (compiled construction on CUDA, eager elsewhere)."""
     batch, length = branch_id.shape
     return create_block_mask(
-        mask_mod(branch_id, time_id, mode, valid, window=window, num_queries=num_queries),
+        mask_mod(branch_id, time_id, mode, valid, window=window, num_queries=num_queries, row_id=row_id),
         B=batch,
         H=None,
         Q_LEN=length if num_queries is None else num_queries,

@@ -61,11 +61,16 @@ class PrefixMask(torch.Tensor):
     plan: PrefixPlan
 
 
-def prefix_mask(branch_id: torch.Tensor, time_id: torch.Tensor, valid: torch.Tensor | None) -> PrefixMask:
+def prefix_mask(
+    branch_id: torch.Tensor,
+    time_id: torch.Tensor,
+    valid: torch.Tensor | None,
+    row_id: torch.Tensor | None = None,
+) -> PrefixMask:
     """What to pass as ``attention_mask`` to a model running :data:`IMPLEMENTATION`."""
     empty = torch.empty(branch_id.shape[0], 1, 0, 0, dtype=torch.bool, device=branch_id.device)
     carrier = empty.as_subclass(PrefixMask)
-    carrier.plan = prefix_plan(branch_id, time_id, valid)
+    carrier.plan = prefix_plan(branch_id, time_id, valid, row_id)
     return carrier
 
 
@@ -80,24 +85,36 @@ def _sequences(branch: np.ndarray, time: np.ndarray, real: np.ndarray) -> list[n
     return sequences
 
 
-def prefix_plan(branch_id: torch.Tensor, time_id: torch.Tensor, valid: torch.Tensor | None) -> PrefixPlan:
-    """The segment structure of isolated rows ``[B, L]`` (``valid`` False = padding)."""
+def prefix_plan(
+    branch_id: torch.Tensor,
+    time_id: torch.Tensor,
+    valid: torch.Tensor | None,
+    row_id: torch.Tensor | None = None,
+) -> PrefixPlan:
+    """The segment structure of isolated rows ``[B, L]`` (``valid`` False = padding).
+
+    With ``row_id`` each ``[B, L]`` sequence holds several rows end to end (padding-free batches): every
+    row gets its own trunk slot, and its branches see that trunk only.
+    """
     batch, length = branch_id.shape
     branch = branch_id.cpu().numpy()
     time = time_id.cpu().numpy()
     real = np.ones_like(branch, dtype=bool) if valid is None else valid.cpu().numpy().astype(bool)
-    has_trunk = row_has_trunk(branch, time, real)
+    rows_of = np.zeros_like(branch) if row_id is None else row_id.cpu().numpy()
     trunks: list[np.ndarray] = []
     branches: list[np.ndarray] = []
     rows: list[int] = []
     for b in range(batch):
-        sequences = _sequences(branch[b], time[b], real[b])
-        # Sorted by branch id, a trunk is the first sequence (and its id is 0).
-        trunk = bool(has_trunk[b]) and bool(sequences) and branch[b, sequences[0][0]] == 0
-        trunks.append(sequences[0] + b * length if trunk else np.zeros(0, dtype=np.int64))
-        own = sequences[1:] if trunk else sequences
-        branches.extend(seq + b * length for seq in own)
-        rows.extend([b] * len(own))
+        for r in np.unique(rows_of[b][real[b]]):
+            mine = real[b] & (rows_of[b] == r)
+            sequences = _sequences(branch[b], time[b], mine)
+            # Sorted by branch id, a trunk is the first sequence (and its id is 0).
+            trunk = bool(row_has_trunk(branch[b], time[b], mine)) and bool(sequences)
+            trunk = trunk and branch[b, sequences[0][0]] == 0
+            own = sequences[1:] if trunk else sequences
+            branches.extend(seq + b * length for seq in own)
+            rows.extend([len(trunks)] * len(own))
+            trunks.append(sequences[0] + b * length if trunk else np.zeros(0, dtype=np.int64))
     trunk_index, trunk_real = _padded(trunks)
     branch_index, branch_real = _padded(branches)
     inverse = np.full(batch * length, trunk_index.size + branch_index.size, dtype=np.int64)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.shards import open_shards
@@ -21,7 +22,8 @@ def _taken(prefetcher: Prefetcher) -> list[tuple[int, int, int, list[Batch]]]:
         return [(b.step, b.tokens, b.trained, list(b.micro)) for b in prefetcher]
 
 
-def test_prefetched_steps_hold_the_rows_of_the_plan(train_shards: Path) -> None:
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_prefetched_steps_hold_the_rows_of_the_plan(train_shards: Path, padding_free: bool) -> None:
     store = RowStore(open_shards(train_shards))
     # Two processes, accumulation 2, 2 epochs; 12k + 1 training rows, so the last step of each epoch has one
     # row and empty micro-batches (weightless rows).
@@ -36,19 +38,21 @@ def test_prefetched_steps_hold_the_rows_of_the_plan(train_shards: Path) -> None:
             epoch, in_epoch = divmod(step, plan.steps_per_epoch)
             rows = step_rows(epoch_order(plan, epoch, 5, store.num_tokens, True), plan, in_epoch)
             parts = micro_batches(rows, plan, rank)
-            batches = [store.collate(p) if len(p) else store.weightless(int(rows[0])) for p in parts]
+            batches = [store.micro_batch(p, int(rows[0]), padding_free=padding_free) for p in parts]
             tokens = (int(store.num_tokens[rows].sum()), int(store.num_trained[rows].sum()))
             expected.append((step, *tokens, batches))
         for background in (True, False):
-            got = _taken(Prefetcher(store, schedule, 0, plan.total_steps, CPU, background=background))
-            resumed = _taken(Prefetcher(store, schedule, 3, plan.total_steps, CPU, background=background))
+            options = {"padding_free": padding_free, "background": background}
+            got = _taken(Prefetcher(store, schedule, 0, plan.total_steps, CPU, **options))
+            resumed = _taken(Prefetcher(store, schedule, 3, plan.total_steps, CPU, **options))
             for taken in (got, [*got[:3], *resumed]):
                 assert [t[:3] for t in taken] == [e[:3] for e in expected]
                 for (*_, have), (*_, want) in zip(taken, expected, strict=True):
                     assert len(have) == len(want)
                     for a, b in zip(have, want, strict=True):
                         for name in Batch.__dataclass_fields__:
-                            assert torch.equal(getattr(a, name), getattr(b, name)), name
+                            x, y = getattr(a, name), getattr(b, name)
+                            assert (x is None and y is None) or torch.equal(x, y), name
     assert np.array_equal(
         schedule.rows(0).rows, step_rows(epoch_order(plan, 0, 5, store.num_tokens, True), plan, 0)
     )

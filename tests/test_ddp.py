@@ -27,9 +27,11 @@ from trainer.metrics import logs_dir, read_metrics
 
 
 @pytest.mark.ddp
+@pytest.mark.parametrize("attn", ["sdpa", "prefix"])
 def test_two_processes_match_one_with_the_same_global_batch(
-    train_shards: Path, tiny_model_dir: Path, plora_bin: Path, torchrun_bin: Path, tmp_path: Path
+    attn: str, train_shards: Path, tiny_model_dir: Path, plora_bin: Path, torchrun_bin: Path, tmp_path: Path
 ) -> None:
+    """The two processes run ``attn`` (prefix: padding-free micro-batches), the one process dense sdpa."""
     # Global batch 8 (2 rows x 2 processes x 2 accumulation steps). Hold out rows so that 8k + 1 remain for
     # training: the last step has one row, so both processes have an empty micro-batch there and join
     # with a weightless row. Validation rows are split between the processes.
@@ -39,12 +41,16 @@ def test_two_processes_match_one_with_the_same_global_batch(
     flags = ["--learning-rate", "1e-2", "--accumulation-steps", "2", "--val-fraction", str(held_out / rows)]
     flags += ["--log-interval", "1", "--eval-interval", str(steps)]
     launch = ["--standalone", "--nproc_per_node", "2", "--no-python", str(plora_bin)]
-    two_args = cli_args(train_shards, tiny_model_dir, tmp_path / "two", "--batch-size", "2", *flags)
+    two_args = cli_args(
+        train_shards, tiny_model_dir, tmp_path / "two", "--batch-size", "2", "--attn", attn, *flags
+    )
     two = run_plora(torchrun_bin, *launch, *two_args, env=subprocess_env(), timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "global batch 8 = 2 x 2 process(es)" in two.stderr.replace("\n", " ")
     one = run_cli(
-        *cli_args(train_shards, tiny_model_dir, tmp_path / "one", "--batch-size", "4", *flags),
+        *cli_args(
+            train_shards, tiny_model_dir, tmp_path / "one", "--batch-size", "4", "--attn", "sdpa", *flags
+        ),
         env=subprocess_env(),
     )
     assert one.returncode == 0, one.stderr[-3000:]

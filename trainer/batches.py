@@ -79,9 +79,12 @@ class Prefetcher:
         start: int,
         total: int,
         device: torch.device,
+        *,
+        padding_free: bool,
         background: bool | None = None,
     ):
         self.store, self.schedule, self.start, self.total, self.device = store, schedule, start, total, device
+        self.padding_free = padding_free  # rows end to end (prefix and flex attention), else padded rows
         self.wait_seconds = 0.0  # time the training thread waited for a batch: collation not hidden
         background = device.type == "cuda" if background is None else background
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="plora-collate") if background else None
@@ -109,10 +112,8 @@ class Prefetcher:
         return self._pool.submit(self._collate, *job).result if self._pool else partial(self._collate, *job)
 
     def _collate(self, global_rows: np.ndarray, part: np.ndarray) -> Batch:
-        batch = self.store.collate(part) if len(part) else self.store.weightless(int(global_rows[0]))
-        if self.device.type == "cuda":
-            batch = Batch(**{name: getattr(batch, name).pin_memory() for name in batch.__dataclass_fields__})
-        return batch
+        batch = self.store.micro_batch(part, int(global_rows[0]), padding_free=self.padding_free)
+        return batch.pinned() if self.device.type == "cuda" else batch
 
     def _take(self) -> Batch:
         tick = time.perf_counter()

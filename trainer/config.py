@@ -74,8 +74,9 @@ class TrainConfig:
     trust_remote_code: bool = opt("Run the model repo's own code.", False)
     # parallel.forward.resolve_attn checks it when the model loads
     attn: str = opt(
-        "auto | flex | sdpa | eager | prefix (auto: flex on CUDA, else sdpa; prefix: shared-prefix "
-        "attention, isolated rows only).",
+        "auto | flex | sdpa | eager | prefix (auto: flex on CUDA; on the CPU prefix for isolated rows where "
+        "the model allows it, else sdpa; prefix: shared-prefix attention, isolated rows only; prefix and "
+        "flex batches are padding-free).",
         "auto",
     )
 

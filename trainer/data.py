@@ -24,6 +24,7 @@ any stretch of steps, a short run's first ones included, sees rows from the whol
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -40,7 +41,8 @@ VALIDATION_SEED_OFFSET = 7919  # the validation split never depends on the train
 
 @dataclass(frozen=True)
 class Batch:
-    """Padded [B, L] tensors of a micro-batch. ``labels`` are already the next token (-100: not trained)."""
+    """[B, L] tensors of a micro-batch's B rows, padded; or, padding-free, [1, N] with the rows end to end
+    and ``row_id`` naming each token's row. ``labels`` are already the next token (-100: not trained)."""
 
     input_ids: torch.Tensor
     branch_id: torch.Tensor
@@ -48,10 +50,25 @@ class Batch:
     labels: torch.Tensor
     attention_mask: torch.Tensor
     num_branches: torch.Tensor  # [B] branches per row (for per-branch-count evaluation)
+    row_id: torch.Tensor | None = None  # [1, N] padding-free only
 
     def to(self, device: torch.device) -> Batch:
-        move = {name: getattr(self, name).to(device, non_blocking=True) for name in self.__dataclass_fields__}
-        return Batch(**move)
+        return self._map(lambda v: v.to(device, non_blocking=True))
+
+    def pinned(self) -> Batch:
+        """In page-locked memory, so that a later copy to the GPU can overlap with compute."""
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return Batch(**{k: None if v is None else fn(v) for k, v in fields.items()})
+
+    def per_row(self, values: torch.Tensor) -> torch.Tensor:
+        """``[B]``: the sum of a per-token tensor (shaped like the tokens) over each row's tokens."""
+        if self.row_id is None:
+            return values.sum(dim=1)
+        sums = values.new_zeros(len(self.num_branches))
+        return sums.index_add_(0, self.row_id.reshape(-1), values.reshape(-1))
 
     @property
     def num_tokens(self) -> int:
@@ -91,12 +108,20 @@ class RowStore:
         time = max((int(v["time_id"].max()) for _, v in self.files if len(v["time_id"])), default=0)
         return branch, time
 
-    def collate(self, rows: np.ndarray) -> Batch:
-        """Pad the given rows to the longest of them: ids/coordinates 0, labels -100, attention_mask 0."""
+    def collate(self, rows: np.ndarray, *, padding_free: bool = False) -> Batch:
+        """Pad the given rows to the longest of them: ids/coordinates 0, labels -100, attention_mask 0.
+
+        ``padding_free``: lay them end to end in one sequence instead, with ``row_id`` (for attention
+        that keeps rows apart without a dense mask: parallel.forward.packs_rows).
+        """
         rows = np.asarray(rows, dtype=np.int64)
         lengths = self.num_tokens[rows]
-        width = int(lengths.max())
-        out = {name: np.zeros((len(rows), width), dtype=np.int64) for name in TOKEN_COLUMNS}
+        ends = np.cumsum(lengths)
+        width = int(ends[-1]) if padding_free else int(lengths.max())
+        # Where each row's first token goes in the flattened output.
+        first = ends - lengths if padding_free else np.arange(len(rows)) * width
+        shape = (1, width) if padding_free else (len(rows), width)
+        out = {name: np.zeros(shape[0] * width, dtype=np.int64) for name in TOKEN_COLUMNS}
         out["labels"].fill(IGNORE_INDEX)
         file_of_row = np.searchsorted(self.file_starts, rows, side="right") - 1
         for file_index in np.unique(file_of_row):
@@ -105,21 +130,28 @@ class RowStore:
             local = rows[batch_pos] - self.file_starts[file_index]
             starts = offsets[local].astype(np.int64)
             lens = offsets[local + 1].astype(np.int64) - starts
-            # Token t of the concatenation belongs to batch row dest_row[t], column dest_col[t].
-            dest_row = np.repeat(batch_pos, lens)
-            dest_col = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
-            source = np.repeat(starts, lens) + dest_col
+            # Token t of the concatenation is token col[t] of its row; it goes to dest[t].
+            col = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+            dest = np.repeat(first[batch_pos], lens) + col
+            source = np.repeat(starts, lens) + col
             for name in TOKEN_COLUMNS:
-                out[name][dest_row, dest_col] = values[name][source]
-        attention_mask = np.arange(width)[None, :] < lengths[:, None]
+                out[name][dest] = values[name][source]
+        if padding_free:
+            attention_mask = np.ones(shape, dtype=np.int64)
+            row_id = torch.from_numpy(np.repeat(np.arange(len(rows)), lengths)[None])
+        else:
+            attention_mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+            row_id = None
         return Batch(
-            input_ids=torch.from_numpy(out["input_ids"]),
-            branch_id=torch.from_numpy(out["branch_id"]),
-            time_id=torch.from_numpy(out["time_id"]),
-            labels=torch.from_numpy(out["labels"]),
-            attention_mask=torch.from_numpy(attention_mask.astype(np.int64)),
+            **{name: torch.from_numpy(out[name].reshape(shape)) for name in TOKEN_COLUMNS},
+            attention_mask=torch.from_numpy(attention_mask),
             num_branches=torch.from_numpy(self.num_branches[rows]),
+            row_id=row_id,
         )
+
+    def micro_batch(self, rows: np.ndarray, filler: int, *, padding_free: bool) -> Batch:
+        """A process's micro-batch: its ``rows``, or where it has none, row ``filler`` weightless."""
+        return self.collate(rows, padding_free=padding_free) if len(rows) else self.weightless(filler)
 
     def weightless(self, row: int) -> Batch:
         """One real row with every label ignored: a process with no rows left still joins the step."""

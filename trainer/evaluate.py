@@ -75,13 +75,18 @@ def evaluate_rows(
     totals = LossTotals()
     try:
         for rows in batches:
-            batch = store.collate(rows).to(device)
+            batch = store.collate(rows, padding_free=loss_module.padding_free).to(device)
             with autocast(device, dtype):
                 losses = loss_module.token_losses(
-                    batch.input_ids, batch.branch_id, batch.time_id, batch.attention_mask, batch.labels
+                    batch.input_ids,
+                    batch.branch_id,
+                    batch.time_id,
+                    batch.attention_mask,
+                    batch.labels,
+                    batch.row_id,
                 )
-            row_loss = losses.sum(dim=1).double().cpu().numpy()
-            row_tokens = (batch.labels != -100).sum(dim=1).cpu().numpy()
+            row_loss = batch.per_row(losses.double()).cpu().numpy()
+            row_tokens = batch.per_row((batch.labels != -100).long()).cpu().numpy()
             totals.loss_sum += float(row_loss.sum())
             totals.tokens += int(row_tokens.sum())
             totals.rows += len(rows)

@@ -192,7 +192,14 @@ def train_loop(run: Run) -> TrainResult:
     run.metrics.start(total, run.start_step)
     with (
         graceful_stops() as stop,
-        Prefetcher(run.store, run.schedule, run.start_step, total, env.device) as data,
+        Prefetcher(
+            run.store,
+            run.schedule,
+            run.start_step,
+            total,
+            env.device,
+            padding_free=run.loss_module.padding_free,
+        ) as data,
     ):
         for batch in data:
             stats = train_step(run, batch)
@@ -231,7 +238,12 @@ def train_step(run: Run, batch: StepBatch) -> StepStats:
         with run.step_module.no_sync() if is_ddp and not last else contextlib.nullcontext():
             with autocast(env.device, cfg.dtype):
                 micro_loss = run.step_module(
-                    inputs.input_ids, inputs.branch_id, inputs.time_id, inputs.attention_mask, inputs.labels
+                    inputs.input_ids,
+                    inputs.branch_id,
+                    inputs.time_id,
+                    inputs.attention_mask,
+                    inputs.labels,
+                    inputs.row_id,
                 )
             # DDP averages gradients over processes; scale by world_size so they add up instead.
             run.scaler.scale(micro_loss * (env.world_size / divisor)).backward()

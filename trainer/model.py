@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from parallel.errors import PloraError, first_line
-from parallel.forward import packed_token_losses
+from parallel.forward import packed_token_losses, packs_rows, settle_auto_attn
 from parallel.hfmodel import TORCH_DTYPES, load_adapter, load_causal_lm, quiet_peft
 from parallel.rope2d import Rope2DConfig, patch_model_2d_rope, position_overflow
 from trainer.config import TrainConfig
@@ -100,6 +100,7 @@ def load_rope_model(
     model = load_base_model(
         cfg.base_model, attn=cfg.attn, device=device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code
     )
+    settle_auto_attn(model, cfg.attn, cfg.mask)
     check_vocabulary(model, vocab_size, cfg.base_model)
     rope = apply_rope(model, cfg)
     check_positions(model, *max_coordinates, rope.stride, cfg.shards)
@@ -165,6 +166,11 @@ class PackedLoss(nn.Module):
         self.mask = mask
         self.stride = stride
 
+    @property
+    def padding_free(self) -> bool:
+        """Whether to collate this model's batches padding-free (trainer.data.RowStore.collate)."""
+        return packs_rows(self.model, self.mask)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -172,8 +178,9 @@ class PackedLoss(nn.Module):
         time_id: torch.Tensor,
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
+        row_id: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.token_losses(input_ids, branch_id, time_id, attention_mask, labels).sum()
+        return self.token_losses(input_ids, branch_id, time_id, attention_mask, labels, row_id).sum()
 
     def token_losses(
         self,
@@ -182,6 +189,7 @@ class PackedLoss(nn.Module):
         time_id: torch.Tensor,
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
+        row_id: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-token fp32 cross-entropy ``[B, L]``; logits are only computed at labelled tokens."""
         return packed_token_losses(
@@ -193,6 +201,7 @@ class PackedLoss(nn.Module):
             mask=self.mask,
             stride=self.stride,
             attention_mask=attention_mask,
+            row_id=row_id,
         )
 
 
