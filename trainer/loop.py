@@ -1,6 +1,6 @@
 """The training loop: one function, read top to bottom.
 
-    setup   shards (verified, tokenizer checked) -> exact plan -> base model -> 2D RoPE -> LoRA -> DDP
+    setup   shards (verified, tokenizer checked) -> exact plan -> base model -> 2D RoPE -> LoRA -> DDP/FSDP
     step    accumulate micro-batches (DDP syncs only on the last), loss = summed CE / trained tokens of the
             whole global batch, clip, set the LR, optimizer step
     then    log, validate every eval_interval, save every save_interval, and the final adapter at the end
@@ -10,7 +10,6 @@ A non-finite loss stops the run before its update is applied; checkpoints alread
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -21,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from parallel.errors import PloraError
 from parallel.fingerprint import plora_version
@@ -50,8 +48,17 @@ from trainer.data import (
     step_rows,
     validation_batches,
 )
-from trainer.distributed import DistEnv, all_sum, init_distributed, shutdown, wait_for_all
+from trainer.distributed import (
+    DistEnv,
+    all_sum,
+    gradient_sync,
+    init_distributed,
+    shutdown,
+    wait_for_all,
+    wrap,
+)
 from trainer.evaluate import autocast, evaluate_rows
+from trainer.fsdp import gather_checkpoint
 from trainer.metrics import MetricsLog, epochs_text, first_logged_loss, new_run_id
 from trainer.model import (
     PackedLoss,
@@ -184,10 +191,7 @@ def _train(cfg: TrainConfig, env: DistEnv, clear_replaced_run: Callable[[], None
     model = add_lora(base, cfg, adapter_source).to(env.device)
     model.train()
     loss_module = PackedLoss(model, mask=cfg.mask, stride=rope.stride)
-    ddp_module: torch.nn.Module = loss_module
-    if env.is_distributed:
-        device_ids = [env.device.index] if env.device.type == "cuda" else None
-        ddp_module = DistributedDataParallel(loss_module, device_ids=device_ids)
+    ddp_module = wrap(loss_module, model, env, fsdp=cfg.fsdp)  # DDP, FSDP2 or the module itself
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.dtype == "float16")
@@ -216,7 +220,6 @@ def _train(cfg: TrainConfig, env: DistEnv, clear_replaced_run: Callable[[], None
         )
 
     # ---- training -------------------------------------------------------------------------------------
-    is_ddp = isinstance(ddp_module, DistributedDataParallel)
     order_epoch, order = -1, np.empty(0, dtype=np.int64)
     first_loss = _first_loss(resumed, cfg) if resumed else float("nan")
     last_loss = float("nan")
@@ -246,8 +249,7 @@ def _train(cfg: TrainConfig, env: DistEnv, clear_replaced_run: Callable[[], None
                 batch = batch.to(env.device)
                 data_seconds += time.perf_counter() - tick
                 last_micro = micro == len(parts) - 1
-                sync = ddp_module.no_sync() if is_ddp and not last_micro else contextlib.nullcontext()
-                with sync:
+                with gradient_sync(ddp_module, last_micro):
                     with autocast(env.device, cfg.dtype):
                         micro_loss = ddp_module(
                             batch.input_ids,
@@ -293,19 +295,21 @@ def _train(cfg: TrainConfig, env: DistEnv, clear_replaced_run: Callable[[], None
                 path = step_checkpoint(cfg.out_dir, cfg.lora_name, done)
                 losses = {"first_loss": first_loss, "last_loss": last_loss}
                 state = _trainer_state(done, plan, run_identity, tokens_seen, scaler, cfg, run_id, losses)
+                tensors = gather_checkpoint(ddp_module, model, optimizer)  # every rank: FSDP gathers
                 if env.is_main:
                     meta = {**plora_meta, "step": done}
-                    save_checkpoint(path, model=model, plora_meta=meta, state=state, optimizer=optimizer)
+                    save_checkpoint(path, model=model, plora_meta=meta, state=state, tensors=tensors)
                     prune_checkpoints(cfg.out_dir, cfg.lora_name, cfg.save_total_limit, keep=resume_dir)
                 last_saved = path
 
         seconds = time.perf_counter() - started
         final = final_checkpoint(cfg.out_dir, cfg.lora_name)
+        tensors = gather_checkpoint(ddp_module, model, optimizer)
         if env.is_main:
             losses = {"first_loss": first_loss, "last_loss": last_loss}
             state = _trainer_state(total_steps, plan, run_identity, tokens_seen, scaler, cfg, run_id, losses)
             meta = {**plora_meta, "step": total_steps}
-            save_checkpoint(final, model=model, plora_meta=meta, state=state, optimizer=optimizer)
+            save_checkpoint(final, model=model, plora_meta=meta, state=state, tensors=tensors)
         wait_for_all(env)
     finally:
         metrics.close()
