@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
@@ -70,9 +69,11 @@ def gather_checkpoint(
 
 
 def full_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable (LoRA) weights as full CPU tensors on rank 0, empty elsewhere; every rank must call."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    return get_model_state_dict(model, options=options)
+    """The trainable (LoRA) weights as full CPU tensors, by their state-dict names; every rank must call.
+
+    Only these: torch's get_model_state_dict(ignore_frozen_params=True) would also gather a tied
+    output head, a whole embedding matrix that the adapter file never holds."""
+    return {name: _full(p.detach()).cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
