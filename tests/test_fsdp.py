@@ -36,6 +36,9 @@ FLAGS = [
     "--group-by-length", "--val-fraction", "0.1", "--eval-interval", "4", "--save-interval", "2",
     "--log-interval", "1",
 ]  # fmt: skip
+# Activation checkpointing rides along: recomputing a layer gathers its shards again, and the result
+# must still be one process's (which runs without it).
+SHARDED = ["--batch-size", "2", "--fsdp", "--gradient-checkpointing"]
 
 
 def _torchrun(torchrun_bin: Path, plora_bin: Path, *args: str) -> list[str]:
@@ -61,7 +64,7 @@ def fsdp_run(
 ) -> Path:
     """An uninterrupted 2-process FSDP run (batch 2 per process: global batch 8)."""
     out = tmp_path_factory.mktemp("fsdp") / "two"
-    args = cli_args(train_shards, tiny_model_dir, out, "--batch-size", "2", "--fsdp", *FLAGS)
+    args = cli_args(train_shards, tiny_model_dir, out, *SHARDED, *FLAGS)
     done = subprocess.run(
         _torchrun(torchrun_bin, plora_bin, *args), env=subprocess_env(), capture_output=True, text=True,
         timeout=300,
@@ -106,7 +109,7 @@ def test_fsdp_resumes_bit_identically_after_sigkill(
     tmp_path: Path,
 ) -> None:  # fmt: skip
     out = tmp_path / "killed"
-    args = cli_args(train_shards, tiny_model_dir, out, "--batch-size", "2", "--fsdp", *FLAGS)
+    args = cli_args(train_shards, tiny_model_dir, out, *SHARDED, *FLAGS)
     victim = subprocess.Popen(
         _torchrun(torchrun_bin, plora_bin, *args), env=subprocess_env(), stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
