@@ -22,6 +22,7 @@ from train_helpers import (
 )
 
 from parallel.errors import PloraError
+from pipeline.shards import open_shards
 from trainer.checkpoint import OPTIMIZER_FILE, STATE_DIR, final_checkpoint, lora_dir
 from trainer.config import TrainConfig
 from trainer.loop import train
@@ -29,12 +30,12 @@ from trainer.metrics import logs_dir, read_metrics
 
 NAME = "hf_parallel_lora"
 STEPS = 12
+VAL_ROWS = 5  # 3 and 2 per rank: 2 validation batches and 1, which FSDP's ranks must still match
 # Accumulation, length grouping and validation; no dropout: it draws per process, so one process
 # would draw other masks than two.
 FLAGS = [
     "--max-steps", str(STEPS), "--accumulation-steps", "2", "--learning-rate", "1e-2", "--warmup", "2",
-    "--group-by-length", "--val-fraction", "0.1", "--eval-interval", "4", "--save-interval", "2",
-    "--log-interval", "1",
+    "--group-by-length", "--eval-interval", "4", "--save-interval", "2", "--log-interval", "1",
 ]  # fmt: skip
 # Activation checkpointing rides along: recomputing a layer gathers its shards again, and the result
 # must still be one process's (which runs without it).
@@ -43,6 +44,21 @@ SHARDED = ["--batch-size", "2", "--fsdp", "--gradient-checkpointing"]
 
 def _torchrun(torchrun_bin: Path, plora_bin: Path, *args: str) -> list[str]:
     return [str(torchrun_bin), "--standalone", "--nproc_per_node", "2", "--no-python", str(plora_bin), *args]
+
+
+def _run_torchrun(torchrun_bin: Path, plora_bin: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """A 2-process run; one that hangs (a rank left waiting in a collective) is killed, ranks included."""
+    command = _torchrun(torchrun_bin, plora_bin, *args)
+    run = subprocess.Popen(
+        command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        stdout, stderr = run.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        for pid in (*_children(run.pid), run.pid):
+            os.kill(pid, signal.SIGKILL)
+        raise
+    return subprocess.CompletedProcess(command, run.returncode, stdout, stderr)
 
 
 def _children(pid: int) -> list[int]:
@@ -59,16 +75,19 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
+def flags(train_shards: Path) -> list[str]:
+    return [*FLAGS, "--val-fraction", str(VAL_ROWS / open_shards(train_shards).manifest["num_rows"])]
+
+
+@pytest.fixture(scope="module")
 def fsdp_run(
-    train_shards: Path, tiny_model_dir: Path, plora_bin: Path, torchrun_bin: Path, tmp_path_factory
-) -> Path:
+    train_shards: Path, tiny_model_dir: Path, plora_bin: Path, torchrun_bin: Path, flags: list[str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:  # fmt: skip
     """An uninterrupted 2-process FSDP run (batch 2 per process: global batch 8)."""
     out = tmp_path_factory.mktemp("fsdp") / "two"
-    args = cli_args(train_shards, tiny_model_dir, out, *SHARDED, *FLAGS)
-    done = subprocess.run(
-        _torchrun(torchrun_bin, plora_bin, *args), env=subprocess_env(), capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
+    args = cli_args(train_shards, tiny_model_dir, out, *SHARDED, *flags)
+    done = _run_torchrun(torchrun_bin, plora_bin, *args)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "global batch 8 = 2 x 2 process(es)" in done.stderr.replace("\n", " ")
     return out
@@ -76,10 +95,11 @@ def fsdp_run(
 
 @pytest.mark.ddp
 def test_fsdp_matches_one_process_with_the_same_global_batch(
-    fsdp_run: Path, train_shards: Path, tiny_model_dir: Path, plora_bin: Path, tmp_path: Path
-) -> None:
+    fsdp_run: Path, train_shards: Path, tiny_model_dir: Path, plora_bin: Path, flags: list[str],
+    tmp_path: Path,
+) -> None:  # fmt: skip
     one = run_plora(
-        plora_bin, *cli_args(train_shards, tiny_model_dir, tmp_path / "one", "--batch-size", "4", *FLAGS),
+        plora_bin, *cli_args(train_shards, tiny_model_dir, tmp_path / "one", "--batch-size", "4", *flags),
         env=subprocess_env(), timeout=300,
     )  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
@@ -106,10 +126,10 @@ def test_fsdp_matches_one_process_with_the_same_global_batch(
 @pytest.mark.ddp
 def test_fsdp_resumes_bit_identically_after_sigkill(
     fsdp_run: Path, train_shards: Path, tiny_model_dir: Path, plora_bin: Path, torchrun_bin: Path,
-    tmp_path: Path,
+    flags: list[str], tmp_path: Path,
 ) -> None:  # fmt: skip
     out = tmp_path / "killed"
-    args = cli_args(train_shards, tiny_model_dir, out, *SHARDED, *FLAGS)
+    args = cli_args(train_shards, tiny_model_dir, out, *SHARDED, *flags)
     victim = subprocess.Popen(
         _torchrun(torchrun_bin, plora_bin, *args), env=subprocess_env(), stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -123,10 +143,7 @@ def test_fsdp_resumes_bit_identically_after_sigkill(
     published = sorted(int(p.name.rsplit("step", 1)[1]) for p in lora_dir(out).glob(f"{NAME}_step*"))
     assert published and not final_checkpoint(out, NAME).exists(), "training ended before it was killed"
 
-    resumed = subprocess.run(
-        _torchrun(torchrun_bin, plora_bin, *args, "--resume", "latest"), env=subprocess_env(),
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    resumed = _run_torchrun(torchrun_bin, plora_bin, *args, "--resume", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming at step {published[-1]}" in resumed.stderr.replace("\n", " ")
     for file in ("adapter_model.safetensors", f"{STATE_DIR}/{OPTIMIZER_FILE}"):

@@ -11,10 +11,12 @@ among the trainable ones) and autocast casts them for the matmuls. No MixedPreci
 numerics are the same as one process's.
 
 Checkpoints stay what a one-process run writes: every rank takes part in gathering the LoRA weights
-and the AdamW moments to full tensors (:func:`full_training_state`), rank 0 writes them, and a
-resumed run cuts each full tensor back to this rank's shard
-(:func:`trainer.checkpoint.shard_like`). The frozen base is
-never gathered whole.
+and the AdamW moments to full tensors (:func:`gather_checkpoint`), rank 0 writes them, and a resumed
+run cuts each full tensor back to this rank's shard (:func:`trainer.checkpoint.shard_like`). The
+frozen base is never gathered whole.
+
+Every forward is collective: validation makes each rank run as many as the busiest one
+(:func:`trainer.evaluate.join_validation`).
 """
 
 from __future__ import annotations

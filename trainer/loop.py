@@ -57,7 +57,7 @@ from trainer.distributed import (
     wait_for_all,
     wrap,
 )
-from trainer.evaluate import autocast, evaluate_rows
+from trainer.evaluate import autocast, evaluate_rows, join_validation
 from trainer.fsdp import gather_checkpoint
 from trainer.metrics import MetricsLog, epochs_text, first_logged_loss, new_run_id
 from trainer.model import (
@@ -365,6 +365,7 @@ def _validate(loss_module: PackedLoss, store: RowStore, plan: DataPlan, env: Dis
     totals = evaluate_rows(
         loss_module, store, validation_batches(plan, env.rank), device=env.device, dtype=dtype
     )
+    join_validation(loss_module, store, plan, env.rank, env.device, dtype)  # FSDP: match the other ranks
     loss_sum, tokens = all_sum([totals.loss_sum, float(totals.tokens)], env)
     return loss_sum / tokens if tokens else float("nan")
 
