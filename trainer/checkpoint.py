@@ -4,7 +4,7 @@ Layout of ``out/lora/<name>_step<N>/`` and ``out/lora/<name>_final/``::
 
     adapter_config.json, adapter_model.safetensors   # PEFT's own files (save_pretrained)
     plora.json                                        # what inference needs to rebuild the exact model
-    trainer_state/optimizer.safetensors               # AdamW moments (tensors only)
+    trainer_state/optimizer.safetensors               # AdamW moments (full tensors, also under --fsdp)
     trainer_state/state.json                          # step, data position, scaler, param groups, config
 
 A checkpoint is written into a temporary directory next to its final place, every file fsynced, then
@@ -31,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from parallel import atomic, outdir
 from parallel.adaptermeta import PLORA_JSON, AdapterMeta
@@ -165,6 +166,14 @@ _STATE_SHAPE: Shape = {
 }
 
 
+@dataclass(frozen=True)
+class CheckpointTensors:
+    """The tensors a checkpoint holds, full (unsharded) whatever the training's parallelism."""
+
+    adapter: dict[str, torch.Tensor] | None  # None: the model's own weights (they are not sharded)
+    optimizer: dict[str, Any]  # optimizer.state_dict()'s layout
+
+
 def lora_dir(out_dir: str | Path) -> Path:
     return Path(out_dir) / "lora"
 
@@ -222,7 +231,7 @@ def save_checkpoint(
     model: nn.Module,
     plora_meta: AdapterMeta,
     state: TrainerState,
-    optimizer: torch.optim.Optimizer,
+    tensors: CheckpointTensors,
 ) -> None:
     """Write adapter, plora.json and trainer state under a temporary name, then publish at ``path``.
 
@@ -232,11 +241,11 @@ def save_checkpoint(
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = atomic.make_temp_dir(path)
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=tensors.adapter)
         plora_meta.write(tmp)
-        tensors, groups = _optimizer_to_flat(optimizer.state_dict())
+        moments, groups = _optimizer_to_flat(tensors.optimizer)
         (tmp / STATE_DIR).mkdir()
-        save_file(tensors, str(tmp / STATE_DIR / OPTIMIZER_FILE))
+        save_file(moments, str(tmp / STATE_DIR / OPTIMIZER_FILE))
         state = dataclasses.replace(state, param_groups=tuple(groups))
         atomic.write_json(tmp / STATE_DIR / STATE_FILE, state.to_json())
         atomic.publish_dir(tmp, path)
@@ -260,9 +269,12 @@ def read_trainer_state(path: str | Path) -> TrainerState:
 
 def load_optimizer(path: str | Path, optimizer: torch.optim.Optimizer, state: TrainerState) -> None:
     tensors = load_file(str(Path(path) / STATE_DIR / OPTIMIZER_FILE))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     per_param: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         _, index, name = key.split(".", 2)
+        if int(index) < len(params):  # more is refused below, by load_state_dict
+            value = shard_like(value, params[int(index)])
         per_param.setdefault(int(index), {})[name] = value
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in state.param_groups]
     try:
@@ -281,3 +293,11 @@ def _optimizer_to_flat(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tens
         {k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in state_dict["param_groups"]
     ]
     return tensors, groups
+
+
+def shard_like(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A full optimizer-state tensor as this rank's shard of an FSDP ``param`` (unchanged for a plain
+    parameter, or for a scalar such as AdamW's step). Every rank read the same file: no communication."""
+    if not isinstance(param, DTensor) or tensor.shape != param.shape:
+        return tensor
+    return distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements, src_data_rank=None)

@@ -156,6 +156,13 @@ class TrainConfig:
         panel="Long runs",
     )
 
+    fsdp: bool = opt(
+        "Under torchrun: shard the model over the processes with FSDP2 instead of DDP (bases too large "
+        "for one device).",
+        False,
+        panel="Memory",
+    )
+
     def validate(self) -> TrainConfig:
         """Raise PloraError naming the first impossible setting; return self for chaining."""
         checks: list[tuple[bool, str]] = [
@@ -172,6 +179,11 @@ class TrainConfig:
             (
                 self.schedule in SCHEDULES,
                 f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}",
+            ),
+            (
+                not (self.fsdp and self.dtype == "float16"),
+                "--fsdp with --dtype float16: the loss scaler would see only this process's shard of the "
+                "gradients; use --dtype bfloat16 or float32",
             ),
             (self.lora_rank >= 1, f"--lora-rank must be at least 1, got {self.lora_rank}"),
             (

@@ -12,14 +12,19 @@ reported in minutes, not hours.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from parallel.errors import PloraError
+from trainer.fsdp import is_sharded, shard_model
 
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=3)
 
@@ -68,6 +73,37 @@ def init_distributed(device_option: str) -> DistEnv:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
     return DistEnv(rank, world_size, local_rank, device)
+
+
+def wrap(loss_module: nn.Module, model: nn.Module, env: DistEnv, *, fsdp: bool) -> nn.Module:
+    """The module the loop trains through: DDP over the processes, FSDP2 with ``--fsdp`` (in place:
+    ``loss_module`` itself, sharded), or ``loss_module`` alone in a world of one."""
+    if fsdp:
+        if not env.is_distributed:
+            raise PloraError(
+                "--fsdp shards the model over the processes torchrun starts, but this is one process; "
+                "run it under torchrun --nproc_per_node N (N > 1), or drop --fsdp"
+            )
+        shard_model(loss_module, model, env.world_size, env.device)
+        return loss_module
+    if not env.is_distributed:
+        return loss_module
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    return DistributedDataParallel(loss_module, device_ids=device_ids)
+
+
+@contextlib.contextmanager
+def gradient_sync(module: nn.Module, sync: bool) -> Iterator[None]:
+    """Backward inside reduces gradients over the processes only if ``sync`` (the last micro-batch of a
+    step); the others accumulate locally."""
+    if isinstance(module, DistributedDataParallel) and not sync:
+        with module.no_sync():
+            yield
+    elif is_sharded(module):
+        module.set_requires_gradient_sync(sync)  # type: ignore[operator]
+        yield
+    else:
+        yield
 
 
 def wait_for_all(env: DistEnv) -> None:

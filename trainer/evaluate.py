@@ -22,8 +22,9 @@ from parallel.layout import DEFAULT_ROPE_2D_RATIO, DEFAULT_STRIDE
 from parallel.loading import check_adapter_fits
 from trainer.checkpoint import STATE_DIR, STATE_FILE, TrainerState
 from trainer.config import SPLITS, EvalOptions, TrainConfig
-from trainer.data import RowStore, open_checked_shards, split_rows
+from trainer.data import DataPlan, RowStore, open_checked_shards, split_rows, validation_batches
 from trainer.distributed import pick_device
+from trainer.fsdp import is_sharded
 from trainer.model import PackedLoss, add_lora, load_rope_model
 
 
@@ -208,3 +209,27 @@ def run_eval(
         "max_rows": options.max_rows,
     }
     return totals, described
+
+
+@torch.no_grad()
+def join_validation(
+    loss_module: PackedLoss, store: RowStore, plan: DataPlan, rank: int, device: torch.device, dtype: str
+) -> None:
+    """Under FSDP, after this rank's validation batches: weightless forwards until it has made as many
+    as the rank with the most. Every forward all-gathers each layer with all ranks, so a rank with
+    fewer validation batches (5 rows, 2 ranks, batch 2: 2 batches and 1) would leave the others waiting."""
+    if not is_sharded(loss_module) or not len(plan.val_rows):
+        return
+    most = max(len(validation_batches(plan, r)) for r in range(plan.world_size))
+    missing = most - len(validation_batches(plan, rank))
+    if missing == 0:
+        return
+    batch = store.weightless(int(plan.val_rows[0])).to(device)
+    was_training = loss_module.training
+    loss_module.eval()
+    for _ in range(missing):
+        with autocast(device, dtype):
+            loss_module.token_losses(
+                batch.input_ids, batch.branch_id, batch.time_id, batch.attention_mask, batch.labels
+            )
+    loss_module.train(was_training)

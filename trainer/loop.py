@@ -1,9 +1,10 @@
 """The training loop, read top to bottom: ``train`` -> ``open_data`` -> ``setup`` -> ``train_loop``.
 
     open_data   shards (verified, tokenizer checked) -> exact plan -> the checkpoint to resume, checked
-    setup       base model -> 2D RoPE -> LoRA -> DDP -> optimizer (resumed) -> metrics log: a :class:`Run`
-    train_step  accumulate micro-batches (DDP syncs only on the last), loss = summed CE / trained tokens of
-                the whole global batch, clip, set the LR, optimizer step
+    setup       base model -> 2D RoPE -> LoRA -> DDP/FSDP -> optimizer (resumed) -> metrics log: a
+                :class:`Run`
+    train_step  accumulate micro-batches (DDP/FSDP sync only on the last), loss = summed CE / trained
+                tokens of the whole global batch, clip, set the LR, optimizer step
     train_loop  step, log, validate every eval_interval, save every save_interval (and every
                 save_every_minutes), stop resumably on SIGINT/SIGTERM, and the final adapter at the end
 
@@ -12,7 +13,6 @@ A non-finite loss stops the run before its update is applied; checkpoints alread
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import math
 import signal
@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from parallel.adaptermeta import PLORA_JSON, AdapterMeta
 from parallel.errors import PloraError, Stopped
@@ -50,8 +49,18 @@ from trainer.checkpoint import (
 from trainer.config import TrainConfig
 from trainer.configfile import save_run_config
 from trainer.data import DataPlan, RowStore, make_plan, open_checked_shards, validation_batches
-from trainer.distributed import DistEnv, all_sum, init_distributed, shorten_timeout, shutdown, wait_for_all
-from trainer.evaluate import autocast, evaluate_rows
+from trainer.distributed import (
+    DistEnv,
+    all_sum,
+    gradient_sync,
+    init_distributed,
+    shorten_timeout,
+    shutdown,
+    wait_for_all,
+    wrap,
+)
+from trainer.evaluate import autocast, evaluate_rows, join_validation
+from trainer.fsdp import gather_checkpoint
 from trainer.metrics import MetricsLog, epochs_text, new_run_id
 from trainer.model import (
     PackedLoss,
@@ -232,10 +241,8 @@ def train_step(run: Run, batch: StepBatch) -> StepStats:
     torch.manual_seed(step_seed(cfg.seed, batch.step, env.rank))
     divisor = max(batch.trained, 1)  # every process knows the whole global batch: no communication
     loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
-    is_ddp = isinstance(run.step_module, DistributedDataParallel)
     for micro, inputs in enumerate(batch.micro):
-        last = micro == batch.count - 1
-        with run.step_module.no_sync() if is_ddp and not last else contextlib.nullcontext():
+        with gradient_sync(run.step_module, sync=micro == batch.count - 1):
             with autocast(env.device, cfg.dtype):
                 micro_loss = run.step_module(
                     inputs.input_ids,
@@ -317,10 +324,7 @@ def setup(cfg: TrainConfig, env: DistEnv, data: RunData, clear_replaced_run: Cal
     model = add_lora(base, cfg, adapter_source).to(env.device)
     model.train()
     loss_module = PackedLoss(model, mask=cfg.mask, stride=rope.stride)
-    step_module: torch.nn.Module = loss_module
-    if env.is_distributed:
-        device_ids = [env.device.index] if env.device.type == "cuda" else None
-        step_module = DistributedDataParallel(loss_module, device_ids=device_ids)
+    step_module = wrap(loss_module, model, env, fsdp=cfg.fsdp)  # DDP, FSDP2 or the module itself
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.dtype == "float16")
@@ -402,13 +406,14 @@ def _agree(env: DistEnv, stop: bool, time_to_save: bool) -> tuple[bool, bool]:
 
 def _save(run: Run, path: Path, done: int) -> None:
     """Checkpoint after update ``done``, written by rank 0; step checkpoints beyond the limit go."""
+    tensors = gather_checkpoint(run.step_module, run.model, run.optimizer)  # every rank: FSDP gathers
     if run.env.is_main:
         losses = (run.first_loss, run.last_loss)
         state = _trainer_state(
             done, run.plan, run.identity, run.tokens_seen, run.scaler, run.cfg, run.run_id, losses
         )
         meta = replace(run.plora_meta, step=done)
-        save_checkpoint(path, model=run.model, plora_meta=meta, state=state, optimizer=run.optimizer)
+        save_checkpoint(path, model=run.model, plora_meta=meta, state=state, tensors=tensors)
         if done < run.plan.total_steps:
             prune_checkpoints(
                 run.cfg.out_dir, run.cfg.lora_name, run.cfg.save_total_limit, keep=run.resume_dir
@@ -467,6 +472,7 @@ def _validate(run: Run, done: int) -> None:
     env = run.env
     batches = validation_batches(run.plan, env.rank)
     totals = evaluate_rows(run.loss_module, run.store, batches, device=env.device, dtype=run.cfg.dtype)
+    join_validation(run.loss_module, run.store, run.plan, env.rank, env.device, run.cfg.dtype)  # FSDP
     loss_sum, tokens = all_sum([totals.loss_sum, float(totals.tokens)], env)
     run.val_loss = loss_sum / tokens if tokens else float("nan")
     run.metrics.validation(done, run.val_loss)
