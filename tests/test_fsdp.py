@@ -76,7 +76,7 @@ def _children(pid: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def flags(train_shards: Path) -> list[str]:
-    return [*FLAGS, "--val-fraction", str(VAL_ROWS / open_shards(train_shards).manifest["num_rows"])]
+    return [*FLAGS, "--val-fraction", str(VAL_ROWS / open_shards(train_shards).manifest.num_rows)]
 
 
 @pytest.fixture(scope="module")
