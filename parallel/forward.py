@@ -73,15 +73,18 @@ def _windowed(config: Any) -> bool:
     return layer_types is None or "sliding_attention" in layer_types
 
 
-def settle_auto_attn(model: torch.nn.Module, attn: str, mask: str) -> None:
+def settle_auto_attn(
+    model: torch.nn.Module, attn: str, mask: str, device: torch.device | None = None
+) -> None:
     """``--attn auto`` once the model and the mask are known: on the CPU, prefix for isolated rows of a
     model without a sliding window or attention softcapping (faster than dense SDPA at every measured
     point, BENCHMARKS.md); otherwise the model keeps what :func:`resolve_attn` loaded (sdpa; flex on CUDA).
+    ``device``: where the model will run, if not where its weights are now (FSDP loads them elsewhere).
     """
     config = model.config
     if attn != "auto" or mask != "isolated" or getattr(config, "_attn_implementation", None) != "sdpa":
         return
-    if model.get_input_embeddings().weight.device.type != "cpu":
+    if (device or model.get_input_embeddings().weight.device).type != "cpu":
         return
     if _windowed(config) or getattr(config, "attn_logit_softcapping", None) is not None:
         return

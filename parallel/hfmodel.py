@@ -29,25 +29,41 @@ def load_causal_lm(
     device: torch.device | str,
     trust_remote_code: bool,
     config: Any = None,
+    weights_on: torch.device | str | None = None,
 ) -> nn.Module:
     """A causal LM (a local directory or a hub id) with the attention implementation plora's masks
-    need, weights from safetensors only, on ``device``; for training and inference alike. ``config``
-    replaces the directory's config.json (an export's, whose model type only plora knows)."""
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415 - slow import, only when loading
+    need (for ``device``), weights from safetensors only; for training and inference alike. ``config``
+    replaces the directory's config.json (an export's, whose model type only plora knows).
+
+    The weights go to ``weights_on`` (default ``device``): ``"meta"`` builds the structure alone, no
+    weight read or allocated (FSDP's ranks other than 0, which receive their shards from rank 0)."""
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415 - slow import
     from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
     hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
+    place = torch.device(weights_on if weights_on is not None else device)
+    attn_implementation = resolve_attn(attn, device)
+    if place.type == "meta":
+        if config is None:
+            config = load_pretrained(AutoConfig, name, what=what, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(
+                config,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                trust_remote_code=trust_remote_code,
+            )
     model = load_pretrained(
         AutoModelForCausalLM,
         name,
         what=what,
         dtype=dtype,
-        attn_implementation=resolve_attn(attn, device),
+        attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
         config=config,
     )
-    return model.to(device)
+    return model.to(place)
 
 
 def load_adapter(model: nn.Module, adapter_dir: Path, *, trainable: bool) -> nn.Module:

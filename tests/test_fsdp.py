@@ -80,17 +80,31 @@ def flags(train_shards: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(
+def fsdp_done(
     train_shards: Path, tiny_model_dir: Path, plora_bin: Path, torchrun_bin: Path, flags: list[str],
     tmp_path_factory: pytest.TempPathFactory,
-) -> Path:  # fmt: skip
-    """An uninterrupted 2-process FSDP run (batch 2 per process: global batch 8)."""
+) -> tuple[Path, str]:  # fmt: skip
+    """An uninterrupted 2-process FSDP run (batch 2 per process: global batch 8): its output directory
+    and its stderr."""
     out = tmp_path_factory.mktemp("fsdp") / "two"
     args = cli_args(train_shards, tiny_model_dir, out, *SHARDED, *flags)
     done = _run_torchrun(torchrun_bin, plora_bin, *args)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "global batch 8 = 2 x 2 process(es)" in done.stderr.replace("\n", " ")
-    return out
+    return out, done.stderr
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(fsdp_done: tuple[Path, str]) -> Path:
+    return fsdp_done[0]
+
+
+@pytest.mark.ddp
+def test_fsdp_rank_1_reads_no_base_weight(fsdp_done: tuple[Path, str]) -> None:
+    """Rank 1 builds the base on meta and gets its shards from rank 0: a base one device cannot hold
+    still trains. The count is of rank 1's real (non-meta) parameters right after building it."""
+    assert "rank 1: 0 bytes of base weights before sharding" in fsdp_done[1]
+    assert "rank 0:" not in fsdp_done[1]  # rank 0 reads them all (into CPU memory)
 
 
 @pytest.mark.ddp

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from parallel.errors import PloraError
-from trainer.fsdp import is_sharded, shard_model
+from trainer.fsdp import is_sharded, require_processes, shard_model
 
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=3)
 
@@ -76,16 +76,14 @@ def init_distributed(device_option: str) -> DistEnv:
 
 
 def wrap(loss_module: nn.Module, model: nn.Module, env: DistEnv, *, fsdp: bool) -> nn.Module:
-    """The module the loop trains through: DDP over the processes, FSDP2 with ``--fsdp`` (in place:
-    ``loss_module`` itself, sharded), or ``loss_module`` alone in a world of one."""
+    """The module the loop trains through, on ``env.device``: DDP over the processes, FSDP2 with
+    ``--fsdp`` (in place: ``loss_module`` itself, sharded; its base from :func:`trainer.fsdp.load_base`),
+    or ``loss_module`` alone in a world of one."""
     if fsdp:
-        if not env.is_distributed:
-            raise PloraError(
-                "--fsdp shards the model over the processes torchrun starts, but this is one process; "
-                "run it under torchrun --nproc_per_node N (N > 1), or drop --fsdp"
-            )
+        require_processes(env)
         shard_model(loss_module, model, env.world_size, env.device)
         return loss_module
+    loss_module.to(env.device)
     if not env.is_distributed:
         return loss_module
     device_ids = [env.device.index] if env.device.type == "cuda" else None

@@ -61,6 +61,7 @@ from trainer.distributed import (
 )
 from trainer.evaluate import autocast, evaluate_rows, join_validation
 from trainer.fsdp import gather_checkpoint
+from trainer.fsdp import load_base as load_fsdp_base
 from trainer.metrics import MetricsLog, epochs_text, new_run_id
 from trainer.model import (
     PackedLoss,
@@ -315,16 +316,17 @@ def setup(cfg: TrainConfig, env: DistEnv, data: RunData, clear_replaced_run: Cal
     the earlier run --overwrite replaces is removed and the metrics log opens."""
     manifest, resumed, resume_dir = data.manifest, data.resumed, data.resume_dir
     torch.manual_seed(cfg.seed)  # fresh LoRA weights are the same in every process and every run
+    sharded_base = load_fsdp_base(cfg, env) if cfg.fsdp else None  # rank 0 alone reads the weights
     base, rope = load_rope_model(
-        cfg, manifest.tokenizer["vocab_size"], data.store.max_coordinates, env.device
+        cfg, manifest.tokenizer["vocab_size"], data.store.max_coordinates, env.device, sharded_base
     )
     adapter_source = str(resume_dir) if resume_dir is not None else cfg.load_lora
     if adapter_source is not None:
         _check_adapter(adapter_source, base, rope, manifest, cfg)
-    model = add_lora(base, cfg, adapter_source).to(env.device)
+    model = add_lora(base, cfg, adapter_source)
     model.train()
     loss_module = PackedLoss(model, mask=cfg.mask, stride=rope.stride)
-    step_module = wrap(loss_module, model, env, fsdp=cfg.fsdp)  # DDP, FSDP2 or the module itself
+    step_module = wrap(loss_module, model, env, fsdp=cfg.fsdp)  # on the device: DDP, FSDP2 or itself
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.dtype == "float16")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,16 @@ class RopeSettings:
 
 
 def load_base_model(
-    path: str, *, attn: str, device: torch.device, dtype: str, trust_remote_code: bool = False
+    path: str,
+    *,
+    attn: str,
+    device: torch.device,
+    dtype: str,
+    trust_remote_code: bool = False,
+    weights_on: torch.device | None = None,
 ) -> nn.Module:
-    """The base causal LM to train (a local directory or a hub id).
+    """The base causal LM to train on ``device`` (a local directory or a hub id); its weights go to
+    ``weights_on`` (default ``device``; see :func:`parallel.hfmodel.load_causal_lm`).
 
     Frozen weights are kept in the training dtype on CUDA (memory) and in float32 on CPU (speed and
     exactness); the LoRA weights PEFT adds are float32 either way and autocast does the rest.
@@ -44,6 +52,7 @@ def load_base_model(
         attn=attn,
         device=device,
         trust_remote_code=trust_remote_code,
+        weights_on=weights_on,
     )
 
 
@@ -93,20 +102,35 @@ def apply_rope(model: nn.Module, cfg: TrainConfig) -> RopeSettings:
 
 
 def load_rope_model(
-    cfg: TrainConfig, vocab_size: int, max_coordinates: tuple[int, int], device: torch.device
+    cfg: TrainConfig,
+    vocab_size: int,
+    max_coordinates: tuple[int, int],
+    device: torch.device,
+    base: nn.Module | None = None,
 ) -> tuple[nn.Module, RopeSettings]:
     """The base model with 2D RoPE (training and evaluation alike), checked against the shards: every
-    token id of their tokenizer (``vocab_size``) has an embedding and every position fits the model."""
-    model = load_base_model(
-        cfg.base_model, attn=cfg.attn, device=device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code
-    )
-    settle_auto_attn(model, cfg.attn, cfg.mask)
+    token id of their tokenizer (``vocab_size``) has an embedding and every position fits the model.
+    ``base``: the base already loaded (FSDP's, :func:`trainer.fsdp.load_base`), else loaded on ``device``."""
+    model = base if base is not None else load_base(cfg, device)
+    settle_auto_attn(model, cfg.attn, cfg.mask, device)
     check_vocabulary(model, vocab_size, cfg.base_model)
     rope = apply_rope(model, cfg)
     check_positions(model, *max_coordinates, rope.stride, cfg.shards)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model, cfg.base_model)
     return model, rope
+
+
+def load_base(cfg: TrainConfig, device: torch.device, weights_on: torch.device | None = None) -> nn.Module:
+    """``--base-model`` to train on ``device``, its weights on ``weights_on`` (default ``device``)."""
+    return load_base_model(
+        cfg.base_model,
+        attn=cfg.attn,
+        device=device,
+        dtype=cfg.dtype,
+        trust_remote_code=cfg.trust_remote_code,
+        weights_on=weights_on,
+    )
 
 
 def enable_checkpointing(model: nn.Module, path: str) -> None:
@@ -128,7 +152,10 @@ def enable_checkpointing(model: nn.Module, path: str) -> None:
 def add_lora(model: nn.Module, cfg: TrainConfig, adapter_dir: str | None) -> nn.Module:
     """Wrap ``model`` in PEFT LoRA: fresh (seeded) adapters, or the trainable adapter in ``adapter_dir``."""
     if adapter_dir is not None:
-        return load_adapter(model, Path(adapter_dir), trainable=True)
+        with warnings.catch_warnings():
+            # A base on meta (FSDP, ranks but 0) takes no adapter values: rank 0 sends them when sharding.
+            warnings.filterwarnings("ignore", message="for .*: copying from a non-meta parameter")
+            return load_adapter(model, Path(adapter_dir), trainable=True)
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415 - slow import
 
     lora = LoraConfig(
