@@ -2,8 +2,9 @@
 
 1. Training steps (forward + backward + AdamW through the trainer's PackedLoss, LoRA on all linear
    layers, 2D RoPE, isolated mask) on the Qwen2.5-0.5B shape with random weights, frozen base in bf16
-   under autocast, on 8 rows of 8 branches x 512 tokens: flex attention (BlockMask) and sdpa (dense bool
-   mask), each without and with ``--gradient-checkpointing``. Reports ms/step, tokens/s, MFU (see
+   under autocast, on 8 rows of 8 branches x 512 tokens: flex attention (BlockMask), shared-prefix
+   attention (``--attn prefix``) and sdpa (dense bool mask), each without and with
+   ``--gradient-checkpointing``. Reports ms/step, tokens/s, MFU (see
    bench.train), peak CUDA memory and the first step's loss; every variant starts from the same weights on
    the same batch, so each first loss must equal the first variant's within the dtype's tolerance.
 2. Parallel decoding (parallel.generation.decode_parallel: K branches in one sequence, one KV cache),
@@ -14,8 +15,8 @@ config with random weights, the token ids are random. No check starts after ``--
 (7.5). Exit status 1 when a check fails (an error, first losses that differ, or skipped for time).
 
     python -m bench.gpu_check                  # CUDA, the full check
-    python -m bench.gpu_check --smoke          # CPU in seconds: small shape, sdpa only (CPU flex has no
-                                               # backward), few steps and tokens; make test runs this
+    python -m bench.gpu_check --smoke          # CPU in seconds: small shape, sdpa and prefix (CPU flex
+                                               # has no backward), few steps and tokens; make test runs this
 """
 
 from __future__ import annotations
@@ -60,11 +61,12 @@ class CheckSetup:
 
 
 FULL = CheckSetup(
-    shape="qwen2.5-0.5b", dtype="bfloat16", attns=("flex", "sdpa"), rows=8, branches=8, branch_len=512,
+    shape="qwen2.5-0.5b", dtype="bfloat16", attns=("flex", "prefix", "sdpa"), rows=8, branches=8,
+    branch_len=512,
     warmup=2, steps=5, ks=(1, 4, 16), trunk_len=128, prompt_len=8, new_tokens=64,
 )  # fmt: skip
 SMOKE = CheckSetup(
-    shape="small", dtype="float32", attns=("sdpa",), rows=2, branches=2, branch_len=16,
+    shape="small", dtype="float32", attns=("sdpa", "prefix"), rows=2, branches=2, branch_len=16,
     warmup=0, steps=1, ks=(1, 4, 16), trunk_len=8, prompt_len=4, new_tokens=3,
 )  # fmt: skip
 

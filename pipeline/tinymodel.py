@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from parallel.cachedbuild import REPO_ROOT, build_cached, default_cache_root
-from parallel.cachedbuild import read_marker as read_cached_marker
 from parallel.errors import PloraError
 
 if TYPE_CHECKING:
@@ -114,11 +113,6 @@ def build_tiny_model(out_dir: Path, arch: str = "qwen2", *, overwrite: bool = Fa
         what="the tiny model",
         overwrite=overwrite,
     )
-
-
-def read_marker(model_dir: Path) -> dict[str, Any]:
-    """The build record of a tiny model directory, or {} where there is none."""
-    return read_cached_marker(model_dir, MARKER_NAME)
 
 
 def _check_arch(arch: str) -> None:

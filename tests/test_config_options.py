@@ -186,7 +186,11 @@ def test_the_readme_config_example_prints_and_trains(
     for key, value in example.items():
         if f"--{key.replace('_', '-')}" not in args:
             assert printed[key] == value, key
-    _invoke(*args)
+    _invoke(*args, "--overwrite")
     saved = logs_dir(out, printed["lora_name"]) / CONFIG_FILE
-    assert yaml.safe_load(saved.read_text()) == printed  # the run directory keeps its effective config
-    assert _printed("train", "--config", saved) == printed
+    # The run directory keeps its config, without what belonged to that one invocation (--overwrite would
+    # replace the run when the file is used again).
+    run_config = {k: v for k, v in printed.items() if k not in ("overwrite", "resume")}
+    assert yaml.safe_load(saved.read_text()) == run_config
+    again = _printed("train", "--config", saved, "--resume", "latest")
+    assert again == {**run_config, "overwrite": False, "resume": "latest"}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from train_helpers import max_adapter_difference, quick_config
 
 from parallel.errors import PloraError
@@ -24,6 +25,7 @@ from trainer.data import (
     step_rows,
     validation_batches,
 )
+from trainer.distributed import DistEnv
 from trainer.evaluate import EvalOptions, run_eval
 from trainer.loop import lr_at, train
 from trainer.metrics import logs_dir, read_metrics
@@ -376,6 +378,9 @@ def test_continuing_an_adapter_with_other_rope_settings_is_refused(
                            rope_2d_ratio=0.25, max_steps=1))  # fmt: skip
     with pytest.raises(PloraError, match="seed was 42, now 7"):
         train(quick_config(train_shards, tiny_model_dir, tmp_path / "a", resume=str(first.final_dir), seed=7))
+    with pytest.raises(PloraError, match="trained with --mask isolated, but this run uses --mask columnar"):
+        train(quick_config(train_shards, tiny_model_dir, tmp_path / "b", load_lora=str(first.final_dir),
+                           mask="columnar", max_steps=1))  # fmt: skip
     # An adapter trained on another vocabulary's ids.
     other = Path(shutil.copytree(first.final_dir, tmp_path / "other-vocabulary"))
     meta = json.loads((other / "plora.json").read_text())
@@ -383,3 +388,25 @@ def test_continuing_an_adapter_with_other_rope_settings_is_refused(
     (other / "plora.json").write_text(json.dumps(meta))
     with pytest.raises(PloraError, match=r"^adapter .*other-vocabulary: recorded tokenizer .* the shards in"):
         train(quick_config(train_shards, tiny_model_dir, tmp_path / "c", load_lora=str(other), max_steps=1))
+
+
+@pytest.mark.parametrize(
+    ("steps", "agree"), [((0, 0), True), ((4, 4), True), ((4, 0), False), ((3, 5), False)]
+)
+def test_processes_that_found_different_checkpoints_stop(
+    monkeypatch, steps: tuple[int, int], agree: bool
+) -> None:
+    """Each process finds --resume's checkpoint on its own disk; they must all start at the same step."""
+    import trainer.loop
+
+    def all_sum_over_two(values: list[float], env: DistEnv) -> list[float]:
+        other = [float(steps[1]), float(steps[1]) ** 2]
+        return [a + b for a, b in zip(values, other, strict=True)]
+
+    monkeypatch.setattr(trainer.loop, "all_sum", all_sum_over_two)
+    env = DistEnv(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"))
+    if agree:
+        trainer.loop._check_same_start(env, steps[0], None)
+    else:
+        with pytest.raises(PloraError, match="processes found different checkpoints.*shared storage"):
+            trainer.loop._check_same_start(env, steps[0], None)

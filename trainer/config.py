@@ -151,7 +151,8 @@ class TrainConfig:
         "Also checkpoint when this many minutes passed since the last save (0: off).", 30.0, panel="Long runs"
     )
     dist_timeout_minutes: float = opt(
-        "Under torchrun, after the first step: a collective waiting longer fails the run (a hang).",
+        "Under torchrun, after the first step: a collective waiting longer fails the run (a hang); "
+        "longer than a checkpoint takes to write.",
         5.0,
         panel="Long runs",
     )

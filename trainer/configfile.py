@@ -125,14 +125,21 @@ def _expected(hint: Any, plural: bool = False) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
 
 
-def render(config: Any) -> str:
-    """A config dataclass as the YAML that --config reads back (every field, in the dataclass's order)."""
-    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, default_flow_style=False)
+# What one invocation asked for rather than what the run is: a saved config that kept them would
+# replace the run (overwrite) or refuse to continue it (overwrite with resume) when run again.
+INVOCATION_ONLY: tuple[str, ...] = ("overwrite", "resume")
+
+
+def render(config: Any, *, leave_out: tuple[str, ...] = ()) -> str:
+    """A config dataclass as the YAML that --config reads back (its fields in the dataclass's order)."""
+    values = {k: v for k, v in dataclasses.asdict(config).items() if k not in leave_out}
+    return yaml.safe_dump(values, sort_keys=False, default_flow_style=False)
 
 
 def save_run_config(cfg: TrainConfig) -> Path:
-    """The effective config beside the run's metrics: how to run it again (``--config`` reads it)."""
+    """The run's config beside its metrics: how to run it again (``--config`` reads it), without the
+    settings of this one invocation."""
     path = logs_dir(cfg.out_dir, cfg.lora_name) / CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(path, render(cfg))
+    atomic.write_text(path, render(cfg, leave_out=INVOCATION_ONLY))
     return path

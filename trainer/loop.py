@@ -217,14 +217,17 @@ def train_loop(run: Run) -> TrainResult:
             _record(run, done, stats)
             if done == run.start_step + 1:  # startup is over: from now on a hang fails in minutes
                 shorten_timeout(env, datetime.timedelta(minutes=cfg.dist_timeout_minutes))
-            if len(run.plan.val_rows) and (done % eval_every == 0 or done == total):
-                _validate(run, done)
             time_to_save = 0 < cfg.save_every_minutes * 60 <= time.monotonic() - saved_at
             stopping, time_to_save = _agree(env, stop.signum is not None, time_to_save)
+            stopping = stopping and done < total  # a stop in the last step just finishes the run
+            # A stopping run saves at once: torchrun kills its workers --shutdown-timeout (30 s) after
+            # passing the signal on, so validation must not stand between the stop and the checkpoint.
+            if len(run.plan.val_rows) and (done % eval_every == 0 or done == total) and not stopping:
+                _validate(run, done)
             if done < total and (stopping or time_to_save or done % cfg.save_interval == 0):
                 _save(run, step_checkpoint(cfg.out_dir, cfg.lora_name, done), done)
                 saved_at = time.monotonic()
-            if stopping and done < total:
+            if stopping:
                 wait_for_all(env)  # no process exits before rank 0 has saved: torchrun would stop it
                 raise _stopped(run, stop.signum, done)
         seconds = time.perf_counter() - started
@@ -306,9 +309,23 @@ def open_data(cfg: TrainConfig, env: DistEnv) -> RunData:
     )
     resume_dir = resolve_resume(cfg, env)
     resumed = read_trainer_state(resume_dir) if resume_dir is not None else None
+    _check_same_start(env, resumed.step if resumed is not None else 0, resume_dir)
     if resume_dir is not None and resumed is not None:
         identity.check_resumes(resumed.identity, resume_dir)
     return RunData(shards.manifest, store, plan, identity, resume_dir, resumed)
+
+
+def _check_same_start(env: DistEnv, step: int, resume_dir: Path | None) -> None:
+    """Every process must start from the same step: each finds --resume's checkpoint on its own disk, and
+    a node without the out-dir's storage would start afresh while the others resume (diverging weights,
+    then a hang). Sum and sum of squares agree only when every step is the same."""
+    total, squares = all_sum([float(step), float(step) ** 2], env)
+    if total * total != squares * env.world_size:
+        found = f"{resume_dir} (step {step})" if resume_dir is not None else "no checkpoint"
+        raise PloraError(
+            f"--resume: the processes found different checkpoints (process {env.rank}: {found}); "
+            "every node must see the same --out-dir (shared storage)"
+        )
 
 
 def setup(cfg: TrainConfig, env: DistEnv, data: RunData, clear_replaced_run: Callable[[], None]) -> Run:
@@ -496,6 +513,11 @@ def _check_adapter(
             f"{adapter_dir}: trained with 2D RoPE pairs {list(config.pair_indices)} and stride "
             f"{config.stride}, but this run uses pairs {have} and stride {rope.stride}; "
             "pass the same --rope-2d-ratio/--stride"
+        )
+    if config.mask != cfg.mask:  # its plora.json would name one mask for an adapter trained under two
+        raise PloraError(
+            f"{adapter_dir}: trained with --mask {config.mask}, but this run uses --mask {cfg.mask}; "
+            f"pass --mask {config.mask}"
         )
 
 
