@@ -19,7 +19,7 @@ Each ratio is plora's figure over the peer's, taken in every round, then the med
    ``bench/peer_trl.py``): ``--trl-records`` (800) texts, packing "bfd", padding-free, ``--trl-batch``
    sequences of ``--trl-max-length`` tokens a step, LoRA on all linear layers. plora trains the same
    records (4 branches a row, ``--attn prefix``, all linear layers) at the batch size whose real tokens
-   per step match TRL's (measured in the first round).
+   per step match TRL's (the median of its runs so far; TRL runs first in a round).
 
 A peer that is not given is skipped with a note. Absolute figures on a shared machine mean little.
 
@@ -50,6 +50,8 @@ from pipeline.tokenize import TokenizeJob, tokenize_to_shards
 from trainer.metrics import METRICS_FILE, logs_dir
 
 BRANCHES, ROWS = 4, 4  # the origin job: 4 branches a row, 4 rows a step
+ORIGIN = "origin (columnar)"  # the names of the peers' rows
+TRL = "TRL SFTTrainer (bfd, padding-free)"
 ORIGIN_LORA_TARGETS = "q_proj,o_proj"  # the origin's apply_lora adapts the square nn.Linear layers only
 
 
@@ -182,7 +184,7 @@ def print_table(runs: dict[str, list[Run]], peers: dict[str, tuple[str, float]])
         print(f"{mine} / {peer}: step time {step:.2f}, real tokens/s {rate:.2f} (goal >= {goal}: {verdict})")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--origin", type=Path, help="a checkout of Fzkuji/parallelmind (HEAD 122d1dc)")
     p.add_argument("--origin-python", default=sys.executable, help="the interpreter for the origin")
@@ -197,15 +199,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="steps left out of each run's figures")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run")
     p.add_argument("--work", type=Path, help="keep models, data and logs here (default: a temp dir)")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
-def main() -> None:
-    a = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
     print(f"bench.peers: {os.cpu_count()} CPUs ({platform.machine()}), python {platform.python_version()}")
     for flag, given in (("--origin", a.origin), ("--trl-python", a.trl_python)):
         if not given:
             print(f"note: {flag} not given: that peer is skipped")
+    if not (a.origin or a.trl_python):
+        return
     with tempfile.TemporaryDirectory(prefix="plora-peers-") as tmp:
         work = a.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -216,20 +220,16 @@ def main() -> None:
         if a.origin:
             data = write_inputs(records[: a.records], work, "origin-job")
             shards, _ = plora_shards(data["alpaca.json"], model, work / "origin-job-shards")
-            ways["origin (columnar)"] = lambda out: origin_run(
-                a.origin, model, data["conversations.jsonl"], out, a
-            )
+            ways[ORIGIN] = lambda out: origin_run(a.origin, model, data["conversations.jsonl"], out, a)
             for attn in ("prefix", "sdpa"):
                 ways[f"plora isolated --attn {attn} (origin job)"] = lambda out, attn=attn: plora_run(
                     shards, model, out, attn=attn, batch=ROWS, targets=ORIGIN_LORA_TARGETS, a=a
                 )
-                peers[f"plora isolated --attn {attn} (origin job)"] = ("origin (columnar)", 1.3)
+                peers[f"plora isolated --attn {attn} (origin job)"] = (ORIGIN, 1.3)
         if a.trl_python:
             data_t = write_inputs(records[: a.trl_records], work, "trl-job")
             trl_shards, row_tokens = plora_shards(data_t["alpaca.json"], model, work / "trl-job-shards")
-            ways["TRL SFTTrainer (bfd, padding-free)"] = lambda out: trl_run(
-                model, data_t["texts.jsonl"], out, a
-            )
+            ways[TRL] = lambda out: trl_run(model, data_t["texts.jsonl"], out, a)
             ways["plora isolated --attn prefix (TRL job)"] = lambda out: plora_run(
                 trl_shards,
                 model,
@@ -239,7 +239,7 @@ def main() -> None:
                 targets="all-linear",
                 a=a,
             )
-            peers["plora isolated --attn prefix (TRL job)"] = ("TRL SFTTrainer (bfd, padding-free)", 1.4)
+            peers["plora isolated --attn prefix (TRL job)"] = (TRL, 1.4)
         runs: dict[str, list[Run]] = {name: [] for name in ways}
         for round_ in range(a.pairs):
             for i, (name, way) in enumerate(ways.items()):
@@ -250,7 +250,7 @@ def main() -> None:
 
 def equal_batch(runs: dict[str, list[Run]], row_tokens: float) -> int:
     """plora's rows a step for TRL's real tokens a step (TRL runs first in each round)."""
-    trl = runs["TRL SFTTrainer (bfd, padding-free)"]
+    trl = runs[TRL]
     return max(1, round(statistics.median(r.tokens_per_step for r in trl) / row_tokens))
 
 
