@@ -4,10 +4,10 @@ Nothing of the origin is copied here: its checkout is given by path. This driver
 the issue names to make it run on a CPU, without editing the checkout:
 - the one-file shim: ``scripts.convert_sft_to_parallel`` re-exports ``src.utils.convert_sft_to_parallel``;
 - dtype float32 instead of its hard-coded bfloat16;
-and records, for every optimizer step, the wall time when its gradients are clipped (once a step) and
+and records, for every optimizer step, the wall and CPU time when its gradients are clipped (once a step) and
 the real (non-padding) tokens of its batch, then stops after ``steps`` steps.
 
-    python bench/peer_origin.py ORIGIN_DIR RESULT_JSON STEPS -- <train_hf_lora.py arguments>
+    python -P bench/peer_origin.py RESULT_JSON ORIGIN_DIR STEPS -- <train_hf_lora.py arguments>
 """
 
 import json
@@ -23,7 +23,7 @@ HARD_CODED_DTYPE = 'args.dtype = "bfloat16"'
 
 
 def main() -> None:
-    origin, result, steps = Path(sys.argv[1]).resolve(), Path(sys.argv[2]), int(sys.argv[3])
+    result, origin, steps = Path(sys.argv[1]), Path(sys.argv[2]).resolve(), int(sys.argv[3])
     script = origin / "src" / "training" / "train_hf_lora.py"
     source = script.read_text(encoding="utf-8")
     if HARD_CODED_DTYPE not in source:
@@ -37,6 +37,7 @@ def main() -> None:
     sys.modules.update({"scripts": shim, "scripts.convert_sft_to_parallel": convert})
 
     times: list[float] = []
+    cpu: list[float] = []
     tokens: list[int] = []
     collate = ParallelPretrainCollator.__call__
 
@@ -50,8 +51,9 @@ def main() -> None:
     def timed_clip(*args, **kwargs):  # type: ignore[no-untyped-def]
         norm = clip(*args, **kwargs)
         times.append(time.perf_counter())
+        cpu.append(time.process_time())
         if len(times) == steps:
-            result.write_text(json.dumps({"times": times, "tokens": tokens[:steps]}))
+            result.write_text(json.dumps({"times": times, "cpu": cpu, "tokens": tokens[:steps]}))
             os._exit(0)  # the origin has no max-steps: stop here, before its epoch ends
         return norm
 

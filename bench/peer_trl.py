@@ -1,10 +1,10 @@
 """Runs TRL's SFTTrainer for bench.peers, in TRL's own environment (not plora's).
 
 The job: plain texts (``{"text": ...}`` JSONL), packing "bfd", padding-free, LoRA on all linear
-layers, float32, on the CPU, ``max_steps`` steps. Records for every optimizer step the wall time when
+layers, float32, on the CPU, ``max_steps`` steps. Records for every optimizer step the wall and CPU time when
 it ends and the real tokens of its batch (padding-free: every token of the collated batch).
 
-    python bench/peer_trl.py MODEL_DIR TEXTS_JSONL RESULT_JSON STEPS BATCH MAX_LENGTH OUT_DIR
+    python -P bench/peer_trl.py RESULT_JSON MODEL_DIR TEXTS_JSONL STEPS BATCH MAX_LENGTH OUT_DIR
 """
 
 import json
@@ -22,13 +22,15 @@ from trl import SFTConfig, SFTTrainer
 class StepClock(TrainerCallback):
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.cpu: list[float] = []
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         self.times.append(time.perf_counter())
+        self.cpu.append(time.process_time())
 
 
 def main() -> None:
-    model_dir, texts, result = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    result, model_dir, texts = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     steps, batch, max_length, out_dir = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -72,7 +74,9 @@ def main() -> None:
     clock = StepClock()
     trainer.add_callback(clock)
     trainer.train()
-    result.write_text(json.dumps({"times": clock.times, "tokens": tokens[: len(clock.times)]}))
+    result.write_text(
+        json.dumps({"times": clock.times, "cpu": clock.cpu, "tokens": tokens[: len(clock.times)]})
+    )
 
 
 if __name__ == "__main__":

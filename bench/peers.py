@@ -3,7 +3,7 @@ interpreter, the runs alternating, medians of ``--pairs`` rounds (issue 11, goal
 
 Every run trains the same random-weight Qwen2 (bench.train's ``small`` shape, 4.5M parameters, with the
 tiny model's tokenizer) on Alpaca records (``--alpaca``), LoRA rank 8, float32, on the CPU, ``--threads``
-threads (OMP_NUM_THREADS), for ``--steps`` optimizer steps. A run reports the wall time at the end of
+threads (OMP_NUM_THREADS), for ``--steps`` optimizer steps. A run reports the time at the end of
 every step and the real (non-padding) tokens of its batch; the first ``--warmup`` steps are left out.
 Step time is the median step; real tokens/s is the real tokens of the measured steps over their time.
 Each ratio is plora's figure over the peer's, taken in every round, then the median of the rounds.
@@ -47,7 +47,6 @@ from pipeline.convert import ConvertOptions
 from pipeline.shards import open_shards
 from pipeline.tinymodel import ensure_tiny_model
 from pipeline.tokenize import TokenizeJob, tokenize_to_shards
-from trainer.metrics import METRICS_FILE, logs_dir
 
 BRANCHES, ROWS = 4, 4  # the origin job: 4 branches a row, 4 rows a step
 ORIGIN = "origin (columnar)"  # the names of the peers' rows
@@ -118,48 +117,38 @@ def plora_shards(records: Path, model: Path, out: Path) -> tuple[Path, float]:
     return out, float(open_shards(out).metadata()["num_tokens"].mean())
 
 
+def driver_run(driver: str, python: str, args: list[str], out: Path, a: argparse.Namespace) -> Run:
+    """Run ``bench/<driver>`` (``-P``: bench/ not on sys.path, where tokenize.py would hide the standard
+    library's) and measure the step ends it records, on ``--clock``."""
+    result = out.with_suffix(".json")
+    cmd = [python, "-P", str(REPO / "bench" / driver), str(result), *args]
+    run_quietly(cmd, peer_env(a.threads), out.with_suffix(".log"))
+    got = json.loads(result.read_text())
+    return measure(got["cpu" if a.clock == "cpu" else "times"], got["tokens"], a.warmup)
+
+
 def plora_run(
     shards: Path, model: Path, out: Path, *, attn: str, batch: int, targets: str, a: argparse.Namespace
 ) -> Run:
-    cmd = [sys.executable, "-c", "from cli.main import main; main()", "train", "--shards", str(shards)]
-    cmd += ["--base-model", str(model), "--out-dir", str(out), "--overwrite", "--attn", attn]
-    cmd += ["--batch-size", str(batch), "--lora-rank", "8", "--lora-targets", targets, "--dtype", "float32"]
-    cmd += ["--max-steps", str(a.steps), "--log-interval", "1", "--save-interval", str(10 * a.steps)]
-    cmd += ["--save-every-minutes", "0", "--no-progress", "--device", "cpu"]
-    run_quietly(cmd, peer_env(a.threads), out.with_suffix(".log"))
-    lines = (logs_dir(out, "hf_parallel_lora") / METRICS_FILE).read_text().splitlines()
-    steps = [r for r in map(json.loads, lines) if "tokens" in r]
-    return measure([r["time"] for r in steps], [r["tokens"] for r in steps], a.warmup)
+    args = ["--", "--shards", str(shards), "--base-model", str(model), "--out-dir", str(out), "--overwrite"]
+    args += ["--attn", attn, "--batch-size", str(batch), "--lora-rank", "8", "--lora-targets", targets]
+    args += ["--dtype", "float32", "--max-steps", str(a.steps), "--save-interval", str(10 * a.steps)]
+    args += ["--save-every-minutes", "0", "--no-progress", "--device", "cpu"]
+    return driver_run("peer_plora.py", sys.executable, args, out, a)
 
 
 def origin_run(origin: Path, model: Path, conversations: Path, out: Path, a: argparse.Namespace) -> Run:
-    result = out.with_suffix(".json")
-    cmd = [
-        a.origin_python,
-        "-P",  # not bench/ on sys.path: its tokenize.py would hide the standard library's
-        str(REPO / "bench" / "peer_origin.py"),
-        str(origin),
-        str(result),
-        str(a.steps),
-        "--",
-    ]
-    cmd += ["--base_model", str(model), "--out_dir", str(out), "--data_mode", "parallel_sft"]
-    cmd += ["--data_path", str(conversations), "--parallel_cache_dir", str(out.parent / "origin-cache")]
-    cmd += ["--batch_by_samples", "--batch_size", str(ROWS), "--branches_per_sample", str(BRANCHES)]
-    cmd += ["--lora_rank", "8", "--device", "cpu", "--num_workers", "0", "--log_interval", "1000"]
-    cmd += ["--save_interval", "100000", "--epochs", "1"]
-    run_quietly(cmd, peer_env(a.threads), out.with_suffix(".log"))
-    got = json.loads(result.read_text())
-    return measure(got["times"], got["tokens"], a.warmup)
+    args = [str(origin), str(a.steps), "--", "--base_model", str(model), "--out_dir", str(out)]
+    args += ["--data_mode", "parallel_sft", "--data_path", str(conversations)]
+    args += ["--parallel_cache_dir", str(out.parent / "origin-cache"), "--batch_by_samples"]
+    args += ["--batch_size", str(ROWS), "--branches_per_sample", str(BRANCHES), "--lora_rank", "8"]
+    args += ["--device", "cpu", "--num_workers", "0", "--log_interval", "1000", "--save_interval", "100000"]
+    return driver_run("peer_origin.py", a.origin_python, [*args, "--epochs", "1"], out, a)
 
 
 def trl_run(model: Path, texts: Path, out: Path, a: argparse.Namespace) -> Run:
-    result = out.with_suffix(".json")
-    cmd = [a.trl_python, "-P", str(REPO / "bench" / "peer_trl.py"), str(model), str(texts), str(result)]
-    cmd += [str(a.steps), str(a.trl_batch), str(a.trl_max_length), str(out)]
-    run_quietly(cmd, peer_env(a.threads), out.with_suffix(".log"))
-    got = json.loads(result.read_text())
-    return measure(got["times"], got["tokens"], a.warmup)
+    args = [str(model), str(texts), str(a.steps), str(a.trl_batch), str(a.trl_max_length), str(out)]
+    return driver_run("peer_trl.py", a.trl_python, args, out, a)
 
 
 def ratios(runs: dict[str, list[Run]], mine: str, peer: str) -> tuple[float, float]:
@@ -198,6 +187,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=12, help="optimizer steps a run")
     p.add_argument("--warmup", type=int, default=2, help="steps left out of each run's figures")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run")
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="cpu: each run's process CPU time")
     p.add_argument("--work", type=Path, help="keep models, data and logs here (default: a temp dir)")
     return p.parse_args(argv)
 
