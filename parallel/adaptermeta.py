@@ -8,7 +8,7 @@ model it was trained with, and the facts a base model given at load time is chec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +64,7 @@ class ExportInfo:
     dtype: str
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "merged": self.merged,
-            "adapter": self.adapter,
-            "source_adapter": self.source_adapter,
-            "source_base_model": self.source_base_model,
-            "dtype": self.dtype,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True)

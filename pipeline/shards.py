@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,14 +100,7 @@ class ShardFile:
     sha256: str
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "rows": self.rows,
-            "tokens": self.tokens,
-            "trained": self.trained,
-            "bytes": self.bytes,
-            "sha256": self.sha256,
-        }
+        return asdict(self)
 
     @staticmethod
     def from_json(obj: dict[str, Any]) -> ShardFile:
