@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cli import fields
 from cli.app import app
 from parallel.adaptermeta import AdapterMeta
 from parallel.errors import PloraError
+from pipeline.progress import ProgressLine
 from trainer.config import EvalOptions, TrainConfig
 from trainer.configfile import render
 
@@ -33,19 +32,23 @@ def _check_attn(attn: str, device: str, mask: str) -> None:
     check_attn_device(attn, pick_device(device, 0))  # every rank's device has the same type
 
 
-def _check_adapter_agrees(adapter: str, rope_2d_ratio: float | None, stride: int | None) -> None:
-    """An adapter is evaluated with the 2D RoPE it was trained with (its plora.json); a flag that
-    asks for another one is refused rather than ignored."""
+def _check_adapter_agrees(
+    adapter: str, rope_2d_ratio: float | None, stride: int | None, mask: str | None
+) -> str:
+    """An adapter is evaluated with the 2D RoPE and mask it was trained with (its plora.json); a flag
+    that asks for another one is refused rather than ignored. Returns the adapter's mask."""
     recorded = AdapterMeta.read(adapter)
     for flag, value, was in (
         ("--rope-2d-ratio", rope_2d_ratio, recorded.rope_2d_ratio),
         ("--stride", stride, recorded.stride),
+        ("--mask", mask, recorded.mask),
     ):
         if value is not None and value != was:
             raise PloraError(
                 f"{flag} {value} disagrees with adapter {adapter}, trained with {was} "
                 "(its plora.json); leave the flag out: the adapter decides"
             )
+    return recorded.mask
 
 
 # Not a TrainConfig field: torchrun's environment decides, so a config file has nothing to say about it.
@@ -83,27 +86,18 @@ def eval_command(**given: Any) -> None:
         return
     from trainer.evaluate import run_eval  # noqa: PLC0415 - torch only when evaluating
 
-    _check_attn(options.attn, options.device, options.mask)
+    mask = options.mask or "isolated"
     if options.adapter is not None:
-        _check_adapter_agrees(options.adapter, rope_2d_ratio=options.rope_2d_ratio, stride=options.stride)
-    columns = (TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    bar = Progress(*columns, console=Console(stderr=True), disable=not options.progress)
-    task = bar.add_task("eval", total=None)
-
-    def start(rows: int) -> None:
-        bar.update(task, total=rows)
-
-    def advance(rows: int) -> None:
-        # Started on the first batch, so that an error in the checks before it stays one line.
-        if not bar.live.is_started:
-            bar.start()
-        bar.advance(task, rows)
-
+        mask = _check_adapter_agrees(options.adapter, options.rope_2d_ratio, options.stride, options.mask)
+    _check_attn(options.attn, options.device, mask)
+    # Drawn from the first batch on, so that an error in the checks before it stays one line.
+    bar = ProgressLine("eval", enabled=options.progress, count=True)
     try:
-        totals, described = run_eval(options, on_batch=advance, on_start=start)
+        totals, described = run_eval(
+            options, on_batch=bar.advance, on_start=lambda rows: bar.update(total=rows)
+        )
     finally:
-        if bar.live.is_started:  # stopping a bar that never started still prints a newline
-            bar.stop()
+        bar.stop()
     facts = totals.to_json()
     if options.as_json:
         typer.echo(json.dumps({**facts, "model": described}, allow_nan=False))

@@ -137,7 +137,9 @@ def adapter(one_step_adapter: Path) -> Path:
     return one_step_adapter
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--stride", "64"), ("--rope-2d-ratio", "0.25")])
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--stride", "64"), ("--rope-2d-ratio", "0.25"), ("--mask", "columnar")]
+)
 def test_item21_eval_refuses_rope_flags_that_disagree_with_the_adapter(
     flag: str, value: str, train_shards: Path, tiny_model_dir: Path, adapter: Path
 ) -> None:
@@ -152,7 +154,14 @@ def test_item21_eval_takes_rope_flags_that_agree_with_the_adapter(
 ) -> None:
     recorded = json.loads((adapter / "plora.json").read_text())
     args = ["eval", "--shards", train_shards, "--base-model", tiny_model_dir, "--adapter", adapter, "--json"]
-    agreeing = ["--stride", recorded["stride"], "--rope_2d_ratio", recorded["rope_2d_ratio"]]
+    agreeing = [
+        "--stride",
+        recorded["stride"],
+        "--rope_2d_ratio",
+        recorded["rope_2d_ratio"],
+        "--mask",
+        "isolated",
+    ]
     done = run_cli(*args, *agreeing, "--no-progress", "--device", "cpu", "--max-rows", "2")
     assert done.returncode == 0, done.stderr
     assert _strict_json(done.stdout)["model"]["stride"] == recorded["stride"]

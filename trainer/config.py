@@ -287,7 +287,11 @@ class EvalOptions:
         "an adapter's plora.json decides, and a different value is refused.",
         None,
     )
-    mask: str = opt("Base model only: isolated | columnar.", "isolated")
+    mask: str | None = opt(
+        "Base model only: isolated | columnar (default isolated); an adapter's plora.json decides, and a "
+        "different value is refused.",
+        None,
+    )
     trust_remote_code: bool = same_as("trust_remote_code")
     split: str = opt(
         f"{' | '.join(SPLITS)}: every row, or the rows the adapter's run trained on or held out "

@@ -146,7 +146,7 @@ def _rope_settings(options: EvalOptions, adapter: AdapterMeta | None) -> dict[st
             else options.rope_2d_ratio,
             "pair_indices": None,
             "stride": DEFAULT_STRIDE if options.stride is None else options.stride,
-            "mask": options.mask,
+            "mask": options.mask or "isolated",
         }
     return {
         "patch_rope": adapter.patch_rope,
