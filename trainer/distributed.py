@@ -77,8 +77,8 @@ def init_distributed(device_option: str) -> DistEnv:
 
 def wrap(loss_module: nn.Module, model: nn.Module, env: DistEnv, *, fsdp: bool) -> nn.Module:
     """The module the loop trains through, on ``env.device``: DDP over the processes, FSDP2 with
-    ``--fsdp`` (in place: ``loss_module`` itself, sharded; its base from :func:`trainer.fsdp.load_base`),
-    or ``loss_module`` alone in a world of one."""
+    ``--fsdp`` (in place: ``loss_module`` itself, sharded; its base from
+    :func:`trainer.fsdp.load_base_for_sharding`), or ``loss_module`` alone in a world of one."""
     if fsdp:
         require_processes(env)
         shard_model(loss_module, model, env.world_size, env.device)

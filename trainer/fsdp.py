@@ -15,11 +15,12 @@ and the AdamW moments to full tensors (:func:`gather_checkpoint`), rank 0 writes
 run cuts each full tensor back to this rank's shard (:func:`trainer.checkpoint.shard_like`). The
 frozen base is never gathered whole.
 
-Loading: only rank 0 reads the base, into CPU memory (:func:`load_base`); every other rank builds the
-same model on the ``meta`` device (no weights) and takes rank 0's non-persistent buffers (rotary
-``inv_freq``), which no state dict carries. The 2D RoPE patch and LoRA go on as usual, then every rank
-shards the empty structure, allocates its shards on its device and receives them from rank 0
-(:func:`shard_model`). So no rank but 0 ever holds a full weight, and rank 0 only in CPU memory.
+Loading: only rank 0 reads the base, into CPU memory (:func:`load_base_for_sharding`); every other
+rank builds the same model on the ``meta`` device (no weights) and takes rank 0's non-persistent
+buffers (rotary ``inv_freq``), which no state dict carries. The 2D RoPE patch and LoRA go on as
+usual, then every rank shards the empty structure, allocates its shards on its device and receives
+them from rank 0 (:func:`shard_model`). So no rank but 0 ever holds a full weight, and rank 0 only
+in CPU memory.
 
 Every forward is collective: validation makes each rank run as many as the busiest one
 (:func:`trainer.evaluate.join_validation`).
@@ -43,7 +44,7 @@ from torch.distributed.tensor import DTensor
 from parallel.errors import PloraError
 from trainer.checkpoint import CheckpointTensors
 from trainer.config import TrainConfig
-from trainer.model import load_base as load_base_model
+from trainer.model import load_base
 
 if TYPE_CHECKING:
     from trainer.distributed import DistEnv
@@ -57,11 +58,11 @@ def require_processes(env: DistEnv) -> None:
         )
 
 
-def load_base(cfg: TrainConfig, env: DistEnv) -> nn.Module:
+def load_base_for_sharding(cfg: TrainConfig, env: DistEnv) -> nn.Module:
     """The base model to shard: rank 0's weights in CPU memory, the other ranks' on ``meta`` (none);
     every rank holds rank 0's non-persistent buffers (the 2D RoPE patch probes ``inv_freq``)."""
     require_processes(env)
-    model = load_base_model(cfg, env.device, torch.device("cpu" if env.is_main else "meta"))
+    model = load_base(cfg, env.device, torch.device("cpu" if env.is_main else "meta"))
     if not env.is_main:
         # What tests/test_fsdp.py checks: this rank read no weight.
         print(
@@ -97,7 +98,7 @@ def _share_buffers(module: nn.Module, is_main: bool) -> None:
 
 def shard_model(loss_module: nn.Module, model: nn.Module, world_size: int, device: torch.device) -> None:
     """Shard ``loss_module`` (which holds ``model``) in place: each decoder layer, then the root; then
-    fill the shards from rank 0's full weights (see :func:`load_base`)."""
+    fill the shards from rank 0's full weights (see :func:`load_base_for_sharding`)."""
     mesh = init_device_mesh(device.type, (world_size,))
     layers = decoder_layers(model)
     if not layers:

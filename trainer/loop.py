@@ -60,8 +60,7 @@ from trainer.distributed import (
     wrap,
 )
 from trainer.evaluate import autocast, evaluate_rows, join_validation
-from trainer.fsdp import gather_checkpoint
-from trainer.fsdp import load_base as load_fsdp_base
+from trainer.fsdp import gather_checkpoint, load_base_for_sharding
 from trainer.metrics import MetricsLog, epochs_text, new_run_id
 from trainer.model import (
     PackedLoss,
@@ -333,7 +332,7 @@ def setup(cfg: TrainConfig, env: DistEnv, data: RunData, clear_replaced_run: Cal
     the earlier run --overwrite replaces is removed and the metrics log opens."""
     manifest, resumed, resume_dir = data.manifest, data.resumed, data.resume_dir
     torch.manual_seed(cfg.seed)  # fresh LoRA weights are the same in every process and every run
-    sharded_base = load_fsdp_base(cfg, env) if cfg.fsdp else None  # rank 0 alone reads the weights
+    sharded_base = load_base_for_sharding(cfg, env) if cfg.fsdp else None  # rank 0 alone reads the weights
     base, rope = load_rope_model(
         cfg, manifest.tokenizer["vocab_size"], data.store.max_coordinates, env.device, sharded_base
     )

@@ -110,7 +110,8 @@ def load_rope_model(
 ) -> tuple[nn.Module, RopeSettings]:
     """The base model with 2D RoPE (training and evaluation alike), checked against the shards: every
     token id of their tokenizer (``vocab_size``) has an embedding and every position fits the model.
-    ``base``: the base already loaded (FSDP's, :func:`trainer.fsdp.load_base`), else loaded on ``device``."""
+    ``base``: the base already loaded (FSDP's, :func:`trainer.fsdp.load_base_for_sharding`), else
+    loaded on ``device``."""
     model = base if base is not None else load_base(cfg, device)
     settle_auto_attn(model, cfg.attn, cfg.mask, device)
     check_vocabulary(model, vocab_size, cfg.base_model)
