@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import typer
 
 from parallel.errors import PloraError
-from trainer.config import cli_opt
+from trainer.config import cli_flag, cli_opt
 from trainer.configfile import read_config
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -33,7 +33,7 @@ def _is_list(hint: Any) -> bool:
 def option(f: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
     """The annotation and ``typer.Option`` of one field; a list is given comma-separated."""
     o = cli_opt(f)
-    flag = o.flag or "--" + f.name.replace("_", "-")
+    flag = cli_flag(f)
     if hint is bool and f.default is True and "/" not in flag:
         flag += "/--no-" + flag[2:]  # on by default: the flag that turns it off
     default = ... if f.default is dataclasses.MISSING else f.default

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 import cli.main  # noqa: F401 - registers every command on the app
 from cli.app import app
 from parallel.errors import PloraError
-from trainer.config import EvalOptions, TrainConfig, cli_opt
+from trainer.config import EvalOptions, TrainConfig, cli_flag, cli_opt
 from trainer.configfile import CONFIG_FILE, spellings
 from trainer.metrics import logs_dir
 
@@ -61,7 +61,7 @@ def _other_value(f: dataclasses.Field, hint: Any) -> Any:
 
 def _flags(f: dataclasses.Field, value: Any) -> list[str]:
     """The command-line words that give ``f`` the value ``value``."""
-    name = (cli_opt(f).flag or "--" + f.name.replace("_", "-")).split("/")[0]
+    name = cli_flag(f).split("/")[0]
     if isinstance(value, bool):
         return [name if value else "--no-" + name[2:]]
     return [name, ",".join(map(str, value)) if isinstance(value, list) else str(value)]

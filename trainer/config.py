@@ -61,6 +61,11 @@ def cli_opt(f: dataclasses.Field) -> Opt:
     return f.metadata["cli"]
 
 
+def cli_flag(f: dataclasses.Field) -> str:
+    """The field's own command-line flag (``--learning-rate``, or the one :class:`Opt` names)."""
+    return cli_opt(f).flag or "--" + f.name.replace("_", "-")
+
+
 @dataclass
 class TrainConfig:
     # Data and model.

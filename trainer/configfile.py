@@ -19,7 +19,7 @@ import yaml
 
 from parallel import atomic
 from parallel.errors import PloraError
-from trainer.config import TrainConfig, cli_opt
+from trainer.config import TrainConfig, cli_flag, cli_opt
 from trainer.metrics import logs_dir
 
 CONFIG_FILE = "config.yaml"  # in the run's logs directory
@@ -28,8 +28,7 @@ SUFFIXES = {".yaml": "YAML", ".yml": "YAML", ".toml": "TOML"}
 
 def spellings(f: dataclasses.Field) -> list[str]:
     """The keys a config file may give ``f`` under: its name, then each command-line name undashed."""
-    o = cli_opt(f)
-    flags = [o.flag or "--" + f.name.replace("_", "-"), *o.aliases]
+    flags = [cli_flag(f), *cli_opt(f).aliases]
     names = [flag.split("/")[0].lstrip("-") for flag in flags]  # the "on" half of an on/off pair
     return list(dict.fromkeys([f.name, *names]))
 
