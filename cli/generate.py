@@ -161,6 +161,18 @@ def generate_command(
     num_branches: int | None = typer.Option(
         None, "--num-branches", help="N branches that all start from the trunk."
     ),
+    marker: str = typer.Option(
+        "",
+        "--marker",
+        help="With --num-branches: each branch starts with this text, {k} its number from 1 "
+        "('{k}.' numbers a list as split-lists records do; '-' bullets it).",
+    ),
+    distinct: bool = typer.Option(
+        False,
+        "--distinct",
+        help="No two branches write the same continuation: where one would repeat another's path, "
+        "it takes its next best token.",
+    ),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Token budget of each branch."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (1 = off)."),
@@ -185,6 +197,7 @@ def generate_command(
         IdenticalBranchesWarning,
         branch_prompts,
         check_lead,
+        check_marker,
         generate,
     )
     from parallel.loading import load_parallel_model  # noqa: PLC0415 - slow imports
@@ -192,7 +205,8 @@ def generate_command(
     texts = list(branch or [])
     if branches_file is not None:
         texts += read_branches_file(branches_file)
-    prompts = branch_prompts(prompt, texts or None, num_branches)  # bad requests fail before loading
+    check_marker(marker, num_branches=num_branches)  # bad requests fail before loading
+    prompts = branch_prompts(prompt, texts or None, num_branches, marker)
     check_lead(lead, prompt=prompt, chat=chat)
     if adapter is None and base_model is None:
         raise PloraError("give --adapter DIR (or an exported model), or --base-model DIR for the bare base")
@@ -232,11 +246,13 @@ def generate_command(
         num_branches=num_branches,
         chat=chat,
         lead=lead,
+        marker=marker,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
         seed=seed,
+        distinct=distinct,
         stop=stop or (),
         mask=mask,
     )

@@ -49,7 +49,7 @@ from parallel.layout import (
     build_row,
 )
 from parallel.rope2d import encode_positions, model_stride, position_overflow
-from parallel.sampling import Sampler, SamplingOptions
+from parallel.sampling import DistinctPaths, Sampler, SamplingOptions
 from parallel.skinny_linear import weight_major_linears
 
 __all__ = ["DecodeResult", "DecodeStep", "Decoder", "Plan", "check_decoding", "decode_parallel"]
@@ -237,6 +237,7 @@ class Decoder:
         self.time = torch.as_tensor(plan.prefill_time, dtype=torch.long, device=self.device)[None]
         # No config: every layer keeps every token (a sliding-window cache would drop tokens our mask needs).
         self.cache = DynamicCache()
+        self.paths = DistinctPaths() if sampler.options.distinct else None
         self._cache_kwarg = _cache_kwarg(model)
         self.steps = 0
 
@@ -293,10 +294,25 @@ class Decoder:
         )
         return out.logits[0].float()
 
+    def _draw_distinct(self, k: int, logits: torch.Tensor, paths: DistinctPaths) -> int:
+        """Branch ``k``'s token, off every path another branch has taken (lower indices draw first)."""
+        generated = self.states[k].generated
+        forbidden = paths.forbidden(generated)
+        if forbidden:
+            logits = logits.index_fill(
+                0, torch.tensor(sorted(forbidden), device=logits.device), float("-inf")
+            )
+        token = int(self.sampler(logits[None])[0])
+        paths.take(generated, token)
+        return token
+
     def _advance(self, rows: dict[int, torch.Tensor]) -> None:
         """Sample for the branches in ``rows`` (index -> logits), set what each feeds next."""
         order = sorted(rows)
-        drawn = self.sampler(torch.stack([rows[k] for k in order])).tolist() if order else []
+        if self.paths is not None:
+            drawn = [self._draw_distinct(k, rows[k], self.paths) for k in order]
+        else:
+            drawn = self.sampler(torch.stack([rows[k] for k in order])).tolist() if order else []
         for k, token in zip(order, drawn, strict=True):
             state = self.states[k]
             state.generated.append(token)

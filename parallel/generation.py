@@ -79,9 +79,13 @@ def check_lead(lead: str, *, prompt: str | None, chat: bool) -> None:
         raise PloraError("--lead opens the assistant's answer to the prompt: it needs --prompt and --chat")
 
 
-def branch_prompts(prompt: str | None, branches: Sequence[str] | None, num_branches: int | None) -> list[str]:
-    """The branch prompts, from explicit texts or a count of empty branches; one-line errors for a
-    blank prompt, a blank branch, neither or both."""
+def branch_prompts(
+    prompt: str | None, branches: Sequence[str] | None, num_branches: int | None, marker: str = ""
+) -> list[str]:
+    """The branch prompts, from explicit texts or a count of branches that start empty, or with
+    ``marker`` (``{k}`` is the branch's number from 1: ``"{k}."`` numbers a list the way the items
+    of a ``convert --split-lists`` record begin); one-line errors for a blank prompt, a blank branch,
+    neither or both."""
     if prompt is not None and not prompt.strip():
         raise PloraError("the prompt is empty; leave --prompt out for branches without a trunk")
     if branches and num_branches is not None:
@@ -97,7 +101,14 @@ def branch_prompts(prompt: str | None, branches: Sequence[str] | None, num_branc
         )
     if num_branches < 1:
         raise PloraError(f"--num-branches must be at least 1, got {num_branches}")
-    return [""] * num_branches
+    return [marker.replace("{k}", str(k)) for k in range(1, num_branches + 1)]
+
+
+def check_marker(marker: str, *, num_branches: int | None) -> None:
+    if marker and num_branches is None:
+        raise PloraError("--marker starts the branches of --num-branches; give branch prompts whole instead")
+    if marker and not marker.strip():
+        raise PloraError("--marker is blank; leave it out for branches that start empty")
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -114,11 +125,13 @@ def generate(
     num_branches: int | None = None,
     chat: bool = False,
     lead: str = "",
+    marker: str = "",
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
     seed: int | None = None,
+    distinct: bool = False,
     stop: Sequence[str] = (),
     mask: str | None = None,
     align: str | None = None,
@@ -127,17 +140,22 @@ def generate(
     """Generate every branch under the trunk ``prompt`` in one sequence; returns texts and token ids.
 
     Either ``branches`` (prompts each branch starts with) or ``num_branches`` (branches that start
-    empty from the trunk). ``lead`` opens the assistant's answer under ``chat`` (see
-    :func:`encode_prompt`). ``mask``/``align`` default to the adapter's (see parallel.loading). The
-    text of a branch stops before its EOS or its first stop string.
+    from the trunk, empty or with ``marker``: see :func:`branch_prompts`). ``lead`` opens the
+    assistant's answer under ``chat`` (see :func:`encode_prompt`). ``distinct``: no two branches
+    write the same continuation (parallel.sampling.DistinctPaths). ``mask``/``align`` default to the
+    adapter's (see parallel.loading). The text of a branch stops before its EOS or its first stop
+    string.
     """
-    texts = branch_prompts(prompt, branches, num_branches)
-    sampling = SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    if sampling.greedy and len(texts) > 1 and len(set(texts)) < len(texts):
+    check_marker(marker, num_branches=num_branches)
+    texts = branch_prompts(prompt, branches, num_branches, marker)
+    sampling = SamplingOptions(
+        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, distinct=distinct
+    )
+    if sampling.greedy and not distinct and len(texts) > 1 and len(set(texts)) < len(texts):
         warnings.warn(
             "greedy decoding of branches with the same prompt: only their branch coordinate (2D RoPE) "
-            "tells them apart, and they often write the same text; use --temperature > 0 or "
-            "distinct branch prompts for different branches",
+            "tells them apart, and they often write the same text; use --distinct, --marker '{k}.', "
+            "--temperature > 0 or distinct branch prompts for different branches",
             IdenticalBranchesWarning,
             stacklevel=2,
         )

@@ -8,17 +8,19 @@ import torch
 
 from parallel.errors import PloraError
 
-__all__ = ["Sampler", "SamplingOptions"]
+__all__ = ["DistinctPaths", "Sampler", "SamplingOptions"]
 
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off."""
+    """temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off. ``distinct``: no two
+    branches write the same continuation (see :class:`DistinctPaths`)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    distinct: bool = False
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -45,7 +47,7 @@ class Sampler:
             self.generator.manual_seed(options.seed)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits [n, V]`` -> token ids ``[n]``."""
+        """``logits [n, V]`` -> token ids ``[n]``; a ``-inf`` logit is never drawn."""
         o = self.options
         if o.greedy:
             return logits.argmax(-1)
@@ -61,3 +63,27 @@ class Sampler:
             scores = scores.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
         probs = scores.softmax(-1)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+
+
+class DistinctPaths:
+    """The rule behind ``--distinct``: a branch whose continuation so far equals another branch's
+    may not take the token that one took next, so no two branches write the same text.
+
+    Branches under one trunk see the same context, and in isolated mode only their branch
+    coordinate tells them apart; greedy decoding then often writes one text K times. Forbidding a
+    taken path turns the later branch to its next best token where the two would meet (the first
+    content token, for a list), much as diverse beam search keeps beams apart, and costs nothing
+    where branches already differ. Paths are keyed by a hash of the tokens so far: a collision
+    can only forbid a token needlessly, never let a repeat through.
+    """
+
+    def __init__(self) -> None:
+        self._taken: dict[int, set[int]] = {}
+
+    def forbidden(self, generated: list[int]) -> set[int]:
+        """The tokens that would make ``generated`` repeat a branch's path."""
+        return self._taken.get(hash(tuple(generated)), set())
+
+    def take(self, generated: list[int], token: int) -> None:
+        """Record that a branch at ``generated`` took ``token``."""
+        self._taken.setdefault(hash(tuple(generated)), set()).add(token)

@@ -35,7 +35,8 @@ PROMPT="List four ways to stay healthy in winter."
 generate() {  # $1: where to write; the rest: which model
     local out=$1
     shift
-    run "$PLORA" generate "$@" --prompt "$PROMPT" --chat --num-branches 4 --max-new-tokens 32 --json >"$out"
+    run "$PLORA" generate "$@" --prompt "$PROMPT" --chat --num-branches 4 --marker "{k}." --distinct \
+        --max-new-tokens 32 --json >"$out"
 }
 
 step "4. Before training: loss per trained token of the base model (2D RoPE, parallel layout), and a list"
@@ -53,13 +54,13 @@ ADAPTER="$DEMO/out/lora/hf_parallel_lora_final"
 run "$PLORA" eval --shards "$DEMO/shards/lists" --base-model "$BASE" --adapter "$ADAPTER" --no-progress
 generate "$DEMO/generated/after.jsonl" --adapter "$ADAPTER"
 
-step "7. $PROMPT  (4 branches, greedy): before | after"
+step "7. $PROMPT  (4 branches, greedy, numbered, distinct): before | after"
 "$PY" - "$DEMO/generated/before.jsonl" "$DEMO/generated/after.jsonl" <<'EOF'
 import json, sys, textwrap
 
 def branches(path):
     summary = json.loads(open(path).read().splitlines()[-1])
-    return [b["text"].strip() for b in summary["branches"]]
+    return [(b["prompt"] + b["text"]).strip() for b in summary["branches"]]
 
 width = 38
 for k, pair in enumerate(zip(*(branches(p) for p in sys.argv[1:])), 1):

@@ -47,4 +47,5 @@ def test_issue7_item6_demo_script_trains_and_shows_before_and_after(
     assert [line[:3] for line in side_by_side if line[:1].isdigit()] == ["1: ", "2: ", "3: ", "4: "]
     for name in ("before", "after"):
         summary = json.loads((demo / "generated" / f"{name}.jsonl").read_text().splitlines()[-1])
-        assert len(summary["branches"]) == 4
+        assert [b["prompt"] for b in summary["branches"]] == ["1.", "2.", "3.", "4."]  # --marker "{k}."
+        assert len({tuple(b["token_ids"]) for b in summary["branches"]}) == 4  # --distinct

@@ -19,7 +19,7 @@ from parallel.generation import IdenticalBranchesWarning, generate
 from parallel.layout import PackedRow, SpecialTokens, TokenSequence, build_row
 from parallel.loading import load_parallel_model
 from parallel.rope2d import patch_model_2d_rope
-from parallel.sampling import Sampler, SamplingOptions
+from parallel.sampling import DistinctPaths, Sampler, SamplingOptions
 
 SPECIAL = SpecialTokens(eos_id=2)
 STRIDE = 16  # tests/models.py models have 256 positions: room for a few branches at this stride
@@ -276,6 +276,49 @@ def test_text_api_stops_at_stop_strings(bare_tiny, new_tokens: int) -> None:
     assert other == plain.branches[1].token_ids[: len(other)]
 
 
+def test_distinct_branches_never_repeat_a_path() -> None:
+    """--distinct: with 2D RoPE off, isolated branches under one trunk see exactly the same context,
+    so greedy writes one text K times; the rule sends branch k to the k-th best first token, and
+    each branch then continues greedily on its own path (branch 0 is the plain greedy one)."""
+    model = tiny_model("qwen2")
+    patch_model_2d_rope(model, ratio=0.0, stride=STRIDE)
+    k = 4
+    steps: list[DecodeStep] = []
+    plain = decode_parallel(
+        model, TRUNK, [[]] * k, special=SPECIAL, max_new_tokens=6, stop_ids=(), on_step=steps.append
+    )
+    assert all(t == plain.tokens[0] for t in plain.tokens)
+    distinct = decode_parallel(
+        model, TRUNK, [[]] * k, special=SPECIAL, max_new_tokens=6, stop_ids=(),
+        sampling=SamplingOptions(distinct=True),
+    )  # fmt: skip
+    assert distinct.tokens[0] == plain.tokens[0]
+    assert [t[0] for t in distinct.tokens] == steps[0].logits[0].topk(k).indices.tolist()
+    for n, tokens in enumerate(distinct.tokens):  # after its first token, each branch is greedy
+        alone = decode_parallel(model, TRUNK, [tokens[:1]], special=SPECIAL, max_new_tokens=5, stop_ids=())
+        assert alone.tokens[0] == tokens[1:], n
+
+
+def test_distinct_paths_forbid_only_a_taken_next_token() -> None:
+    paths = DistinctPaths()
+    assert paths.forbidden([]) == set()
+    paths.take([], 7)
+    paths.take([7], 3)
+    paths.take([], 9)
+    assert paths.forbidden([]) == {7, 9}
+    assert paths.forbidden([7]) == {3}
+    assert paths.forbidden([9]) == set() and paths.forbidden([3]) == set()
+
+
+def test_marker_starts_each_branch_with_its_number(bare_tiny, recwarn) -> None:
+    model, tokenizer = bare_tiny
+    out = generate(model, tokenizer, "Three tips:", num_branches=3, marker="{k}.", max_new_tokens=2)
+    assert [b.prompt for b in out.branches] == ["1.", "2.", "3."]
+    numbered = generate(model, tokenizer, "Three tips:", branches=["1.", "2.", "3."], max_new_tokens=2)
+    assert out.texts == numbered.texts
+    assert not [w for w in recwarn if issubclass(w.category, IdenticalBranchesWarning)]
+
+
 def test_greedy_identical_branches_warn(bare_tiny) -> None:
     model, tokenizer = bare_tiny
     with pytest.warns(IdenticalBranchesWarning):
@@ -297,6 +340,11 @@ def test_greedy_identical_branches_warn(bare_tiny) -> None:
         ({"prompt": "Hi", "num_branches": 2, "mask": "diagonal"}, "--mask"),
         ({"prompt": "Hi", "num_branches": 2, "lead": "Two:"}, "needs --prompt and --chat"),
         ({"num_branches": 2, "chat": True, "lead": "Two:"}, "needs --prompt and --chat"),
+        (
+            {"prompt": "Hi", "branches": ["a"], "marker": "{k}."},
+            "--marker starts the branches of --num-branches",
+        ),
+        ({"prompt": "Hi", "num_branches": 2, "marker": "  "}, "--marker is blank"),
     ],
 )
 def test_bad_generation_input_is_one_line(bare_tiny, kwargs: dict, message: str) -> None:
@@ -330,10 +378,11 @@ def test_generate_command_json_and_table(tiny_model_dir) -> None:
 
     table = run_cli(
         *common, "--prompt", "Hello", "--num-branches", "3", "--max-new-tokens", "3",
-        "--temperature", "0.8", "--seed", "1",
+        "--temperature", "0.8", "--seed", "1", "--marker", "{k})", "--distinct",
     )  # fmt: skip
     assert table.returncode == 0, table.stderr
     assert "branch 3" in table.stdout and "tokens/s" in table.stdout
+    assert "3)" in table.stdout  # the third branch's marker, shown as its prompt
 
     missing = run_cli("generate", "--adapter", "/nonexistent/adapter", "--prompt", "x", "--num-branches", "2")
     assert "no such adapter directory" in one_line_error(missing)
@@ -348,6 +397,10 @@ def test_generate_command_json_and_table(tiny_model_dir) -> None:
         (["--prompt", "Hi", "--branches-file", "{bad_json}"], "bad.json:1: not valid JSON"),
         (["--prompt", "Hi", "--num-branches", "2", "--temperature", "-1"], "--temperature must be >= 0"),
         (["--prompt", "Hi", "--num-branches", "2", "--lead", "Two:"], "needs --prompt and --chat"),
+        (
+            ["--prompt", "Hi", "--branch", "a", "--marker", "-"],
+            "--marker starts the branches of --num-branches",
+        ),
     ],
 )
 def test_generate_command_bad_input_is_one_line(
