@@ -150,13 +150,12 @@ def prefix_plan(
         inverse[queries[real]] = offset + np.nonzero(real.reshape(-1))[0]
         offset += queries.size
         prefix, seen = _padded([prefixes[i] for i in members])
+        query_index = tensor(queries)
         if not prefix.shape[1]:
-            groups.append(PrefixGroup(tensor(queries), tensor(queries), None))
+            groups.append(PrefixGroup(query_index, query_index, None))
             continue
-        keys = np.concatenate([prefix, queries], axis=1)
-        groups.append(
-            PrefixGroup(tensor(queries), tensor(keys), tensor(_prefix_mask(seen, queries.shape[1])))
-        )
+        keys = tensor(np.concatenate([prefix, queries], axis=1))
+        groups.append(PrefixGroup(query_index, keys, tensor(_prefix_mask(seen, queries.shape[1]))))
     inverse[inverse < 0] = offset  # padding: the zero row after every group's outputs
     return PrefixPlan(tuple(groups), tensor(inverse))
 
