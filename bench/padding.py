@@ -6,10 +6,10 @@ against padding-free batches (issue 11 item 2).
 The data are tokenized with the tiny model's tokenizer (pipeline.tinymodel) into ``--branches`` a row; the
 epochs are the trainer's own (trainer.data.epoch_order, seed 42). A slot is one token position the model's
 linear layers run on: B x L for a padded batch, the rows' tokens for a padding-free one. For the prefix
-backend the padding of its per-layer branch batches ([N, Lb], parallel.prefix) is reported too: those
-slots only enter attention. ``--time N`` also trains N batches of each way (forward + backward, the
-small random-weight Qwen2 of bench.train, LoRA r8, fp32, one thread, CPU-time clock) and reports real
-tokens per second.
+backend the padding of its per-layer attention groups ([n, Q] sequences of similar length,
+parallel.prefix) is reported too: those slots only enter attention. ``--time N`` also trains N batches
+of each way (forward + backward, the small random-weight Qwen2 of bench.train, LoRA r8, fp32, one
+thread, CPU-time clock) and reports real tokens per second.
 """
 
 from __future__ import annotations
@@ -56,14 +56,14 @@ def padding_shares(store: RowStore, batch_size: int, seed: int) -> dict[str, flo
         shares["grouped" if grouped else "random"] = 1 - real / slots
     shares["padding-free"] = 0.0  # slots = the rows' own tokens, by construction
     for grouped in (False, True):
-        branch_slots = branch_real = 0
+        group_slots = group_real = 0
         for rows in epoch_batches(store, batch_size, seed, grouped):
             free = store.collate(rows, padding_free=True)
             prefix = prefix_plan(free.branch_id, free.time_id, None, free.row_id)
-            branch_slots += prefix.branch_index.numel()
-            branch_real += int((prefix.inverse >= prefix.trunk_index.numel()).sum())
+            group_slots += sum(group.queries.numel() for group in prefix.groups)
+            group_real += free.num_tokens
         order = "grouped" if grouped else "random"
-        shares[f"prefix branch batches, {order} (attention only)"] = 1 - branch_real / max(branch_slots, 1)
+        shares[f"prefix attention groups, {order} (attention only)"] = 1 - group_real / max(group_slots, 1)
     return shares
 
 

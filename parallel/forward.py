@@ -320,8 +320,10 @@ def packed_token_losses(
     """Per-token fp32 cross-entropy ``[B, L]`` of packed rows (0 where the label is IGNORE_INDEX).
 
     Equal to ``token_losses(forward_packed(...), labels)``, but the output head runs only on the
-    hidden states of labelled tokens, ``chunk_tokens`` at a time; with gradients on, each chunk is
-    recomputed in backward instead of keeping its logits alive.
+    hidden states of labelled tokens, ``chunk_tokens`` at a time; with gradients on, each chunk but
+    the last is recomputed in backward instead of keeping its logits alive. The last chunk's logits
+    are kept: backward starts with them, so recomputing them would hold the same memory at the
+    same moment (every activation is still alive) for a second head forward.
     """
     parts = _CausalLMParts(model)
     inputs = packed_model_inputs(
@@ -342,9 +344,10 @@ def packed_token_losses(
     chunks = []
     # At least one (maybe empty) chunk: a row without labels (a weightless DDP filler) must still
     # reach the graph, so that every process's backward produces the gradients DDP reduces.
-    for start in range(0, max(picked.shape[0], 1), chunk_tokens):
+    starts = range(0, max(picked.shape[0], 1), chunk_tokens)
+    for start in starts:
         piece = (picked[start : start + chunk_tokens], picked_target[start : start + chunk_tokens])
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and start != starts[-1]:
             chunks.append(torch.utils.checkpoint.checkpoint(parts.chunk_losses, *piece, use_reentrant=False))
         else:
             chunks.append(parts.chunk_losses(*piece))

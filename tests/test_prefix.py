@@ -3,6 +3,7 @@ brute-force mask of docs/layout.md, fp32, for every model family it applies to; 
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from test_masks import brute_force
 from train_helpers import max_adapter_difference, quick_config
 from transformers import AutoModelForCausalLM
 
+from parallel import prefix
 from parallel.errors import PloraError
 from parallel.forward import check_attn_mask, forward_packed, resolve_attn, token_losses
 from parallel.generation import decode_parallel
@@ -100,40 +102,104 @@ def brute_run(model: torch.nn.Module, rows: dict[str, torch.Tensor], trunks: lis
     return run
 
 
+@pytest.fixture(params=["one group", "a group per length"])
+def grouping(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The CPU's grouping (one group for these short rows) and one where every call is free, so that
+    each length gets its own group: trunks and branches of several lengths apart, with and without
+    a prefix."""
+    if request.param == "a group per length":
+        monkeypatch.setitem(prefix.GROUP_OVERHEAD_SLOTS, "cpu", 0)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_prefix_equals_dense_sdpa_and_brute_force(arch: str) -> None:
+def test_prefix_equals_dense_sdpa_and_brute_force(arch: str, grouping: str) -> None:
     """Logits, per-token losses and every LoRA gradient; batches with and without trunks."""
-    prefix = lora_model(arch, resolve_attn("prefix", "cpu"))
+    prefix_model = lora_model(arch, resolve_attn("prefix", "cpu"))
     dense = lora_model(arch, "sdpa")
     for with_trunk in (True, False):
         rows, trunks = batch(with_trunk)
         real = rows["attention_mask"].bool()
-        got = losses_and_grads(prefix, packed_run(prefix, rows))
+        got = losses_and_grads(prefix_model, packed_run(prefix_model, rows))
         worst = 0.0
         for run in (packed_run(dense, rows), brute_run(dense, rows, trunks)):
             want = losses_and_grads(dense, run)
             worst = max(worst, float((got[0][real] - want[0][real]).abs().max()))
             worst = max(worst, float((got[1] - want[1]).abs().max()))
             worst = max(worst, max(float((got[2][n] - g).abs().max()) for n, g in want[2].items()))
-        print(f"prefix vs dense and brute force, {arch}, trunk {with_trunk}: max abs diff {worst:.2e}")
+        print(f"prefix vs dense and brute force, {arch}, {grouping}, trunk {with_trunk}: {worst:.2e}")
         assert worst <= TOL
 
 
-def test_plan_splits_rows_into_trunks_and_branches() -> None:
-    """Trunks of 3 (4 less the start) and 1 (2 less the start); row 1 has none; row 3 holds one
-    sequence, which the contract calls a trunk (row_has_trunk): 1 + 6 tokens, no branch sees it."""
-    rows, _ = batch(True)
-    plan = prefix_plan(rows["branch_id"], rows["time_id"], rows["attention_mask"].bool())
-    assert plan.trunk_index.shape == (4, 7)
-    assert plan.branch_row.tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
-    assert plan.branch_index.shape[1] == 10  # the branch of 9 + its start
-    assert plan.branch_mask is not None and plan.branch_mask.shape == (8, 1, 10, 17)
-    seen = plan.branch_mask[:, 0, 0, :7].sum(-1).tolist()  # trunk keys each branch's first query sees
-    assert seen == [3, 3, 3, 0, 0, 0, 1, 1]
-    # Every real token has exactly one output slot; padding takes the zero row.
-    slots = plan.inverse[rows["attention_mask"].reshape(-1).bool()]
-    assert len(set(slots.tolist())) == int(rows["attention_mask"].sum())
-    assert (plan.inverse[~rows["attention_mask"].reshape(-1).bool()] == plan.inverse.max()).all()
+def visible_keys(plan: prefix.PrefixPlan) -> dict[int, set[int]]:
+    """The keys the plan's SDPA calls show each real token (flat indices), read off its groups."""
+    seen = {}
+    offset = 0
+    for group in plan.groups:
+        n, width = group.queries.shape
+        for i in range(n):
+            for a in range(width):
+                token = int(group.queries[i, a])
+                if int(plan.inverse[token]) != offset + i * width + a:
+                    continue  # a padding slot
+                causal = torch.arange(group.keys.shape[1]) <= a
+                allowed = group.mask[i, 0, a] if group.mask is not None else causal
+                seen[token] = {int(k) for k in group.keys[i][allowed]}
+        offset += n * width
+    return seen
+
+
+def test_plan_shows_each_token_what_the_contract_lets_it_see(grouping: str) -> None:
+    """Every real token's keys are exactly the brute-force mask's; padding takes the zero row. Rows
+    with a trunk of 3 (4 less the start), none, 1, and a row holding one sequence (a trunk)."""
+    rows, trunks = batch(True)
+    valid = rows["attention_mask"].bool()
+    plan = prefix_plan(rows["branch_id"], rows["time_id"], valid)
+    allowed = brute_force(rows["branch_id"], rows["time_id"], valid, trunks, "isolated")
+    length = valid.shape[1]
+    want = {
+        int(b) * length + int(q): {int(b) * length + int(k) for k in allowed[b, q].nonzero()[:, 0]}
+        for b, q in valid.nonzero()
+    }
+    assert visible_keys(plan) == want
+    slots = sum(g.queries.numel() for g in plan.groups)
+    assert (plan.inverse[~valid.reshape(-1)] == slots).all()
+    masked = [g.mask is not None for g in plan.groups]
+    if grouping == "one group":
+        assert masked == [True]
+    else:  # 11 sequences, apart by length: groups with prefixes and without
+        assert len(plan.groups) > 2 and any(masked) and not all(masked)
+
+
+def cost(groups: list[np.ndarray], own: np.ndarray, pre: np.ndarray, overhead: int) -> int:
+    """Slots a grouping computes, plus ``overhead`` a group."""
+    return sum(overhead + len(g) * own[g].max() * (pre[g].max() + own[g].max()) for g in groups)
+
+
+def test_grouping_is_the_cheapest_cut_of_the_length_order() -> None:
+    """Against every way to cut the sequences, sorted by (own length, prefix length), into runs."""
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        n = int(rng.integers(1, 8))
+        own, pre = rng.integers(1, 60, n), rng.integers(0, 40, n) * rng.integers(0, 2, n)
+        overhead = int(rng.choice([0, 300, 3000]))
+        given = (own, pre, overhead)
+
+        got = prefix._grouping(own, pre, overhead)
+        assert sorted(np.concatenate(got).tolist()) == list(range(n))
+        order = np.lexsort((pre, own))
+        cuts = itertools.product([False, True], repeat=n - 1)
+        best = min(cost(np.split(order, [i + 1 for i, c in enumerate(cut) if c]), *given) for cut in cuts)
+        assert cost(got, *given) == best
+
+
+def test_grouping_by_length_computes_fewer_slots_than_one_group() -> None:
+    """Alpaca-like branches (30 to 300 tokens): the CPU's grouping pads far less than one group."""
+    rng = np.random.default_rng(0)
+    own, pre = rng.integers(30, 300, 16), np.zeros(16, dtype=np.int64)
+    groups = prefix._grouping(own, pre, prefix.GROUP_OVERHEAD_SLOTS["cpu"])
+    slots = sum(len(g) * own[g].max() ** 2 for g in groups)
+    assert len(groups) > 1 and slots < 0.5 * len(own) * own.max() ** 2
 
 
 def test_prefix_prefill_decodes_like_dense() -> None:

@@ -14,7 +14,7 @@ from train_helpers import quick_config
 
 from parallel import forward_packed, patch_model_2d_rope, token_losses
 from parallel.errors import PloraError
-from parallel.forward import packed_token_losses
+from parallel.forward import LOSS_CHUNK_TOKENS, packed_token_losses
 from pipeline.shards import open_shards
 from trainer.data import RowStore
 from trainer.loop import train
@@ -51,15 +51,22 @@ def test_labelled_only_loss_equals_the_full_logits_loss(arch: str) -> None:
     assert float(full.abs().sum()) > 0
 
 
-def test_lora_gradients_through_the_chunked_loss_equal_the_full_logits_ones() -> None:
+def lora_qwen2() -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     model = tiny_model("qwen2")
     patch_model_2d_rope(model, ratio=0.5, stride=STRIDE)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    model = get_peft_model(model, lora)
+    return get_peft_model(model, lora)
+
+
+@pytest.mark.parametrize(
+    "chunk_tokens", [5, LOSS_CHUNK_TOKENS]
+)  # recomputed chunks and a kept last one; one kept
+def test_lora_gradients_through_the_chunked_loss_equal_the_full_logits_ones(chunk_tokens: int) -> None:
+    model = lora_qwen2()
     batch = packed_batch(2)
-    full, labelled = both_losses(model, batch, chunk_tokens=5)
+    full, labelled = both_losses(model, batch, chunk_tokens=chunk_tokens)
     torch.testing.assert_close(labelled, full, atol=1e-5, rtol=0)
     params = [p for p in model.parameters() if p.requires_grad]
     want = torch.autograd.grad(full.sum(), params)
@@ -67,6 +74,23 @@ def test_lora_gradients_through_the_chunked_loss_equal_the_full_logits_ones() ->
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
     assert any(float(w.abs().sum()) > 0 for w in want)
+
+
+@pytest.mark.parametrize("chunk_tokens", [5, LOSS_CHUNK_TOKENS])
+def test_only_chunks_before_the_last_recompute_the_output_head(chunk_tokens: int) -> None:
+    """Backward starts with the last chunk, when every activation is still alive: recomputing its
+    logits would save no memory, so the head runs once for it and twice for each earlier chunk."""
+    model = lora_qwen2()
+    batch = packed_batch(2)
+    calls = []
+    model.get_output_embeddings().register_forward_hook(lambda *_: calls.append(1))
+    args = (batch["input_ids"], batch["branch_id"], batch["time_id"], batch["labels"])
+    losses = packed_token_losses(
+        model, *args, attention_mask=batch["attention_mask"], chunk_tokens=chunk_tokens
+    )
+    losses.sum().backward()
+    chunks = -(-int((batch["labels"] != -100).sum()) // chunk_tokens)
+    assert len(calls) == 2 * chunks - 1
 
 
 def test_a_row_without_labels_still_reaches_the_lora_weights() -> None:
