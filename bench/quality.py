@@ -228,14 +228,20 @@ def mean_loss(model: Any, trunk: list[int], texts: list[list[int]]) -> float:
     return sum(s for s, _ in parts) / tokens if tokens else float("nan")
 
 
-def sequential_items(model: Any, tokenizer: Any, trunk: list[int], lead: str, max_tokens: int) -> list[str]:
-    """The items of the base model's own (greedy, one sequence) answer; [] when it is not a list."""
+def sequential_items(
+    model: Any, tokenizer: Any, trunk: list[int], lead: str, max_tokens: int, sampling: SamplingOptions
+) -> list[str]:
+    """The items of the base model's own answer (one sequence, decoded as ``sampling`` says: greedy
+    or sampled); [] when it is not a list."""
+    if not sampling.greedy:
+        torch.manual_seed(sampling.seed or 0)
+    how = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
     out = model.generate(
         torch.tensor([trunk]),
         max_new_tokens=max_tokens,
-        do_sample=False,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
+        **(how if not sampling.greedy else {"do_sample": False}),
     )
     answer = lead + tokenizer.decode(out[0, len(trunk) :], skip_special_tokens=True)
     split = split_answer(answer, min_items=2)
@@ -280,17 +286,31 @@ def generation(
     special = special_tokens(tokenizer)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     trunks = [encode(trunk_text(r, tokenizer)) for r in prompts]
-    # The base model's own sequential answer to each prompt, and its items' loss: the coherence yardstick.
-    owns = [
-        sequential_items(base, tokenizer, t, r.get("lead", ""), budget.max_new_tokens * len(r["branches"]))
-        for t, r in zip(trunks, prompts, strict=True)
-    ]
-    own_loss = [mean_loss(base, t, [encode(i) for i in own]) for t, own in zip(trunks, owns, strict=True)]
     decode_parallel(model, trunks[0], [[]], special=special, max_new_tokens=2)  # warm-up, not timed
     result: dict[str, Any] = {}
+    yardsticks: dict[bool, tuple[list[list[str]], list[float]]] = {}
     for way, sampling, marked in WAYS:
         branches = distinct = far_apart = eos = 0
         ratios, speedups, examples = [], [], []
+        # The yardstick: the base model's own sequential answer, decoded the same way (greedy or
+        # sampled), and its items' loss.
+        if sampling.greedy not in yardsticks:
+            owns = [
+                sequential_items(
+                    base,
+                    tokenizer,
+                    t,
+                    r.get("lead", ""),
+                    budget.max_new_tokens * len(r["branches"]),
+                    sampling,
+                )
+                for t, r in zip(trunks, prompts, strict=True)
+            ]
+            losses = [
+                mean_loss(base, t, [encode(i) for i in own]) for t, own in zip(trunks, owns, strict=True)
+            ]
+            yardsticks[sampling.greedy] = owns, losses
+        owns, own_loss = yardsticks[sampling.greedy]
         for record, trunk, own, yardstick in zip(prompts, trunks, owns, own_loss, strict=True):
             k = len(record["branches"])
             starts = branch_prompts(None, None, k, marker_of(record) if marked else "")

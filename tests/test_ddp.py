@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 from cli_helpers import run_cli, run_plora
 from train_helpers import (
     REPO_ROOT,
@@ -23,6 +25,7 @@ from train_helpers import (
 
 from pipeline.shards import open_shards
 from trainer.checkpoint import final_checkpoint
+from trainer.distributed import _HELD_WORKS, DistEnv, all_sum
 from trainer.metrics import logs_dir, read_metrics
 
 
@@ -147,3 +150,20 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(
     # Rank 1 says where it stopped; rank 0, which wrote the checkpoint, says also where it is.
     assert sorted(lines) == [f"plora: terminated at step {step}", f"plora: terminated at step {step}{how}"]
     assert saved.is_dir() and not (out / "lora" / "hf_parallel_lora_final").exists()
+
+
+def test_all_sum_keeps_its_last_collectives_to_the_end_of_the_process() -> None:
+    """A gloo worker must never free an all_sum's tensor: that needs the GIL, which the main thread
+    holds while it frees the DDP reducer and joins those workers (a deadlock seen in 2-process runs;
+    see trainer.distributed._HELD_WORKS). A world of one runs the same code in this process."""
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        env = DistEnv(
+            rank=0, world_size=2, local_rank=0, device=torch.device("cpu")
+        )  # takes the collective path
+        for n in range(20):
+            assert all_sum([float(n), 1.0], env) == [float(n), 1.0]
+        assert len(_HELD_WORKS) == _HELD_WORKS.maxlen and all(w.is_completed() for w in _HELD_WORKS)
+    finally:
+        dist.destroy_process_group()

@@ -12,6 +12,7 @@ reported in minutes, not hours.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import os
@@ -105,15 +106,7 @@ def gradient_sync(module: nn.Module, sync: bool) -> Iterator[None]:
 
 
 def wait_for_all(env: DistEnv) -> None:
-    """Blocks until every process arrives; the last collective before any process leaves.
-
-    After DDP, destroy_process_group leaves gloo's worker threads running until the process exits.
-    A worker that releases a collective's tensor after Python has begun to finalize cannot take the
-    GIL and aborts the process ("terminate called without an active exception", SIGABRT after a
-    finished run; seen in CI, and in a core dump here: ~AsyncAllreduceWork -> decref -> take_gil).
-    Waiting here, with the GIL released, gives the workers time to drop the validation all-reduce's
-    tensors; the barrier's own work holds no Python tensor.
-    """
+    """Blocks until every process arrives; the last collective before any process leaves."""
     if env.is_distributed:
         dist.barrier()
 
@@ -132,10 +125,25 @@ def shutdown(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
+# The last collectives on tensors made in Python, kept alive to the end of the process. A gloo worker
+# thread frees a finished collective, and a barrier holds the collectives still in flight when it
+# starts; freeing one whose tensor Python created decrefs that tensor's Python object, so the worker
+# needs the GIL. The main thread holds the GIL while it frees the DDP reducer, whose process group
+# joins the worker threads: a worker still freeing the last all_sum there waits for the GIL forever
+# (py-spy on a hung 2-process run: MainThread in ~ProcessGroupGloo -> std::thread::join; the worker
+# in ~AsyncBarrierWork -> ~AsyncAllreduceWork -> decref_pyobject -> gil_scoped_acquire). Before, a
+# worker that freed one during interpreter finalization aborted the process instead ("terminate
+# called without an active exception"). Held here, no worker frees the last one; the main thread
+# does, with the GIL, at exit. Synchronous collectives leave at most the newest few in flight.
+_HELD_WORKS: collections.deque[dist.Work] = collections.deque(maxlen=8)
+
+
 def all_sum(values: list[float], env: DistEnv) -> list[float]:
     """Element-wise sum over all processes (float64, so token counts stay exact)."""
     if not env.is_distributed:
         return list(values)
     tensor = torch.tensor(values, dtype=torch.float64, device=env.device)
-    dist.all_reduce(tensor)
+    work = dist.all_reduce(tensor, async_op=True)
+    work.wait()
+    _HELD_WORKS.append(work)
     return tensor.tolist()
