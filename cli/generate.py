@@ -170,8 +170,8 @@ def generate_command(
     distinct: bool = typer.Option(
         False,
         "--distinct",
-        help="No two branches write the same continuation: where one would repeat another's path, "
-        "it takes its next best token.",
+        help="With --num-branches: no two branches generate the same tokens; where one would repeat "
+        "another's, it takes its next best token (sampling: draws from the rest).",
     ),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Token budget of each branch."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
@@ -196,8 +196,8 @@ def generate_command(
     from parallel.generation import (  # noqa: PLC0415 - torch
         IdenticalBranchesWarning,
         branch_prompts,
+        check_alike_branches,
         check_lead,
-        check_marker,
         generate,
     )
     from parallel.loading import load_parallel_model  # noqa: PLC0415 - slow imports
@@ -205,7 +205,7 @@ def generate_command(
     texts = list(branch or [])
     if branches_file is not None:
         texts += read_branches_file(branches_file)
-    check_marker(marker, num_branches=num_branches)  # bad requests fail before loading
+    check_alike_branches(marker=marker, distinct=distinct, num_branches=num_branches)  # before loading
     prompts = branch_prompts(prompt, texts or None, num_branches, marker)
     check_lead(lead, prompt=prompt, chat=chat)
     if adapter is None and base_model is None:

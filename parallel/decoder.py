@@ -237,7 +237,7 @@ class Decoder:
         self.time = torch.as_tensor(plan.prefill_time, dtype=torch.long, device=self.device)[None]
         # No config: every layer keeps every token (a sliding-window cache would drop tokens our mask needs).
         self.cache = DynamicCache()
-        self.paths = DistinctPaths() if sampler.options.distinct else None
+        self.paths = DistinctPaths(len(plan.states)) if sampler.options.distinct else None
         self._cache_kwarg = _cache_kwarg(model)
         self.steps = 0
 
@@ -296,14 +296,12 @@ class Decoder:
 
     def _draw_distinct(self, k: int, logits: torch.Tensor, paths: DistinctPaths) -> int:
         """Branch ``k``'s token, off every path another branch has taken (lower indices draw first)."""
-        generated = self.states[k].generated
-        forbidden = paths.forbidden(generated)
+        forbidden = paths.forbidden(k)
         if forbidden:
-            logits = logits.index_fill(
-                0, torch.tensor(sorted(forbidden), device=logits.device), float("-inf")
-            )
+            where = torch.tensor(sorted(forbidden), device=logits.device)
+            logits = logits.index_fill(0, where, float("-inf"))
         token = int(self.sampler(logits[None])[0])
-        paths.take(generated, token)
+        paths.take(k, token)
         return token
 
     def _advance(self, rows: dict[int, torch.Tensor]) -> None:

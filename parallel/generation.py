@@ -104,11 +104,16 @@ def branch_prompts(
     return [marker.replace("{k}", str(k)) for k in range(1, num_branches + 1)]
 
 
-def check_marker(marker: str, *, num_branches: int | None) -> None:
+def check_alike_branches(*, marker: str, distinct: bool, num_branches: int | None) -> None:
+    """``marker`` and ``distinct`` are for branches that start alike (``num_branches``): a marker
+    makes their starts, and distinct compares what they generate, which for branches with prompts of
+    their own would keep apart answers that may rightly agree."""
     if marker and num_branches is None:
         raise PloraError("--marker starts the branches of --num-branches; give branch prompts whole instead")
     if marker and not marker.strip():
         raise PloraError("--marker is blank; leave it out for branches that start empty")
+    if distinct and num_branches is None:
+        raise PloraError("--distinct keeps apart the branches of --num-branches, which start alike")
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -142,11 +147,11 @@ def generate(
     Either ``branches`` (prompts each branch starts with) or ``num_branches`` (branches that start
     from the trunk, empty or with ``marker``: see :func:`branch_prompts`). ``lead`` opens the
     assistant's answer under ``chat`` (see :func:`encode_prompt`). ``distinct``: no two branches
-    write the same continuation (parallel.sampling.DistinctPaths). ``mask``/``align`` default to the
+    generate the same tokens (parallel.sampling.DistinctPaths). ``mask``/``align`` default to the
     adapter's (see parallel.loading). The text of a branch stops before its EOS or its first stop
     string.
     """
-    check_marker(marker, num_branches=num_branches)
+    check_alike_branches(marker=marker, distinct=distinct, num_branches=num_branches)
     texts = branch_prompts(prompt, branches, num_branches, marker)
     sampling = SamplingOptions(
         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, distinct=distinct

@@ -66,24 +66,28 @@ class Sampler:
 
 
 class DistinctPaths:
-    """The rule behind ``--distinct``: a branch whose continuation so far equals another branch's
-    may not take the token that one took next, so no two branches write the same text.
+    """The rule behind ``--distinct``: a branch whose generated tokens so far equal another branch's
+    may not take the token that one took next, so no two branches generate the same token sequence.
 
     Branches under one trunk see the same context, and in isolated mode only their branch
     coordinate tells them apart; greedy decoding then often writes one text K times. Forbidding a
-    taken path turns the later branch to its next best token where the two would meet (the first
-    content token, for a list), much as diverse beam search keeps beams apart, and costs nothing
-    where branches already differ. Paths are keyed by a hash of the tokens so far: a collision
-    can only forbid a token needlessly, never let a repeat through.
+    taken path turns the later branch (lower indices draw first) to its next best token, or under
+    sampling to a draw from the rest, where the two would meet (the first content token, for a
+    list), much as diverse beam search keeps beams apart; branches whose tokens already differ are
+    not touched. Only the generated tokens count, so it serves branches that start alike (the
+    numbered starts of ``--marker`` included). Each branch's path is a running hash: a collision can
+    only forbid a token needlessly, never let a repeat through.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, num_branches: int) -> None:
+        self._path = [hash(())] * num_branches
         self._taken: dict[int, set[int]] = {}
 
-    def forbidden(self, generated: list[int]) -> set[int]:
-        """The tokens that would make ``generated`` repeat a branch's path."""
-        return self._taken.get(hash(tuple(generated)), set())
+    def forbidden(self, branch: int) -> set[int]:
+        """The tokens that would make ``branch`` repeat another branch's path."""
+        return self._taken.get(self._path[branch], set())
 
-    def take(self, generated: list[int], token: int) -> None:
-        """Record that a branch at ``generated`` took ``token``."""
-        self._taken.setdefault(hash(tuple(generated)), set()).add(token)
+    def take(self, branch: int, token: int) -> None:
+        """``branch`` generated ``token``."""
+        self._taken.setdefault(self._path[branch], set()).add(token)
+        self._path[branch] = hash((self._path[branch], token))

@@ -300,14 +300,36 @@ def test_distinct_branches_never_repeat_a_path() -> None:
 
 
 def test_distinct_paths_forbid_only_a_taken_next_token() -> None:
-    paths = DistinctPaths()
-    assert paths.forbidden([]) == set()
-    paths.take([], 7)
-    paths.take([7], 3)
-    paths.take([], 9)
-    assert paths.forbidden([]) == {7, 9}
-    assert paths.forbidden([7]) == {3}
-    assert paths.forbidden([9]) == set() and paths.forbidden([3]) == set()
+    paths = DistinctPaths(3)
+    assert paths.forbidden(0) == set()
+    paths.take(0, 7)
+    assert paths.forbidden(1) == {7} and paths.forbidden(0) == set()
+    paths.take(1, 9)
+    paths.take(0, 3)
+    assert paths.forbidden(2) == {7, 9}
+    paths.take(2, 7)
+    assert paths.forbidden(2) == {3}  # on branch 0's path, which went on with 3
+
+
+@pytest.mark.parametrize("mask", ["isolated", "columnar"])
+def test_distinct_sampled_and_finished_branches_never_repeat(mask: str) -> None:
+    """Sampling draws from what is left; a branch that ended at EOS keeps the others from ending
+    on the same tokens."""
+    model = tiny_model("qwen2")
+    patch_model_2d_rope(model, ratio=0.0, stride=STRIDE)
+    sampled = decode_parallel(
+        model, TRUNK, [[]] * 6, special=SPECIAL, max_new_tokens=4, stop_ids=(), mask=mask,
+        sampling=SamplingOptions(temperature=0.3, seed=0, distinct=True),
+    )  # fmt: skip
+    assert len({tuple(t) for t in sampled.tokens}) == 6
+    plain = decode_parallel(model, TRUNK, [[]] * 3, special=SPECIAL, max_new_tokens=4, stop_ids=())
+    stop = plain.tokens[0][0]  # every branch's plain greedy path would end at once
+    ended = decode_parallel(
+        model, TRUNK, [[]] * 3, special=SPECIAL, max_new_tokens=4, stop_ids={stop},
+        sampling=SamplingOptions(distinct=True),
+    )  # fmt: skip
+    assert ended.tokens[0] == [stop] and ended.finish_reasons[0] == "eos"
+    assert all(t[0] != stop for t in ended.tokens[1:]) and len({tuple(t) for t in ended.tokens}) == 3
 
 
 def test_marker_starts_each_branch_with_its_number(bare_tiny, recwarn) -> None:
@@ -345,6 +367,10 @@ def test_greedy_identical_branches_warn(bare_tiny) -> None:
             "--marker starts the branches of --num-branches",
         ),
         ({"prompt": "Hi", "num_branches": 2, "marker": "  "}, "--marker is blank"),
+        (
+            {"prompt": "Hi", "branches": ["a", "b"], "distinct": True},
+            "--distinct keeps apart the branches of",
+        ),
     ],
 )
 def test_bad_generation_input_is_one_line(bare_tiny, kwargs: dict, message: str) -> None:
@@ -401,6 +427,8 @@ def test_generate_command_json_and_table(tiny_model_dir) -> None:
             ["--prompt", "Hi", "--branch", "a", "--marker", "-"],
             "--marker starts the branches of --num-branches",
         ),
+        (["--prompt", "Hi", "--num-branches", "2", "--marker", " "], "--marker is blank"),
+        (["--prompt", "Hi", "--branch", "a", "--distinct"], "--distinct keeps apart the branches of"),
     ],
 )
 def test_generate_command_bad_input_is_one_line(

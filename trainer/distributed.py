@@ -108,14 +108,14 @@ def gradient_sync(module: nn.Module, sync: bool) -> Iterator[None]:
 def wait_for_all(env: DistEnv) -> None:
     """Blocks until every process arrives; the last collective before any process leaves."""
     if env.is_distributed:
-        dist.barrier()
+        _hold(dist.barrier(async_op=True))
 
 
 def shorten_timeout(env: DistEnv, timeout: datetime.timedelta) -> None:
     """From now on a collective fails after ``timeout``. The barrier first: a process still in slow
     startup work, allowed under the long timeout, must not meet a peer already on the short one."""
     if env.is_distributed:
-        dist.barrier()
+        _hold(dist.barrier(async_op=True))
         # Private but stable (torch >= 2.3, the API torchtitan uses); sets gloo's and nccl's default.
         dist.distributed_c10d._set_pg_timeout(timeout)
 
@@ -125,16 +125,16 @@ def shutdown(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
-# The last collectives on tensors made in Python, kept alive to the end of the process. A gloo worker
-# thread frees a finished collective, and a barrier holds the collectives still in flight when it
-# starts; freeing one whose tensor Python created decrefs that tensor's Python object, so the worker
-# needs the GIL. The main thread holds the GIL while it frees the DDP reducer, whose process group
-# joins the worker threads: a worker still freeing the last all_sum there waits for the GIL forever
-# (py-spy on a hung 2-process run: MainThread in ~ProcessGroupGloo -> std::thread::join; the worker
-# in ~AsyncBarrierWork -> ~AsyncAllreduceWork -> decref_pyobject -> gil_scoped_acquire). Before, a
-# worker that freed one during interpreter finalization aborted the process instead ("terminate
-# called without an active exception"). Held here, no worker frees the last one; the main thread
-# does, with the GIL, at exit. Synchronous collectives leave at most the newest few in flight.
+# The last collectives the trainer waits on, kept alive to the end of the process. A gloo worker thread
+# frees a finished collective, and a barrier holds the collectives still in flight when it starts (an FSDP
+# checkpoint's gathers, an all_sum); freeing one whose tensor Python created decrefs that tensor's Python
+# object, so the worker needs the GIL. The main thread holds the GIL while it frees the DDP reducer, whose
+# process group joins the worker threads: a worker still freeing the last all_sum there waits for the GIL
+# forever (py-spy on a hung 2-process run: MainThread in ~ProcessGroupGloo -> std::thread::join; the
+# worker in ~AsyncBarrierWork -> ~AsyncAllreduceWork -> decref_pyobject -> gil_scoped_acquire). Before, a
+# worker that freed one during interpreter finalization aborted the process instead ("terminate called
+# without an active exception"). Held here, no worker frees the last one; the main thread does, with the
+# GIL, at exit: the barriers are held too, so whatever came before the last one is released with it.
 _HELD_WORKS: collections.deque[dist.Work] = collections.deque(maxlen=8)
 
 
@@ -143,7 +143,11 @@ def all_sum(values: list[float], env: DistEnv) -> list[float]:
     if not env.is_distributed:
         return list(values)
     tensor = torch.tensor(values, dtype=torch.float64, device=env.device)
-    work = dist.all_reduce(tensor, async_op=True)
+    _hold(dist.all_reduce(tensor, async_op=True))
+    return tensor.tolist()
+
+
+def _hold(work: dist.Work) -> None:
+    """Waits for ``work`` and keeps it (see _HELD_WORKS)."""
     work.wait()
     _HELD_WORKS.append(work)
-    return tensor.tolist()
