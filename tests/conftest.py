@@ -4,6 +4,7 @@ and the shards the trainer tests train on."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,10 @@ import pytest
 # Tests never reach the model hub; everything they load is built locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A suite started in the background (`cmd &` in a script, nohup) inherits SIGINT ignored, and so
+# would every CLI the tests start and then interrupt; a handler, unlike SIG_IGN, is reset at exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from parallel.errors import Rejects
 from parallel.layout import PackingOptions
