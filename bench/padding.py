@@ -89,14 +89,7 @@ def tokens_per_second(store: RowStore, args: argparse.Namespace, work: Path) -> 
         for rows in batches:
             batch = store.collate(rows, padding_free=free)
             start = time.process_time()
-            loss = loss_module(
-                batch.input_ids,
-                batch.branch_id,
-                batch.time_id,
-                batch.attention_mask,
-                batch.labels,
-                batch.row_id,
-            )
+            loss = loss_module(*batch.loss_inputs)
             loss.backward()
             seconds += time.process_time() - start
         rates[name] = sum(int(store.num_tokens[b].sum()) for b in batches) / seconds

@@ -257,7 +257,7 @@ def sequential_items(
 GREEDY, SAMPLED = SamplingOptions(), SamplingOptions(0.7, 0.9, seed=0)
 # The model alone, greedy and sampled; then greedy as a user asks for a list: `plora generate
 # --marker M` (M the reference answer's own marker style: "{k}.", "{k})" or its bullet), and with
-# --distinct too (name, sampling, marker, distinct).
+# --distinct too (name, sampling, whether the branches start with the marker).
 WAYS = (
     ("greedy", GREEDY, False),
     ("sampled", SAMPLED, False),
@@ -287,6 +287,10 @@ def word_overlap(a: str, b: str) -> float:
     return len(words_a & words_b) / len(words_a | words_b) if words_a | words_b else 1.0
 
 
+def encode(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 @dataclasses.dataclass(frozen=True)
 class Yardstick:
     """The base model's own sequential answer to each prompt, and its items' mean loss (NaN where
@@ -298,14 +302,15 @@ class Yardstick:
 
 def yardstick(base: Any, tokenizer: Any, trunks: list[list[int]], prompts: list[dict[str, Any]],
               budget: Budget, sampling: SamplingOptions) -> Yardstick:  # fmt: skip
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     items = [
         sequential_items(
             base, tokenizer, t, r.get("lead", ""), budget.max_new_tokens * len(r["branches"]), sampling
         )
         for t, r in zip(trunks, prompts, strict=True)
     ]
-    loss = [mean_loss(base, t, [encode(i) for i in own]) for t, own in zip(trunks, items, strict=True)]
+    loss = [
+        mean_loss(base, t, [encode(tokenizer, i) for i in own]) for t, own in zip(trunks, items, strict=True)
+    ]
     return Yardstick(items, loss)
 
 
@@ -313,8 +318,7 @@ def generation(
     model: Any, base: Any, tokenizer: Any, prompts: list[dict[str, Any]], budget: Budget
 ) -> dict[str, Any]:
     special = special_tokens(tokenizer)
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    trunks = [encode(trunk_text(r, tokenizer)) for r in prompts]
+    trunks = [encode(tokenizer, trunk_text(r, tokenizer)) for r in prompts]
     # Coherence against the base model's greedy answer (the issue's measure) and, like for like,
     # against its answer decoded the same way as the branches.
     sticks = {way: yardstick(base, tokenizer, trunks, prompts, budget, way) for way in (GREEDY, SAMPLED)}
@@ -329,7 +333,7 @@ def generation(
             k = len(record["branches"])
             starts = branch_prompts(None, None, k, marker_of(record) if marked else "")
             par = decode_parallel(
-                model, trunk, [encode(s) if s else [] for s in starts], special=special,
+                model, trunk, [encode(tokenizer, s) if s else [] for s in starts], special=special,
                 max_new_tokens=budget.max_new_tokens, sampling=sampling,
             )  # fmt: skip
             texts = [
@@ -347,7 +351,7 @@ def generation(
             )  # fmt: skip
             if k >= 4:
                 speedups.append(seq.seconds / par.seconds)
-            loss = mean_loss(base, trunk, [encode(t) for t in texts])
+            loss = mean_loss(base, trunk, [encode(tokenizer, t) for t in texts])
             for key, stick in (("coherence", sticks[GREEDY]), ("coherence_same", same)):
                 if stick.items[n]:
                     ratios[key].append(loss / stick.loss[n])

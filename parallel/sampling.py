@@ -14,7 +14,7 @@ __all__ = ["DistinctPaths", "Sampler", "SamplingOptions"]
 @dataclass(frozen=True)
 class SamplingOptions:
     """temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off. ``distinct``: no two
-    branches write the same continuation (see :class:`DistinctPaths`)."""
+    branches generate the same tokens (see :class:`DistinctPaths`)."""
 
     temperature: float = 0.0
     top_p: float = 1.0

@@ -74,6 +74,11 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    @property
+    def loss_inputs(self) -> tuple[torch.Tensor | None, ...]:
+        """The arguments of ``PackedLoss`` (its forward and ``token_losses``), in their order."""
+        return self.input_ids, self.branch_id, self.time_id, self.attention_mask, self.labels, self.row_id
+
 
 def open_checked_shards(shards: str, tokenizer_path: str, *, verify: bool) -> ShardSet:
     """A shard directory, refused unless it was tokenized by the tokenizer at ``tokenizer_path``."""

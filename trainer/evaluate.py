@@ -78,14 +78,7 @@ def evaluate_rows(
         for rows in batches:
             batch = store.collate(rows, padding_free=loss_module.padding_free).to(device)
             with autocast(device, dtype):
-                losses = loss_module.token_losses(
-                    batch.input_ids,
-                    batch.branch_id,
-                    batch.time_id,
-                    batch.attention_mask,
-                    batch.labels,
-                    batch.row_id,
-                )
+                losses = loss_module.token_losses(*batch.loss_inputs)
             row_loss = batch.per_row(losses.double()).cpu().numpy()
             row_tokens = batch.per_row((batch.labels != -100).long()).cpu().numpy()
             totals.loss_sum += float(row_loss.sum())

@@ -247,14 +247,7 @@ def train_step(run: Run, batch: StepBatch) -> StepStats:
     for micro, inputs in enumerate(batch.micro):
         with gradient_sync(run.step_module, sync=micro == batch.count - 1):
             with autocast(env.device, cfg.dtype):
-                micro_loss = run.step_module(
-                    inputs.input_ids,
-                    inputs.branch_id,
-                    inputs.time_id,
-                    inputs.attention_mask,
-                    inputs.labels,
-                    inputs.row_id,
-                )
+                micro_loss = run.step_module(*inputs.loss_inputs)
             # DDP averages gradients over processes; scale by world_size so they add up instead.
             run.scaler.scale(micro_loss * (env.world_size / divisor)).backward()
         loss_sum += micro_loss.detach().double()
